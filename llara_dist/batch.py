@@ -1,0 +1,169 @@
+"""The packed batch: the one interface between the data side and the model side.
+
+A batch holds R rows of L tokens. Each row holds whole documents laid out as
+
+    [prefix] TEXT [self_suffix] [next_suffix]     (see prompts.py)
+
+followed by padding. Token i may attend token j iff they are in the same document,
+j <= i by column, and not (segment[i] == NEXT and segment[j] == SELF). Position ids
+of the NEXT part restart where the SELF part starts, so the NEXT embedding equals
+that of a separate pass over `[prefix] TEXT [next_suffix]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+
+from llara_dist.prompts import PromptTokens
+
+SEG_PAD, SEG_TEXT, SEG_SELF, SEG_NEXT = -1, 0, 1, 2
+
+
+@dataclass
+class PackedBatch:
+    # per token, [R, L]
+    input_ids: torch.Tensor  # int64; pad_id on padding
+    doc: torch.Tensor  # int32; document index within its row, -1 on padding
+    segment: torch.Tensor  # int8; SEG_TEXT (prefix and text), SEG_SELF, SEG_NEXT, SEG_PAD
+    position: torch.Tensor  # int64; position id (0 on padding)
+    # per document, D documents in the batch, in row order
+    doc_row: torch.Tensor  # [D] int64 row of the document
+    doc_start: torch.Tensor  # [D] int64 column of its first token
+    text_len: torch.Tensor  # [D] int64 prefix + text tokens
+    self_emb: torch.Tensor  # [D, k] int64 flat index (row * L + column) of the SELF embedding tokens
+    next_emb: torch.Tensor  # [D, k] int64 flat index of the NEXT embedding tokens
+    has_next: torch.Tensor  # [D] bool: the document has an EBAR target
+    ebae_ids: torch.Tensor  # [T1] int64 EBAE target sets, concatenated (sorted, unique per document)
+    ebae_offsets: torch.Tensor  # [D + 1] int64 document d's set is ebae_ids[off[d]:off[d+1]]
+    ebar_ids: torch.Tensor  # [T2] int64 EBAR target sets (empty for documents without a next chunk)
+    ebar_offsets: torch.Tensor  # [D + 1] int64
+    # constants of the prompt
+    prefix_len: int
+    self_len: int
+    next_len: int
+    keys: list[str] = field(default_factory=list)  # document keys, for the ledger
+    # set by the loader: which reader made this batch and its cursor after it
+    reader: int = -1
+    cursor: dict | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_docs(self) -> int:
+        return self.doc_row.shape[0]
+
+    @property
+    def num_emb_tokens(self) -> int:
+        return self.self_emb.shape[1]
+
+    def real_tokens(self) -> int:
+        """Non-padding tokens, prompts included."""
+        return int((self.segment != SEG_PAD).sum())
+
+    def text_tokens(self) -> int:
+        """Tokens of the documents' text, without prefix and prompts."""
+        return int(self.text_len.sum()) - self.prefix_len * self.num_docs
+
+    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, torch.Tensor):
+                moved[k] = v.to(device, non_blocking=non_blocking)
+        return PackedBatch(**moved)
+
+
+def build_batch(rows: list[list], prompt: PromptTokens, seq_len: int, pad_id: int,
+                drop_ids: tuple[int, ...] = ()) -> PackedBatch:
+    """Lay out rows of documents (each a list of shards.Doc) into a PackedBatch.
+
+    A document's text is cut to `seq_len - prompt.overhead` tokens (the packer counts
+    such cuts). EBAE targets are the unique ids of the visible text, EBAR targets the
+    next chunk's set; ids in `drop_ids` (the tokenizer's special tokens) are dropped.
+    """
+    P, S, N = len(prompt.prefix), len(prompt.self_suffix), len(prompt.next_suffix)
+    k = prompt.num_emb_tokens
+    max_text = seq_len - P - S - N
+    prefix = np.asarray(prompt.prefix, dtype=np.int64)
+    self_sfx = np.asarray(prompt.self_suffix, dtype=np.int64)
+    next_sfx = np.asarray(prompt.next_suffix, dtype=np.int64)
+    drop = np.asarray(drop_ids, dtype=np.int64)
+    R = len(rows)
+
+    input_ids = np.full((R, seq_len), pad_id, dtype=np.int64)
+    doc = np.full((R, seq_len), -1, dtype=np.int32)
+    segment = np.full((R, seq_len), SEG_PAD, dtype=np.int8)
+    position = np.zeros((R, seq_len), dtype=np.int64)
+    doc_row, doc_start, text_len, has_next, keys = [], [], [], [], []
+    ebae, ebar, ebae_len, ebar_len = [], [], [], []
+
+    for r, docs in enumerate(rows):
+        pieces, col = [], 0
+        starts, tlens = [], []
+        for d in docs:
+            ids = d.ids[:max_text].astype(np.int64, copy=False)
+            pieces += [prefix, ids, self_sfx, next_sfx]
+            starts.append(col)
+            tlens.append(P + len(ids))
+            col += P + len(ids) + S + N
+            keys.append(d.key)
+            has_next.append(d.next_set is not None)
+            t = np.unique(ids)
+            ebae.append(t[~np.isin(t, drop)] if drop.size else t)
+            n = d.next_set.astype(np.int64) if d.next_set is not None else np.zeros(0, np.int64)
+            ebar.append(n[~np.isin(n, drop)] if drop.size else n)
+            ebae_len.append(len(ebae[-1]))
+            ebar_len.append(len(ebar[-1]))
+        if col > seq_len:
+            raise ValueError(f"row {r} needs {col} tokens > seq_len {seq_len}")
+        n_docs = len(docs)
+        starts_a, tlens_a = np.asarray(starts), np.asarray(tlens)
+        lens = tlens_a + S + N
+        input_ids[r, :col] = np.concatenate(pieces)
+        doc[r, :col] = np.repeat(np.arange(n_docs, dtype=np.int32), lens)
+        seg_lens = np.stack([tlens_a, np.full(n_docs, S), np.full(n_docs, N)], 1).ravel()
+        segment[r, :col] = np.repeat(np.tile(np.array([SEG_TEXT, SEG_SELF, SEG_NEXT], np.int8), n_docs), seg_lens)
+        # position within the document; the NEXT part restarts where SELF starts
+        pos = np.arange(col) - np.repeat(starts_a, lens)
+        position[r, :col] = pos - S * (segment[r, :col] == SEG_NEXT)
+        doc_row += [r] * n_docs
+        doc_start += starts
+        text_len += tlens
+
+    doc_start_a = np.asarray(doc_start, dtype=np.int64)
+    text_len_a = np.asarray(text_len, dtype=np.int64)
+    base = np.asarray(doc_row, dtype=np.int64) * seq_len + doc_start_a + text_len_a
+    self_emb = base[:, None] + (S - k) + np.arange(k)[None, :]
+    next_emb = base[:, None] + S + (N - k) + np.arange(k)[None, :]
+
+    def offsets(lengths):
+        return torch.from_numpy(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64))
+
+    def cat(arrays):
+        return torch.from_numpy(np.concatenate(arrays).astype(np.int64)) if arrays else torch.zeros(0, dtype=torch.int64)
+
+    return PackedBatch(
+        input_ids=torch.from_numpy(input_ids),
+        doc=torch.from_numpy(doc),
+        segment=torch.from_numpy(segment),
+        position=torch.from_numpy(position),
+        doc_row=torch.as_tensor(doc_row, dtype=torch.int64),
+        doc_start=torch.from_numpy(doc_start_a),
+        text_len=torch.from_numpy(text_len_a),
+        self_emb=torch.from_numpy(self_emb.reshape(-1, k)),
+        next_emb=torch.from_numpy(next_emb.reshape(-1, k)),
+        has_next=torch.as_tensor(has_next, dtype=torch.bool),
+        ebae_ids=cat(ebae),
+        ebae_offsets=offsets(ebae_len),
+        ebar_ids=cat(ebar),
+        ebar_offsets=offsets(ebar_len),
+        prefix_len=P,
+        self_len=S,
+        next_len=N,
+        keys=keys,
+    )
+

@@ -1,0 +1,35 @@
+"""`llara-dist` command line: one subcommand per job, each living in its own module.
+
+Every module named below exposes `configure(parser)` (its arguments) and `run(args)`
+(returns an exit status). Modules are imported only when their command runs, so
+`llara-dist prep` does not pay for importing DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "prep": ("llara_dist.data.prep", "tokenize a raw corpus into webdataset shards + manifest"),
+    "bench-data": ("llara_dist.data.bench", "measure shard-to-packed-row throughput and fill"),
+    "demo": ("llara_dist.demo", "run the whole pipeline on an embedded tiny default (CPU)"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="llara-dist", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help) in COMMANDS.items():
+        sub.add_parser(name, help=help, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.parse_args(argv)
+        sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    cmd = argparse.ArgumentParser(prog=f"llara-dist {name}", description=module.__doc__)
+    module.configure(cmd)
+    args = cmd.parse_args(argv[1:])
+    sys.exit(module.run(args) or 0)

@@ -1,0 +1,284 @@
+"""Typed configuration: nested dataclasses, loaded from YAML plus `key=value` overrides.
+
+Every field carries a one-line help text (`opt(default, "help")`). Loading collects
+every problem (unknown keys, wrong types, failed checks) and raises them together in
+one ConfigError, so a user fixes a config in one round trip.
+
+    cfg = load_config(RunConfig, "run.yaml", ["train.lr=2e-5", "data.seq_len=512"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """All problems of one configuration, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def opt(default: Any, help: str):
+    """A config field with a default and its one-line help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    if is_dataclass(default):
+        return field(default_factory=lambda: dataclasses.replace(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def help_of(cls) -> list[tuple[str, str, Any]]:
+    """(dotted name, help, default) for every leaf field of a config class."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        t = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if is_dataclass(t):
+            out += [(f"{f.name}.{n}", h, d) for n, h, d in help_of(t)]
+        else:
+            out.append((f.name, f.metadata.get("help", ""), default))
+    return out
+
+
+def _coerce(value: Any, t: Any, where: str, problems: list[str]) -> Any:
+    """Check/convert one value against a type hint; append a problem on mismatch."""
+    origin = typing.get_origin(t)
+    args = typing.get_args(t)
+    if t is Any:
+        return value
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, problems)
+    if origin is typing.Literal:
+        if value not in args:
+            problems.append(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return value
+        return [_coerce(v, args[0] if args else Any, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{where}: expected true/false, got {value!r}")
+        return value
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        problems.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        problems.append(f"{where}: expected a number, got {value!r}")
+        return value
+    if t is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        t, v, where = hints[f.name], data[f.name], f"{prefix}{f.name}"
+        if is_dataclass(t):
+            if not isinstance(v, dict):
+                problems.append(f"{where}: expected a section (mapping), got {v!r}")
+                continue
+            kwargs[f.name] = _build(t, v, where + ".", problems)
+        else:
+            kwargs[f.name] = _coerce(v, t, where, problems)
+    return cls(**kwargs)
+
+
+def _validate(obj, prefix: str, problems: list[str]) -> None:
+    """Run `check()` of every section (each returns a list of problems)."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if is_dataclass(v):
+            _validate(v, f"{prefix}{f.name}.", problems)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        problems += [f"{prefix}{p}" for p in check()]
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
+    """`a.b=value` strings to a nested dict; values parse as YAML scalars."""
+    out: dict = {}
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected key=value")
+            continue
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return out, problems
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None):
+    """Build `cls` from an optional YAML file, a base dict and key=value overrides."""
+    problems: list[str] = []
+    data = dict(base or {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError([f"{path}: cannot read config: {e}"]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: top level must be a mapping"])
+        data = merge(data, loaded)
+    extra, bad = parse_overrides(overrides or [])
+    problems += bad
+    data = merge(data, extra)
+    cfg = _build(cls, data, "", problems)
+    _validate(cfg, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+__all__ = ["ConfigError", "opt", "help_of", "load_config", "save_config", "to_dict", "dataclass", "merge"]
+
+
+# --------------------------------------------------------------------------------------
+# The run configuration. Each section validates itself in `check()`.
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the tokenized shards are and how they become packed rows."""
+
+    shards: str = opt("", "folder (or URL prefix) holding manifest.json and the shard tar files")
+    seq_len: int = opt(1024, "tokens per packed row, prompts included")
+    num_workers: int = opt(1, "DataLoader worker processes per rank (0: read in the main process)")
+    pack_buffer: int = opt(64, "documents held in the packer's look-ahead buffer (best fit)")
+    seed: int = opt(0, "seed of the shard and document order; the epoch is mixed in")
+    reset_cursor: bool = opt(False, "on resume, ignore the saved data cursor and start the data afresh")
+
+    def check(self) -> list[str]:
+        out = []
+        if self.seq_len < 16:
+            out.append(f"seq_len: {self.seq_len} is too short (at least 16)")
+        if self.num_workers < 0:
+            out.append("num_workers: must be >= 0")
+        if self.pack_buffer < 1:
+            out.append("pack_buffer: must be >= 1")
+        return out
+
+
+@dataclass
+class ObjectiveConfig:
+    """The LLaRA prompts and loss; `preset` fills every field left empty."""
+
+    preset: str = opt("released", "prompt/loss preset: paper, released or custom")
+    prefix: str | None = opt(None, "text before the document (None: the preset's)")
+    self_suffix: str | None = opt(None, "SELF (EBAE) prompt after the text, ending in the embedding tokens")
+    next_suffix: str | None = opt(None, "NEXT (EBAR) prompt after the SELF part, ending in the embedding tokens")
+    num_emb_tokens: int | None = opt(None, "embedding tokens that end each prompt")
+    new_tokens: list[str] | None = opt(None, "special tokens to add to the tokenizer (None: the preset's)")
+    pool: str | None = opt(None, "loss pooling over the embedding tokens: token (the one token) or max (of logits)")
+    lm_weight: float | None = opt(None, "weight of the next-token loss on the text")
+    bow_scale: float | None = opt(None, "factor on the bag-of-words loss (released: 0.1)")
+    bow_average: bool | None = opt(None, "average EBAE and EBAR instead of summing them (released: true)")
+    embed_pool: str | None = opt(None, "inference pooling: last (the last token) or mean (of the embedding tokens)")
+
+    def check(self) -> list[str]:
+        from llara_dist.prompts import PRESETS
+
+        if self.preset not in PRESETS and self.preset != "custom":
+            return [f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}, custom"]
+        return []
+
+
+@dataclass
+class ModelConfig:
+    """The decoder to adapt."""
+
+    path: str = opt("", "local Hugging Face model folder (or a config.json to build a random model)")
+    attn: str = opt("sdpa", "attention kernel path: sdpa, flex, varlen or two-pass")
+    dtype: str = opt("auto", "parameter dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+
+    def check(self) -> list[str]:
+        out = []
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            out.append(f"dtype: {self.dtype!r} is not one of auto, bf16, fp32")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    global_batch: int = opt(256, "rows per optimizer step across all ranks")
+    micro_batch: int = opt(8, "rows per forward pass on one rank")
+    steps: int = opt(10000, "optimizer steps")
+    lr: float = opt(1e-5, "peak learning rate")
+
+    def check(self) -> list[str]:
+        out = []
+        for name in ("global_batch", "micro_batch", "steps"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}: must be >= 1")
+        return out
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; saved into every checkpoint."""
+
+    run_dir: str = opt("runs/llara", "run folder: config, metrics, checkpoints")
+    data: DataConfig = opt(DataConfig(), "data stream and packing")
+    objective: ObjectiveConfig = opt(ObjectiveConfig(), "prompts and loss")
+    model: ModelConfig = opt(ModelConfig(), "model")
+    train: TrainConfig = opt(TrainConfig(), "optimisation")

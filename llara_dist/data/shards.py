@@ -1,0 +1,65 @@
+"""The shard sample layout, shared by prep (writer) and the stream (reader).
+
+One document (a chunk of an article) is one webdataset sample:
+
+    <key>.ids    text token ids, int32 little-endian (no special tokens)
+    <key>.next   EBAR target set: sorted unique int32 ids of the next chunk;
+                 absent when the chunk is the last of its article
+    <key>.txt    the chunk's text, UTF-8 (for audit; never read in training)
+    <key>.json   {"article", "chunk", "source"}
+
+Keys are `<source>-<article>-<chunk>`, with no dots (webdataset splits at dots).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+ID_DTYPE = np.dtype("<i4")
+
+
+@dataclass
+class Doc:
+    key: str
+    ids: np.ndarray  # [n] int32 text tokens
+    next_set: np.ndarray | None  # [m] int32 sorted unique ids of the next chunk, None if last chunk
+
+    @property
+    def has_next(self) -> bool:
+        return self.next_set is not None
+
+
+def make_key(source: str, article: int, chunk: int) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', source)}-{article:09d}-{chunk:05d}"
+
+
+def encode_sample(key: str, ids, next_ids, text: str, meta: dict) -> dict:
+    """A document to the bytes of its sample; `next_ids` is the next chunk's tokens or None."""
+    sample = {
+        "__key__": key,
+        "ids": np.asarray(ids, dtype=ID_DTYPE).tobytes(),
+        "txt": text.encode("utf-8"),
+        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+    }
+    if next_ids is not None:
+        sample["next"] = np.unique(np.asarray(next_ids, dtype=ID_DTYPE)).astype(ID_DTYPE).tobytes()
+    return sample
+
+
+def decode_sample(sample: dict, where: str = "") -> Doc:
+    """Raw tar members of one sample to a Doc; a malformed sample names itself."""
+    key = sample.get("__key__", "?")
+    raw = sample.get("ids")
+    if raw is None or len(raw) % 4:
+        raise ValueError(f"{where}: sample {key!r} has no valid .ids member")
+    nxt = sample.get("next")
+    return Doc(key=key, ids=np.frombuffer(raw, dtype=ID_DTYPE),
+               next_set=None if nxt is None else np.frombuffer(nxt, dtype=ID_DTYPE))
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"

@@ -1,0 +1,38 @@
+"""Train a small byte-level BPE tokenizer (demo and tests: nothing can be downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2000):
+    """Train on `texts`, save a Hugging Face tokenizer folder, return the loaded tokenizer.
+
+    LLaMA-like specials: <unk>=0, <s>=1 (bos), </s>=2 (eos); <pad>=3.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
