@@ -30,3 +30,16 @@ def tokenizer_dir(tmp_path_factory, shared_data) -> Path:
     lines = (shared_data / "wikitext2_valid.txt").read_text(encoding="utf-8").splitlines()
     train_tokenizer(lines, out, vocab_size=2000)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A random 2-layer LLaMA (hidden 64) over the test tokenizer's vocabulary, saved to disk.
+
+    Its vocabulary is the base tokenizer's; loading code resizes it for a preset's new tokens.
+    """
+    from llara_dist.tiny import save_tiny_llama
+    from llara_dist.tokenizer import load_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    return save_tiny_llama(out, vocab_size=len(load_tokenizer(tokenizer_dir)))
