@@ -63,3 +63,45 @@ def decode_sample(sample: dict, where: str = "") -> Doc:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
+
+
+def write_shard(path, samples) -> None:
+    """Write encoded samples to a tar file, byte-identical for identical input."""
+    import webdataset as wds
+
+    with open(path, "wb") as f, wds.TarWriter(f, user="llara", group="llara", mtime=0, encoder=False) as w:
+        for s in samples:
+            w.write(s)
+
+
+# manifest.json, written by prep and read by the stream:
+# {
+#   "version": 1,
+#   "shards": [{"name": "shard-000000.tar", "docs": int, "tokens": int, "sha256": str}, ...],
+#   "docs": int, "tokens": int,                 # totals (tokens: text tokens)
+#   "tokenizer": {"name_or_path", "class", "vocab_size", "sha256"},
+#   "chunking": {...}, "format": str, "inputs": [...],
+#   "skipped": {reason: count}, "truncated": {reason: count}
+# }
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder, manifest: dict) -> None:
+    from pathlib import Path
+
+    Path(folder, MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def read_manifest(location: str) -> dict:
+    """manifest.json from a folder or URL prefix (anything webdataset's gopen accepts)."""
+    import webdataset as wds
+
+    url = location if location.endswith(".json") else location.rstrip("/") + "/" + MANIFEST
+    try:
+        with wds.gopen(url, "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 - any transport error becomes one clear message
+        raise FileNotFoundError(f"{url}: cannot read the shard manifest ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ValueError(f"{url}: not a llara-dist manifest (no 'shards' list)")
+    return manifest
