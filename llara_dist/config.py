@@ -89,6 +89,11 @@ def _coerce(value: Any, t: Any, where: str, problems: list[str]) -> Any:
     if t is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         problems.append(f"{where}: expected a number, got {value!r}")
         return value
     if t is str:
@@ -260,16 +265,54 @@ class ModelConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    global_batch: int = opt(256, "rows per optimizer step across all ranks")
+    global_batch: int = opt(256, "rows per optimizer step across all ranks (= micro_batch x grad_accum x world)")
     micro_batch: int = opt(8, "rows per forward pass on one rank")
     steps: int = opt(10000, "optimizer steps")
     lr: float = opt(1e-5, "peak learning rate")
+    warmup_steps: int = opt(100, "linear warm-up steps from 0 to lr")
+    decay: str = opt("cosine", "learning-rate decay after warm-up: cosine, linear or constant")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of lr (cosine, linear)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    activation_checkpointing: bool = opt(False, "recompute layer activations in backward (less memory, ~30% more compute)")
+    offload_optimizer: bool = opt(False, "ZeRO-3: keep optimizer states in CPU memory")
+    offload_params: bool = opt(False, "ZeRO-3: keep parameters in CPU memory")
+    lora_r: int = opt(0, "LoRA rank (0: train all weights)")
+    lora_alpha: float = opt(16.0, "LoRA alpha")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                  "module names LoRA adapts")
+    seed: int = opt(0, "seed of the weights' random parts and the loop's RNG")
+    tokenizer: str = opt("", "tokenizer folder (empty: the model folder, else the one the shard manifest names)")
+    ckpt_every: int = opt(500, "save a checkpoint every this many steps (and always at the end)")
+    keep_checkpoints: int = opt(3, "complete checkpoints kept in run_dir/checkpoints (older ones deleted)")
+    ledger: bool = opt(False, "record the keys of the documents each rank consumed at each step (ledger-rankN.jsonl)")
+    collective_timeout_s: int = opt(300, "seconds a collective may wait for a dead or stuck rank before all fail")
+    peak_tflops: float = opt(0.0, "device peak TFLOP/s for MFU (0: look the GPU up in a table; none on CPU)")
 
     def check(self) -> list[str]:
+        if any(isinstance(getattr(self, f.name), str) for f in fields(self) if f.name not in ("decay", "tokenizer")):
+            return []  # a value of the wrong type is already reported; comparisons would fail
         out = []
-        for name in ("global_batch", "micro_batch", "steps"):
+        for name in ("global_batch", "micro_batch", "steps", "ckpt_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 out.append(f"{name}: must be >= 1")
+        if self.global_batch % self.micro_batch:
+            out.append(f"global_batch: {self.global_batch} is not a multiple of micro_batch {self.micro_batch}")
+        if self.lr <= 0:
+            out.append(f"lr: {self.lr} must be > 0")
+        if self.warmup_steps < 0 or self.lora_r < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            out.append("warmup_steps, lora_r, grad_clip and weight_decay must be >= 0")
+        if self.decay not in ("cosine", "linear", "constant"):
+            out.append(f"decay: {self.decay!r} is not one of cosine, linear, constant")
+        if not 0 <= self.min_lr_ratio <= 1:
+            out.append(f"min_lr_ratio: {self.min_lr_ratio} is not in [0, 1]")
+        if len(self.adam_betas) != 2:
+            out.append(f"adam_betas: expected two numbers, got {self.adam_betas}")
+        if self.collective_timeout_s < 5:
+            out.append(f"collective_timeout_s: {self.collective_timeout_s} is too short (at least 5)")
         return out
 
 
