@@ -1,0 +1,171 @@
+"""Export a run's checkpoint to a Hugging Face model folder: `llara-dist export`.
+
+    llara-dist export --run runs/llara --out export/ [--tag latest] [--dtype bf16] [--lora merge|adapter]
+
+The folder loads with plain `AutoModelForCausalLM.from_pretrained` and holds: sharded
+safetensors (+ index), config.json, the tokenizer with the preset's special tokens, and
+`llara.json` (the preset and prompts, so `encode`/`eval` need no flags).
+
+ZeRO-3 shards are consolidated tensor by tensor (DeepSpeed's lazy mode memory-maps
+the checkpoint files), and each output shard is written as soon as it is full, so host
+memory holds about one output shard, never the whole fp32 optimizer state. With LoRA the
+adapters are merged into the base weights (default) or saved as a peft adapter folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from llara_dist.config import RunConfig, load_config, to_dict
+from llara_dist.encode import LLARA_JSON
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+LORA_MARK = ".lora_"
+
+
+def write_llara_json(out: Path, cfg: RunConfig, source: str) -> None:
+    (out / LLARA_JSON).write_text(json.dumps(
+        {"objective": to_dict(cfg.objective), "source": source, "seq_len": cfg.data.seq_len}, indent=1) + "\n")
+
+
+def write_model_folder(model, tokenizer, cfg: RunConfig, out: str | Path, source: str = "") -> Path:
+    """An in-memory model (e.g. the training-time one) to a model folder, as export writes it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    write_llara_json(out, cfg, source)
+    return out
+
+
+def _size(t) -> int:
+    return int(torch.Size(t.shape).numel()) * t.dtype.itemsize
+
+
+def write_sharded(tensors, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> dict:
+    """(name, tensor-or-lazy) pairs to model-XXXXX-of-YYYYY.safetensors + index; returns the index."""
+    from safetensors.torch import save_file
+
+    written, shard, size, total = [], {}, 0, 0
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            path = out / f"model-part{len(written):05d}.safetensors"
+            save_file(shard, str(path), metadata={"format": "pt"})
+            written.append((path, list(shard)))
+            shard, size = {}, 0
+
+    for name, t in tensors:
+        t = (t.contiguous() if not isinstance(t, torch.Tensor) else t).to(dtype).contiguous()  # [*] materialised
+        n = t.numel() * t.element_size()
+        if shard and size + n > max_shard_bytes:
+            flush()
+        shard[name] = t
+        size += n
+        total += n
+    flush()
+    weight_map = {}
+    for i, (path, names) in enumerate(written, 1):
+        final = out / (f"model-{i:05d}-of-{len(written):05d}.safetensors" if len(written) > 1 else "model.safetensors")
+        path.rename(final)
+        weight_map.update({n: final.name for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    if len(written) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return index
+
+
+def _hf_config(cfg: RunConfig, vocab_size: int):
+    from transformers import AutoConfig
+
+    path = Path(cfg.model.path)
+    config = AutoConfig.from_pretrained(path if path.is_dir() else str(path))
+    config.vocab_size = vocab_size
+    return config
+
+
+def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, dtype: str = "bf16",
+               lora: str = "merge", max_shard_size: str = "5GB") -> Path:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from llara_dist.checkpoint import CheckpointManager
+    from llara_dist.tokenizer import load_tokenizer
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = load_config(RunConfig, run_dir / "config.yaml")
+    manager = CheckpointManager(run_dir / "checkpoints", keep=1, rank=0)
+    tag = tag or manager.latest()
+    if tag is None or not (manager.folder / tag).is_dir():
+        have = ", ".join(manager.complete()) or "none"
+        raise FileNotFoundError(f"{manager.folder}: no checkpoint {tag or '(latest)'} to export (complete: {have})")
+    out.mkdir(parents=True, exist_ok=True)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(manager.folder), tag=tag, lazy_mode=True)
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    is_lora = any(LORA_MARK in k for k in state)
+    if is_lora:
+        _export_lora(state, cfg, tokenizer, out, DTYPES[dtype], lora)
+    else:
+        names = list(state)
+        embed = next(n for n in names if n.endswith("embed_tokens.weight"))
+        config = _hf_config(cfg, state[embed].shape[0])
+        if getattr(config, "tie_word_embeddings", False):
+            names = [n for n in names if n != "lm_head.weight"]  # tied: the embedding carries it
+        config.dtype = DTYPES[dtype]
+        write_sharded(((n, state[n]) for n in names), out, DTYPES[dtype], _bytes(max_shard_size))
+        config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_llara_json(out, cfg, f"{run_dir}:{tag}")
+    return out
+
+
+def _export_lora(state, cfg: RunConfig, tokenizer, out: Path, dtype: torch.dtype, mode: str) -> None:
+    """Rebuild base + adapters in memory (LoRA runs are the memory-light case), then merge or save."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    embed = next(n for n in state if n.endswith("embed_tokens.weight"))
+    model = AutoModelForCausalLM.from_config(_hf_config(cfg, state[embed].shape[0]), dtype=torch.float32)
+    t = cfg.train
+    model = get_peft_model(model, LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                                             target_modules=list(t.lora_targets), bias="none"))
+    sd = {k: (v if isinstance(v, torch.Tensor) else v.contiguous()) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or missing:
+        raise ValueError(f"checkpoint does not match the LoRA model: unexpected {unexpected[:5]}, missing {missing[:5]}")
+    if mode == "merge":
+        model.merge_and_unload().to(dtype).save_pretrained(out, safe_serialization=True)
+    else:
+        model.to(dtype).save_pretrained(out)  # adapter_config.json + adapter weights
+
+
+def _bytes(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, mult in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * mult)
+    return int(text)
+
+
+def configure(parser) -> None:
+    parser.add_argument("--run", required=True, help="run folder (holds config.yaml, tokenizer/, checkpoints/)")
+    parser.add_argument("--out", required=True, help="output model folder")
+    parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step00001000 (default: latest)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--lora", choices=("merge", "adapter"), default="merge",
+                        help="LoRA runs: merge adapters into the weights, or save the adapter alone")
+    parser.add_argument("--max-shard-size", default="5GB")
+
+
+def run(args) -> int:
+    try:
+        out = export_run(args.run, args.out, args.tag, args.dtype, args.lora, args.max_shard_size)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"llara-dist export: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(out)}))
+    return 0

@@ -1,0 +1,106 @@
+"""Export a real ZeRO-3 checkpoint, load it with plain transformers, encode and evaluate.
+
+The exported folder must give the embeddings of the training-time weights (DeepSpeed's
+own consolidation of the same checkpoint), load with AutoModelForCausalLM without
+missing keys, and drive `encode`/`eval` without flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Valkyria Chronicles is a tactical role-playing game.",
+         "A short one.", "Tropical storms form over warm water and move west in the trade winds."]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tokenizer_dir, tiny_llama_dir, wiki_docs, write_test_shards):
+    root = tmp_path_factory.mktemp("export")
+    shards = write_test_shards(root / "shards", wiki_docs[:120], 2, str(tokenizer_dir))
+    run_dir = root / "run"
+    cmd = [sys.executable, "-m", "llara_dist", "train", f"run_dir={run_dir}", f"data.shards={shards}",
+           f"model.path={tiny_llama_dir}", f"train.tokenizer={tokenizer_dir}", "model.dtype=fp32",
+           "data.seq_len=256", "data.num_workers=0", "train.global_batch=2", "train.micro_batch=1",
+           "train.steps=2", "train.lr=1e-3", "objective.preset=released"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_export_matches_training_weights(trained_run, tmp_path, shared_data):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from llara_dist.config import ModelConfig, ObjectiveConfig
+    from llara_dist.embed import encode
+    from llara_dist.encode import encode_texts, load_encoder
+    from llara_dist.evaluate import evaluate_model
+    from llara_dist.export import export_run
+    from llara_dist.modeling import load_model
+    from llara_dist.prompts import resolve_preset
+    from llara_dist.tokenizer import load_tokenizer
+
+    out = export_run(trained_run, tmp_path / "export", dtype="fp32", max_shard_size="200KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # really sharded
+
+    plain = AutoModelForCausalLM.from_pretrained(out)  # no flags, no custom code
+    tok = load_tokenizer(out)
+    assert len(tok) == plain.get_input_embeddings().num_embeddings
+    assert tok.convert_tokens_to_ids("<s16>") != tok.unk_token_id
+
+    # the training-time weights, consolidated by DeepSpeed itself (eager path)
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(trained_run / "checkpoints"))
+    exported = plain.state_dict()
+    for name, value in reference.items():
+        assert torch.equal(exported[name], value), name
+
+    preset = resolve_preset(ObjectiveConfig(preset="released"))
+    base_tok = load_tokenizer(trained_run / "tokenizer")
+    train_model = load_model(ModelConfig(path=str(out), dtype="fp32"), base_tok, preset, device="cpu")
+    train_model.load_state_dict(reference, strict=False)
+    want = encode(train_model.eval(), base_tok, preset, TEXTS, kind="passage").numpy()
+
+    model, tokenizer, p = load_encoder(out)  # preset from llara.json
+    assert p == preset
+    got = encode_texts(model, tokenizer, p, TEXTS, "passage", batch_size=3)  # batched by length, reordered
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    q = encode_texts(model, tokenizer, p, TEXTS, "query")
+    assert not np.allclose(q, got)  # the NEXT prompt gives other vectors
+
+    from llara_dist.data.beir import finetune_to_beir
+
+    beir = finetune_to_beir(shared_data / "llara_toy_finetune.jsonl", tmp_path / "beir")
+    metrics = evaluate_model(model, tokenizer, p, tmp_path / "beir", k=1000, trec=str(tmp_path / "run.trec"))
+    assert metrics["queries"] == len(beir.queries)
+    assert all(0.0 <= metrics[m] <= 1.0 for m in ("mrr@10", "ndcg@10", "recall@10", "recall@100"))
+    assert len(beir.corpus) < 1000 and metrics["recall@1000"] == 1.0  # every passage ranked
+    lines = (tmp_path / "run.trec").read_text().splitlines()
+    assert len(lines) == len(beir.queries) * len(beir.corpus)
+
+
+def test_cli_encode_and_missing_checkpoint(trained_run, tmp_path):
+    from llara_dist.export import export_run
+
+    out = export_run(trained_run, tmp_path / "export", dtype="fp32")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    proc = subprocess.run([sys.executable, "-m", "llara_dist", "encode", "--model", str(out), "--input", str(inp),
+                           "--kind", "query", "--out", str(tmp_path / "q.npy")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert np.load(tmp_path / "q.npy").shape[0] == len(TEXTS)
+    proc = subprocess.run([sys.executable, "-m", "llara_dist", "export", "--run", str(trained_run), "--out",
+                           str(tmp_path / "x"), "--tag", "step99999999"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no checkpoint step99999999" in proc.stderr
