@@ -219,6 +219,8 @@ class DataConfig:
             out.append("num_workers: must be >= 0")
         if self.pack_buffer < 1:
             out.append("pack_buffer: must be >= 1")
+        if self.seed < 0:
+            out.append("seed: must be >= 0 (it seeds numpy's generator together with the epoch)")
         return out
 
 
@@ -237,12 +239,15 @@ class ObjectiveConfig:
     bow_scale: float | None = opt(None, "factor on the bag-of-words loss (released: 0.1)")
     bow_average: bool | None = opt(None, "average EBAE and EBAR instead of summing them (released: true)")
     embed_pool: str | None = opt(None, "inference pooling: last (the last token) or mean (of the embedding tokens)")
+    lm_chunk: int = opt(4096, "tokens per chunk of the next-token loss (fp32 logits of one chunk live at a time)")
 
     def check(self) -> list[str]:
         from llara_dist.prompts import PRESETS
 
         if self.preset not in PRESETS and self.preset != "custom":
             return [f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}, custom"]
+        if self.lm_chunk < 1:
+            return [f"lm_chunk: {self.lm_chunk} must be >= 1"]
         return []
 
 
@@ -258,6 +263,9 @@ class ModelConfig:
         out = []
         if self.dtype not in ("auto", "bf16", "fp32"):
             out.append(f"dtype: {self.dtype!r} is not one of auto, bf16, fp32")
+        paths = ("sdpa", "flex", "varlen", "two-pass")  # llara_dist.kernels.PATHS (not imported: no torch here)
+        if self.attn not in paths:
+            out.append(f"attn: {self.attn!r} is not one of {', '.join(paths)}")
         return out
 
 

@@ -43,3 +43,53 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_llama")
     return save_tiny_llama(out, vocab_size=len(load_tokenizer(tokenizer_dir)))
+
+
+# --- shards for the stream / pack / loader tests (written here, not by prep) ---------
+
+
+def _write_test_shards(folder: Path, docs: list, n_shards: int, tokenizer: str = "") -> Path:
+    """Deal `docs` [(key, ids, next_ids or None, text)] into n_shards contiguous shards + manifest."""
+    import hashlib
+
+    from llara_dist.data import shards
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bounds = [round(i * len(docs) / n_shards) for i in range(n_shards + 1)]
+    entries = []
+    for i in range(n_shards):
+        part = docs[bounds[i]:bounds[i + 1]]
+        path = folder / shards.shard_name(i)
+        shards.write_shard(path, [shards.encode_sample(k, ids, nxt, text, {"article": 0, "chunk": 0, "source": "t"})
+                                  for k, ids, nxt, text in part])
+        entries.append({"name": path.name, "docs": len(part), "tokens": sum(len(d[1]) for d in part),
+                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    shards.write_manifest(folder, {
+        "version": 1, "shards": entries, "docs": len(docs), "tokens": sum(e["tokens"] for e in entries),
+        "tokenizer": {"name_or_path": tokenizer}, "chunking": {}, "format": "test", "inputs": [],
+        "skipped": {}, "truncated": {}})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def write_test_shards():
+    """write(folder, docs, n_shards, tokenizer="") -> folder; docs are (key, ids, next_ids|None, text)."""
+    return _write_test_shards
+
+
+@pytest.fixture(scope="session")
+def wiki_docs(shared_data, tokenizer_dir) -> list:
+    """Real WikiText prose as ~100-word documents (key, ids, next_ids|None, text); last of an article has no next."""
+    from llara_dist.data.formats import Reader
+    from llara_dist.data.shards import make_key
+    from llara_dist.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    docs = []
+    for a, article in enumerate(Reader([str(shared_data / "wikitext2_valid.txt")], "wikitext")):
+        words = article.text.split()
+        chunks = [" ".join(words[i:i + 100]) for i in range(0, len(words), 100)]
+        ids = tok(chunks, add_special_tokens=False)["input_ids"] if chunks else []
+        for c, text in enumerate(chunks):
+            docs.append((make_key("wiki", a, c), ids[c], ids[c + 1] if c + 1 < len(chunks) else None, text))
+    return docs

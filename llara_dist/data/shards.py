@@ -96,7 +96,9 @@ def read_manifest(location: str) -> dict:
     """manifest.json from a folder or URL prefix (anything webdataset's gopen accepts)."""
     import webdataset as wds
 
-    url = location if location.endswith(".json") else location.rstrip("/") + "/" + MANIFEST
+    # a `pipe:` command names the manifest itself (stream.shard_url fills its {name})
+    named = location.endswith(".json") or location.startswith("pipe:")
+    url = location if named else location.rstrip("/") + "/" + MANIFEST
     try:
         with wds.gopen(url, "rb") as f:
             manifest = json.loads(f.read().decode("utf-8"))

@@ -1,0 +1,186 @@
+"""The loader the trainer uses: shards -> packed micro-batches, resumable exactly.
+
+    loader = PackedLoader(cfg.data, prompt, micro_batch=8, rank=rank, world=world, pad_id=pad_id)
+    loader.load_state_dict(saved)         # optional, before iterating
+    for batch in loader:                  # endless; every batch has micro_batch rows
+        ...
+        saved = loader.state_dict()       # the cursor of everything consumed so far
+
+Each rank runs W = max(num_workers, 1) readers (stream.Reader), one per DataLoader
+worker (or one in the main process when num_workers == 0); each reader feeds its
+own Packer and makes whole batches, which carry the reader's cursor after them.
+torch's DataLoader takes batches from its workers strictly round robin from worker 0,
+so the loader keeps, per reader, the cursor of the last batch it handed out, and
+which reader is next; on restore worker j becomes reader (j + next) % W and the
+sequence goes on exactly. Prefetched but unconsumed batches never count.
+
+A cursor belongs to one world size, rank, worker count, seed and manifest; another
+one is refused (documents would be lost or repeated), and `data.reset_cursor=true`
+starts the data order afresh instead. seq_len, pack_buffer and the prompt may
+change on resume: no document is lost, the rows just differ from then on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from llara_dist.batch import PackedBatch, build_batch
+from llara_dist.config import DataConfig
+from llara_dist.data.pack import Packer
+from llara_dist.data.stream import Reader, ShardSet
+from llara_dist.prompts import PromptTokens
+
+STATE_VERSION = 1
+_COUNTERS = ("rows", "docs", "text_tokens", "real_tokens", "slots", "truncated")
+
+
+class ReaderBatches:
+    """One reader and its packer, as an endless stream of batches carrying their cursor."""
+
+    def __init__(self, shards: ShardSet, cfg: DataConfig, prompt: PromptTokens, *, micro_batch: int,
+                 reader: int, num_readers: int, pad_id: int, drop_ids: tuple[int, ...] = (),
+                 cursor: dict | None = None):
+        cursor = cursor or {}
+        self.cfg, self.prompt, self.micro_batch = cfg, prompt, micro_batch
+        self.pad_id, self.drop_ids, self.reader_id = pad_id, tuple(drop_ids), reader
+        self.reader = Reader(shards, cfg.seed, reader, num_readers, cursor)
+        self.packer = Packer(cfg.seq_len, prompt.overhead, cfg.pack_buffer)
+        if "buffer" in cursor:
+            self.packer.load(cursor["buffer"])
+        self.counters = {k: int(cursor.get("counters", {}).get(k, 0)) for k in _COUNTERS}
+
+    def cursor(self) -> dict:
+        return {"reader": self.reader_id, **self.reader.cursor(), "counters": dict(self.counters),
+                "buffer": self.packer.state()}
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        docs = iter(self.reader)
+        packer, max_text = self.packer, self.packer.max_text
+        while True:
+            rows = []
+            for _ in range(self.micro_batch):
+                while not packer.full:
+                    packer.add(next(docs))
+                rows.append(packer.pop_row())
+            batch = build_batch(rows, self.prompt, self.cfg.seq_len, self.pad_id, self.drop_ids)
+            c = self.counters
+            c["rows"] += batch.rows
+            c["docs"] += batch.num_docs
+            c["text_tokens"] += batch.text_tokens()
+            c["real_tokens"] += batch.real_tokens()
+            c["slots"] += batch.input_ids.numel()
+            c["truncated"] += sum(len(d.ids) > max_text for row in rows for d in row)
+            batch.reader, batch.cursor = self.reader_id, self.cursor()
+            yield batch
+
+
+class _WorkerReaders(torch.utils.data.IterableDataset):
+    """DataLoader worker j runs reader (j + first) % W of this rank."""
+
+    def __init__(self, make, first: int, workers: int):
+        self.make, self.first, self.workers = make, first, workers
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        j = info.id if info is not None else 0
+        for batch in self.make((j + self.first) % self.workers):
+            yield _convert(batch, lambda t: t.numpy())
+
+
+def _convert(batch: PackedBatch, fn) -> PackedBatch:
+    """Apply fn to every array field. Workers send numpy arrays: pickled by value they cost a
+    memcpy, while torch ships each tensor through its own shared-memory file (~0.5 ms apiece)."""
+    return PackedBatch(**{name: fn(getattr(batch, name)) if name in _ARRAYS else getattr(batch, name)
+                          for name in _FIELDS})
+
+
+_FIELDS = tuple(f.name for f in fields(PackedBatch))
+_ARRAYS = {f.name for f in fields(PackedBatch) if f.type in ("torch.Tensor", torch.Tensor)}
+
+
+def _as_is(x):
+    return x
+
+
+class PackedLoader:
+    def __init__(self, cfg: DataConfig, prompt: PromptTokens, *, micro_batch: int, rank: int, world: int,
+                 pad_id: int, drop_ids: tuple[int, ...] = ()):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        self.cfg, self.prompt, self.micro_batch = cfg, prompt, micro_batch
+        self.rank, self.world, self.pad_id, self.drop_ids = rank, world, pad_id, tuple(drop_ids)
+        self.workers = max(cfg.num_workers, 1)
+        self.shards = ShardSet.open(cfg.shards)
+        self.shards.check_readers(world * self.workers, world, self.workers)
+        self._cursors: list[dict | None] = [None] * self.workers  # per local reader, last consumed
+        self._next = 0  # local reader whose batch comes next
+
+    def _setup(self) -> dict:
+        """What a cursor is tied to."""
+        return {"world": self.world, "rank": self.rank, "num_workers": self.cfg.num_workers,
+                "seed": self.cfg.seed, "manifest": self.shards.fingerprint}
+
+    def _reader_batches(self, local: int) -> ReaderBatches:
+        return ReaderBatches(self.shards, self.cfg, self.prompt, micro_batch=self.micro_batch,
+                             reader=self.rank * self.workers + local, num_readers=self.world * self.workers,
+                             pad_id=self.pad_id, drop_ids=self.drop_ids, cursor=self._cursors[local])
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        if self.cfg.num_workers == 0:
+            source = iter(self._reader_batches(0))
+        else:
+            readers = _WorkerReaders(self._reader_batches, self._next, self.workers)
+            loader = torch.utils.data.DataLoader(readers, batch_size=None, num_workers=self.workers,
+                                                 collate_fn=_as_is, prefetch_factor=2)
+            source = (_convert(b, torch.from_numpy) for b in loader)
+        for batch in source:
+            local = batch.reader - self.rank * self.workers
+            self._cursors[local] = batch.cursor
+            self._next = (local + 1) % self.workers
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "setup": self._setup(), "next": self._next,
+                "readers": _jsonable(self._cursors)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.cfg.reset_cursor:
+            return  # data.reset_cursor=true: the data order starts afresh
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"data cursor: not a version-{STATE_VERSION} PackedLoader state")
+        saved, now = state["setup"], self._setup()
+        diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
+        if diff:
+            raise ValueError(
+                "data cursor: saved under another data setup (" + ", ".join(diff) + "); "
+                "a cursor is not re-split across world sizes, ranks, worker counts, seeds or manifests "
+                "(documents would be lost or repeated). Resume with the saved setup, or set "
+                "data.reset_cursor=true to restart the data order from the beginning")
+        self._cursors = [None if c is None else dict(c) for c in state["readers"]]
+        self._next = int(state["next"])
+
+    @property
+    def stats(self) -> dict:
+        """Counters of everything consumed since the data began (carried through resumes)."""
+        total = {k: 0 for k in _COUNTERS}
+        for c in self._cursors:
+            for k in _COUNTERS:
+                total[k] += c["counters"][k] if c else 0
+        slots = total.pop("slots")
+        total["fill"] = total.pop("real_tokens") / slots if slots else 0.0
+        return total
+
+
+def _jsonable(x):
+    """Arrays to lists, recursively (batch cursors keep the packer's buffer as arrays)."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x.tolist() if isinstance(x, np.ndarray) else x

@@ -1,0 +1,449 @@
+"""Tokenize a raw corpus into webdataset shards plus a manifest (`llara-dist prep`).
+
+Articles are cut into chunks at sentence ends (about --chunk-words words, the title
+prepended to the first chunk), each chunk is paired with the next chunk of its article
+(the EBAR target; the last chunk has none, and the manifest counts those), everything
+is tokenized once, and the documents go into deterministic tar shards of --shard-docs
+documents each. Re-running on the same input gives byte-identical shards and
+manifest, whatever --workers is. Formats and rules: docs/data-prep.md.
+
+    # the sample data (tokenizer: any local Hugging Face tokenizer folder)
+    llara-dist prep --input ../shared/data/wikitext2_valid.txt --format wikitext \\
+        --tokenizer TOKENIZER_DIR --out shards/wikitext
+    # chunks sized for 1024-token rows under the released prompts, 2 processes
+    llara-dist prep --input 'wiki/*.jsonl.zst' --format wiki-jsonl --tokenizer TOKENIZER_DIR \\
+        --out shards/wiki --seq-len 1024 --preset released --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import multiprocessing
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llara_dist.data import shards
+from llara_dist.data.formats import FORMATS, RECHUNKED, Article, InputError, Reader, Stats, expand_inputs
+
+DEFAULT_CHUNK_WORDS = 480  # the released LLaRA setting
+DEFAULT_SHARD_DOCS = 10_000
+# Articles go to the workers in blocks cut by these fixed sizes, never by the number of
+# workers: the output cannot depend on --workers.
+BLOCK_ARTICLES = 128
+BLOCK_CHARS = 256 << 10
+
+
+class PrepError(Exception):
+    """prep cannot go on; the message says why and where."""
+
+
+@dataclass
+class PrepSettings:
+    inputs: list[str]
+    format: str
+    tokenizer: str
+    out: str
+    chunk_words: int | None = None  # None: DEFAULT_CHUNK_WORDS unless a token limit is set
+    chunk_tokens: int | None = None
+    seq_len: int | None = None  # with preset: chunk_tokens = seq_len - prompt overhead
+    preset: str | None = None
+    min_words: int = 2
+    shard_docs: int = DEFAULT_SHARD_DOCS
+    workers: int = 1
+    overwrite: bool = False
+
+
+@dataclass
+class PrepResult:
+    manifest: dict
+    out: Path
+    seconds: float  # in all, from start to manifest
+    busy: float  # reading, tokenizing and writing (no imports, no tokenizer loading)
+    summary: str = ""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="input files or globs (quote globs); .gz and .zst are read as such")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="input format (docs/data-prep.md)")
+    parser.add_argument("--tokenizer", required=True, metavar="DIR", help="local Hugging Face tokenizer folder")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder for shards and manifest.json")
+    parser.add_argument("--chunk-words", type=int, metavar="N",
+                        help=f"at most N words per chunk, cut at sentence ends (default {DEFAULT_CHUNK_WORDS}; "
+                             "no word limit when a token limit is given, unless set too)")
+    parser.add_argument("--chunk-tokens", type=int, metavar="N",
+                        help="at most N tokens per chunk (at sentence ends where possible); "
+                             "N = seq_len - prompt overhead gives whole-row documents")
+    parser.add_argument("--seq-len", type=int, metavar="L",
+                        help="set --chunk-tokens to L minus the prompt overhead of --preset under this tokenizer")
+    parser.add_argument("--preset", metavar="P", help="prompt preset for --seq-len: paper or released (default)")
+    parser.add_argument("--min-words", type=int, default=2, metavar="N",
+                        help="skip (and count) articles or passages of fewer words (default 2)")
+    parser.add_argument("--shard-docs", type=int, default=DEFAULT_SHARD_DOCS, metavar="N",
+                        help=f"documents per shard (default {DEFAULT_SHARD_DOCS})")
+    parser.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizing processes (default 1)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the shards and manifest.json already in --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = PrepSettings(
+        inputs=args.input, format=args.format, tokenizer=args.tokenizer, out=args.out,
+        chunk_words=args.chunk_words, chunk_tokens=args.chunk_tokens, seq_len=args.seq_len,
+        preset=args.preset, min_words=args.min_words, shard_docs=args.shard_docs,
+        workers=args.workers, overwrite=args.overwrite)
+    try:
+        result = prep(settings)
+    except (PrepError, InputError) as e:
+        print(f"llara-dist prep: error: {e}", file=sys.stderr)
+        return 1
+    print(result.summary)
+    return 0
+
+
+# -- settings ------------------------------------------------------------------------------
+
+def _resolve(s: PrepSettings) -> dict:
+    """Check the settings and work out the chunk limits; returns the manifest's "chunking"."""
+    problems = []
+    for name in ("shard_docs", "workers", "min_words"):
+        if getattr(s, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("chunk_words", "chunk_tokens", "seq_len"):
+        if getattr(s, name) is not None and getattr(s, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if s.seq_len is not None and s.chunk_tokens is not None:
+        problems.append("give --seq-len (with --preset) or --chunk-tokens, not both")
+    if s.preset is not None and s.seq_len is None:
+        problems.append("--preset only sizes chunks together with --seq-len")
+    if s.chunk_words is not None and s.format not in RECHUNKED:
+        problems.append(f"--chunk-words does not apply to {s.format}: its records are chunks already "
+                        "(--chunk-tokens or --seq-len caps their length)")
+    if problems:
+        raise PrepError("; ".join(problems))
+    chunk_tokens, overhead, preset = s.chunk_tokens, None, None
+    if s.seq_len is not None:
+        from llara_dist.prompts import PRESETS, add_special_tokens, prompt_tokens
+        from llara_dist.tokenizer import load_tokenizer
+
+        preset = s.preset or "released"
+        if preset not in PRESETS:
+            raise PrepError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
+        tok = load_tokenizer(s.tokenizer)  # a copy: the preset's new tokens must not touch the text's ids
+        add_special_tokens(tok, PRESETS[preset])
+        try:
+            overhead = prompt_tokens(tok, PRESETS[preset]).overhead
+        except ValueError as e:
+            raise PrepError(f"{s.tokenizer}: cannot size chunks for the {preset} prompts: {e}") from None
+        chunk_tokens = s.seq_len - overhead
+        if chunk_tokens < 1:
+            raise PrepError(f"--seq-len {s.seq_len} leaves no room for text: the {preset} prompts take "
+                            f"{overhead} tokens under this tokenizer")
+    rechunked = s.format in RECHUNKED
+    chunk_words = s.chunk_words if s.chunk_words is not None else (
+        DEFAULT_CHUNK_WORDS if chunk_tokens is None else None)
+    return {
+        "rechunked": rechunked,
+        "chunk_words": chunk_words if rechunked else None,
+        "chunk_tokens": chunk_tokens,
+        "seq_len": s.seq_len,
+        "preset": preset,
+        "prompt_overhead": overhead,
+        "min_words": s.min_words,
+        "cut": "sentence ends (llara_dist/data/chunking.py)" if rechunked else "as given (over-long chunks truncated)",
+        "title": "prepended to an article's first chunk" if s.format in ("wiki-jsonl", "wikitext")
+                 else "as in the input",
+    }
+
+
+def tokenizer_identity(path: str, tokenizer) -> dict:
+    """Name, class, size and a sha256 of the tokenizer's defining file(s)."""
+    folder = Path(path)
+    files = [folder / "tokenizer.json"] if (folder / "tokenizer.json").is_file() else sorted(
+        p for p in folder.iterdir() if p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    return {"name_or_path": str(path), "class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
+            "sha256": h.hexdigest(), "hashed": [p.name for p in files]}
+
+
+# -- workers -----------------------------------------------------------------------------
+
+_W: dict = {}  # per process: the chunker (and through it the tokenizer)
+
+
+def _init_worker(tokenizer_dir: str, chunking: dict, in_pool: bool, tok=None) -> None:
+    if in_pool:  # one process per core already; the tokenizer's own threads would fight them
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from llara_dist.data.chunking import Chunker
+    from llara_dist.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir) if tok is None else tok
+    words, tokens = chunking["chunk_words"], chunking["chunk_tokens"]
+    _W.clear()
+    # Re-chunked formats: cut by words and/or tokens. The others: chunks as given,
+    # cut down only to a token limit (None: kept whole).
+    _W["chunker"] = Chunker(words, tokens, tok) if chunking["rechunked"] else Chunker(None, tokens, tok)
+
+
+@dataclass
+class _BlockOut:
+    samples: list = field(default_factory=list)  # encoded webdataset samples, in order
+    tokens: list = field(default_factory=list)  # text tokens per sample
+    no_next: list = field(default_factory=list)  # whether each sample lacks an EBAR target
+    articles: int = 0
+    stats: Stats = field(default_factory=Stats)
+
+
+def _source_name(path: str) -> str:
+    name = os.path.basename(path)
+    return name.split(".", 1)[0] or "input"
+
+
+def _process(block: list[tuple[int, Article]]) -> _BlockOut:
+    """Chunk and tokenize a block of articles into encoded samples (in a worker)."""
+    import numpy as np
+
+    out = _BlockOut(articles=len(block))
+    chunker = _W["chunker"]
+    per_article: list[list[tuple[str, list]]] = []  # [(chunk text, ids)] per article
+    if block[0][1].chunks is None:  # re-chunked formats
+        cuts: list = []
+        per_article = chunker.chunk_many_ids([(a.title, a.text) for _, a in block], out.stats.handled, cuts)
+        for (_, a), counted in zip(block, cuts):  # where each kind of forced cut first happened
+            for reason in counted:
+                out.stats.first.setdefault(f"handled.{reason}", f"{a.source}:{a.line}")
+    else:
+        flat = [c for _, a in block for c in a.chunks]
+        if chunker.max_tokens is not None:
+            fitted = chunker.fit_many(flat, out.stats.truncated, "chunk_tokens")
+            lines = [(a.source, line) for _, a in block for line in a.chunk_lines]
+            for (src, line), (_, _, cut) in zip(lines, fitted):
+                if cut:
+                    out.stats.first.setdefault("truncated.chunk_tokens", f"{src}:{line}")
+            fitted = [(t, ids) for t, ids, _ in fitted]
+        else:
+            fitted = list(zip(flat, chunker.encode(flat)))
+        k = 0
+        for _, a in block:
+            per_article.append(fitted[k:k + len(a.chunks)])
+            k += len(a.chunks)
+    next_ids = iter(chunker.encode([a.next_text for _, a in block if a.next_text is not None]))
+    for (index, a), chunks in zip(block, per_article):
+        arrays = [np.asarray(ids, dtype=shards.ID_DTYPE) for _, ids in chunks]
+        tail = np.asarray(next(next_ids), dtype=shards.ID_DTYPE) if a.next_text is not None else None
+        src = _source_name(a.source)
+        for c, ((text, _), arr) in enumerate(zip(chunks, arrays)):
+            nxt = arrays[c + 1] if c + 1 < len(arrays) else tail
+            line = a.chunk_lines[c] if a.chunk_lines else a.line
+            meta = {"article": index, "chunk": c, "source": f"{a.source}:{line}", "title": a.title}
+            out.samples.append(shards.encode_sample(shards.make_key(src, index, c), arr, nxt, text, meta))
+            out.tokens.append(int(arr.size))
+            out.no_next.append(nxt is None)
+    return out
+
+
+def _blocks(reader: Reader):
+    block, chars, index = [], 0, 0
+    for article in reader:
+        block.append((index, article))
+        index += 1
+        chars += article.size
+        if len(block) >= BLOCK_ARTICLES or chars >= BLOCK_CHARS:
+            yield block
+            block, chars = [], 0
+    if block:
+        yield block
+
+
+def _results(blocks, s: PrepSettings, chunking: dict, tokenizer):
+    """Block results in block order, from up to `workers` processes, with bounded
+    read-ahead (a large corpus is never all in memory)."""
+    if s.workers == 1:
+        _init_worker(s.tokenizer, chunking, in_pool=False, tok=tokenizer)
+        yield from map(_process, blocks)
+        return
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ctx.Pool(s.workers, initializer=_init_worker, initargs=(s.tokenizer, chunking, True)) as pool:
+        pending = collections.deque()
+        for block in blocks:
+            pending.append(pool.apply_async(_process, (block,)))
+            if len(pending) >= 2 * s.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# -- output ------------------------------------------------------------------------------
+
+class _ShardWriter:
+    def __init__(self, out: Path, shard_docs: int):
+        self.out, self.shard_docs = out, shard_docs
+        self.entries: list[dict] = []
+        self.samples, self.tokens, self.no_next = [], 0, 0
+
+    def add(self, sample: dict, tokens: int, no_next: bool) -> None:
+        self.samples.append(sample)
+        self.tokens += tokens
+        self.no_next += no_next
+        if len(self.samples) >= self.shard_docs:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.samples:
+            return
+        name = shards.shard_name(len(self.entries))
+        path = self.out / name
+        shards.write_shard(path, self.samples)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        self.entries.append({"name": name, "docs": len(self.samples), "tokens": self.tokens,
+                             "docs_without_next": self.no_next, "sha256": digest})
+        self.samples, self.tokens, self.no_next = [], 0, 0
+
+    def remove(self) -> None:
+        for e in self.entries:
+            (self.out / e["name"]).unlink(missing_ok=True)
+
+
+_OURS = re.compile(r"shard-\d{6}\.tar|" + re.escape(shards.MANIFEST))
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    old = sorted(p for p in out.iterdir() if _OURS.fullmatch(p.name))
+    if old and not overwrite:
+        raise PrepError(f"{out}: already holds {old[0].name}" + (f" and {len(old) - 1} more" if len(old) > 1 else "")
+                        + " from an earlier prep; pass --overwrite to replace them")
+    for p in old:
+        p.unlink()
+
+
+class _Progress:
+    """One status line on stderr, on a terminal only."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.start = self.last = time.monotonic()
+
+    def update(self, docs: int, tokens: int, done: int, total: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.25 and not force):
+            return
+        self.last = now
+        dt = max(now - self.start, 1e-9)
+        pct = f"{100 * done / total:5.1f}% " if total else ""
+        sys.stderr.write(f"\rprep: {pct}{docs:,} docs, {tokens:,} tokens | {docs / dt:,.0f} docs/s, "
+                         f"{tokens / dt:,.0f} tokens/s ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# -- the command ------------------------------------------------------------------------
+
+def prep(s: PrepSettings, progress: bool | None = None) -> PrepResult:
+    """Run prep; returns the manifest (also written to s.out) and a printable summary."""
+    from llara_dist.tokenizer import load_tokenizer
+
+    t0 = time.monotonic()
+    paths = expand_inputs(s.inputs)
+    try:
+        tokenizer = load_tokenizer(s.tokenizer)
+    except Exception as e:  # noqa: BLE001 - any loading problem is the user's folder
+        raise PrepError(f"{s.tokenizer}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise PrepError(f"{s.tokenizer}: prep needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}")
+    chunking = _resolve(s)
+    identity = tokenizer_identity(s.tokenizer, tokenizer)
+    out = Path(s.out)
+    _prepare_out(out, s.overwrite)
+
+    stats = Stats()
+    reader = Reader(paths, s.format, s.min_words, stats)
+    writer = _ShardWriter(out, s.shard_docs)
+    bar = _Progress(sys.stderr.isatty() if progress is None else progress)
+    t_busy = time.monotonic()
+    docs = tokens = articles = 0
+    try:
+        for res in _results(_blocks(reader), s, chunking, tokenizer):
+            for sample, n, no_next in zip(res.samples, res.tokens, res.no_next):
+                writer.add(sample, n, no_next)
+            docs += len(res.samples)
+            articles += res.articles
+            tokens += sum(res.tokens)
+            stats.merge(res.stats)
+            bar.update(docs, tokens, reader.bytes_read(), reader.total_bytes)
+        writer.flush()
+    except BaseException:
+        bar.close()
+        writer.remove()
+        raise
+    bar.update(docs, tokens, reader.total_bytes, reader.total_bytes, force=True)
+    bar.close()
+    if docs == 0:
+        writer.remove()
+        raise PrepError(f"no documents: all {articles} article(s) skipped "
+                        f"({_counts(stats.skipped) or 'no article found'}); nothing written")
+    manifest = {
+        "version": 1,
+        "shards": writer.entries,
+        "docs": docs,
+        "tokens": tokens,
+        "articles": articles,
+        "docs_without_next": sum(e["docs_without_next"] for e in writer.entries),
+        "tokenizer": identity,
+        "chunking": chunking,
+        "format": s.format,
+        "inputs": paths,
+        "shard_docs": s.shard_docs,
+        "skipped": dict(sorted(stats.skipped.items())),
+        "truncated": dict(sorted(stats.truncated.items())),
+        "handled": dict(sorted(stats.handled.items())),
+        "first_seen": dict(sorted(stats.first.items())),
+    }
+    shards.write_manifest(out, manifest)
+    now = time.monotonic()
+    seconds, busy = now - t0, now - t_busy
+    return PrepResult(manifest, out, seconds, busy, summary(manifest, out, seconds, busy))
+
+
+def _counts(c: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(c.items()))
+
+
+def summary(manifest: dict, out, seconds: float, busy: float) -> str:
+    """The end-of-run report: what came out, how fast, and everything skipped or changed."""
+    m = manifest
+    first = m.get("first_seen", {})
+
+    def detail(kind):
+        items = m.get(kind, {})
+        if not items:
+            return "none"
+        return ", ".join(f"{k}={v} (first at {first.get(f'{kind}.{k}', '?')})" for k, v in sorted(items.items()))
+
+    busy = max(busy, 1e-9)
+    rate = f"{m['docs'] / busy:,.0f} docs/s, {m['tokens'] / busy:,.0f} tokens/s"
+    ch = m["chunking"]
+    limits = ", ".join(f"{k}={ch[k]}" for k in ("chunk_words", "chunk_tokens") if ch.get(k) is not None)
+    return "\n".join([
+        f"prep: {m['articles']:,} articles from {len(m['inputs'])} file(s) ({m['format']}) -> "
+        f"{m['docs']:,} docs, {m['tokens']:,} tokens in {len(m['shards'])} shard(s) at {out}",
+        f"  time: {seconds:.1f} s in all; {busy:.1f} s reading, tokenizing, writing: {rate}",
+        f"  chunks: {'re-chunked' if ch['rechunked'] else 'as given'}" + (f", {limits}" if limits else ""),
+        f"  docs without EBAR target (last chunk of an article): {m['docs_without_next']:,}",
+        f"  skipped: {detail('skipped')}",
+        f"  truncated: {detail('truncated')}",
+        f"  handled: {detail('handled')}",
+    ])

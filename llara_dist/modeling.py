@@ -1,0 +1,104 @@
+"""The decoder: load a Hugging Face causal LM for LLaRA and run a PackedBatch to hidden states.
+
+    model = load_model(cfg.model, tokenizer, preset)      # new tokens added, embeddings resized
+    h = forward_hidden(model, batch.to(device))           # [R, L, hidden], after the final norm
+
+The model module knows nothing of DeepSpeed (`model` may be a DeepSpeed engine: it is
+called, not bypassed). Under ZeRO-3 every rank calls every module the same number of
+times: one model call per micro-batch (two for `two-pass`), one attention call per
+layer, whatever the documents of the batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llara_dist import kernels
+from llara_dist.batch import SEG_NEXT, SEG_SELF, PackedBatch
+from llara_dist.prompts import Preset, add_special_tokens
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def unwrap(model):
+    """The HF model inside a DeepSpeed engine or DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def load_model(model_cfg, tokenizer, preset: Preset, device: torch.device | str | None = None):
+    """A causal LM from `model_cfg.path` (a model folder, or a config.json for a random init),
+    with the preset's tokens added to `tokenizer` and the embeddings resized, attention path set.
+    Stays on the CPU; `device` is where it will run (it decides which paths are available)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    kernels.check_path(model_cfg.attn, device, dtype=dtype)
+    path = Path(model_cfg.path)
+    if path.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    elif path.is_file() and path.suffix == ".json":
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    else:
+        raise FileNotFoundError(f"model.path {str(path)!r}: neither a model folder nor a config .json file")
+    add_special_tokens(tokenizer, preset)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    set_attention(model, model_cfg.attn, device)
+    return model
+
+
+def set_attention(model, path: str, device: torch.device | str) -> None:
+    """Point the model's attention at a path's kernel (registered with AttentionInterface)."""
+    core = unwrap(model)
+    dtype = core.get_input_embeddings().weight.dtype
+    kernels.check_path(path, device, dtype=dtype)
+    kernels.register()
+    core.set_attn_implementation(kernels.hf_name(kernels.inner_kernel(path, device, dtype)))
+    core.llara_attn = path
+
+
+def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
+    """Last hidden states [R, L, hidden] of a packed batch under the joint EBAE/EBAR mask."""
+    core = unwrap(model)
+    path = getattr(core, "llara_attn", None)
+    if path is None:
+        raise ValueError("the model has no attention path: load it with load_model or call set_attention")
+    kernels.check_path(path, batch.input_ids.device, backward=torch.is_grad_enabled(),
+                       dtype=core.get_input_embeddings().weight.dtype)
+    kernel = core.config._attn_implementation.removeprefix("llara_")
+
+    def run(doc):  # doc [R, L]
+        mask = kernels.prepare(kernel, doc, batch.segment)
+        # through the top module, so a DeepSpeed engine's forward runs (calling the decoder
+        # directly gave wrong ZeRO-3 gradients: tests/test_train_exact.py); logits only at the
+        # last column; hidden_states[-1] is the final-norm output
+        out = model(input_ids=batch.input_ids, position_ids=batch.position, llara_mask=mask,
+                    use_cache=False, logits_to_keep=1, output_hidden_states=True)
+        return out.hidden_states[-1]
+
+    if path != "two-pass":
+        return run(batch.doc)
+    # two-pass: [prefix TEXT SELF] with the NEXT tokens blanked out, then [prefix TEXT NEXT]
+    # with the SELF tokens blanked out; each pass needs only a document-causal mask
+    seg = batch.segment
+    h_self = run(batch.doc.masked_fill(seg == SEG_NEXT, -1))
+    h_next = run(batch.doc.masked_fill(seg == SEG_SELF, -1))
+    return torch.where((seg == SEG_NEXT)[..., None], h_next, h_self)
+
+
+def gather_states(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """hidden [R, L, H], flat token index [D, k] -> [D, k, H]."""
+    return hidden.reshape(-1, hidden.shape[-1])[index]

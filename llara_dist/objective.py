@@ -1,0 +1,116 @@
+"""The LLaRA objective: EBAE and EBAR bag-of-words losses (+ the released variant's LM loss).
+
+For document d with embedding states e (k tokens after its SELF or NEXT prompt):
+
+    p      = softmax(pool(lm_head(e)))          pool: the one token (paper) or max over k logits (released)
+    ebae_d = -mean_{t in T_self(d)} log p_self[t]      T_self: unique ids of d's text
+    ebar_d = -mean_{t in T_next(d)} log p_next[t]      T_next: unique ids of the next chunk
+
+    loss = bow_scale * B + lm_weight * mean over LM target tokens of -log p(next token)
+    B    = mean_d ebae_d + mean_d ebar_d, or their average if bow_average (released: /2 and x0.1)
+
+The documents are the unit of averaging. `loss_sums` returns sums over one micro-batch,
+`batch_counts` the matching counts, and `combine` divides by counts that the trainer
+all-reduces over ranks and micro-batches: summing combine() over all micro-batches of
+all ranks gives the exact mean over all documents of the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from llara_dist.batch import SEG_TEXT, PackedBatch
+from llara_dist.modeling import forward_hidden, gather_states, unwrap
+from llara_dist.prompts import Preset
+
+TERMS = ("ebae", "ebar", "lm")
+LM_CHUNK = 4096  # tokens per LM-loss chunk: [LM_CHUNK, vocab] fp32 logits live at a time
+
+
+def _set_sizes(offsets: torch.Tensor) -> torch.Tensor:
+    return offsets[1:] - offsets[:-1]  # [D]
+
+
+def _has_ebar(batch: PackedBatch) -> torch.Tensor:
+    return batch.has_next & (_set_sizes(batch.ebar_offsets) > 0)  # [D] bool
+
+
+def lm_targets(batch: PackedBatch) -> torch.Tensor:
+    """[R, L] bool: position i predicts input_ids[i + 1], a text token (not prefix) of its document."""
+    nxt = batch.segment[:, 1:] == SEG_TEXT
+    nxt &= batch.doc[:, 1:] == batch.doc[:, :-1]
+    nxt &= batch.doc[:, 1:] >= 0
+    nxt &= batch.position[:, 1:] >= batch.prefix_len
+    return F.pad(nxt, (0, 1))
+
+
+def batch_counts(batch: PackedBatch, preset: Preset) -> dict[str, int]:
+    """Documents with an EBAE term, with an EBAR term, and LM target tokens (metadata only)."""
+    return {
+        "ebae": int((_set_sizes(batch.ebae_offsets) > 0).sum()),
+        "ebar": int(_has_ebar(batch).sum()),
+        "lm": int(lm_targets(batch).sum()) if preset.lm_weight else 0,
+    }
+
+
+def _set_nll_sum(logp: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    """Sum over documents d with use[d] of -mean log p_d[ids of d's set]; logp [D, V]."""
+    sizes = _set_sizes(offsets)  # [D]
+    owner = torch.repeat_interleave(torch.arange(sizes.numel(), device=ids.device), sizes)  # [T]
+    nll = -logp[owner, ids]  # [T]
+    per_doc = torch.zeros_like(logp[:, 0]).index_add(0, owner, nll) / sizes.clamp(min=1)  # [D]
+    return (per_doc * use).sum()
+
+
+def _lm_chunk_nll(head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), targets, reduction="sum")
+
+
+def loss_sums(model, batch: PackedBatch, preset: Preset, lm_chunk: int = LM_CHUNK) -> dict[str, torch.Tensor]:
+    """One forward; fp32 sums over this micro-batch of each term (see module docstring)."""
+    hidden = forward_hidden(model, batch)  # [R, L, H]
+    head = unwrap(model).get_output_embeddings()
+    D, k = batch.self_emb.shape
+
+    # bag of words: the LM head only at the 2 x D x k embedding positions
+    states = gather_states(hidden, torch.cat([batch.self_emb, batch.next_emb]))  # [2D, k, H]
+    logits = head(states).float()  # [2D, k, V]
+    pooled = logits.amax(1) if preset.pool == "max" else logits[:, -1]  # [2D, V]
+    logp = torch.log_softmax(pooled, -1)
+    anchor = logits.sum() * 0.0  # keeps every term on the graph, even with no documents
+    has_ebae = (_set_sizes(batch.ebae_offsets) > 0).to(logp.dtype)
+    sums = {
+        "ebae": anchor + _set_nll_sum(logp[:D], batch.ebae_ids, batch.ebae_offsets, has_ebae),
+        "ebar": anchor + _set_nll_sum(logp[D:], batch.ebar_ids, batch.ebar_offsets, _has_ebar(batch).to(logp.dtype)),
+        "lm": anchor.clone(),
+    }
+    if preset.lm_weight:
+        # a FIXED number of chunks per micro-batch (from R x L, not from the real tokens), so that
+        # every ZeRO-3 rank calls the head equally often; each chunk recomputes its logits in backward
+        where = lm_targets(batch).reshape(-1).nonzero().squeeze(1)  # [T]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        targets = batch.input_ids.reshape(-1)[where + 1]
+        n_chunks = math.ceil(batch.input_ids.numel() / lm_chunk)
+        for w, t in zip(torch.tensor_split(where, n_chunks), torch.tensor_split(targets, n_chunks)):
+            sums["lm"] = sums["lm"] + checkpoint(_lm_chunk_nll, head, flat[w], t, use_reentrant=False)
+    return sums
+
+
+def combine(sums: dict[str, torch.Tensor], counts: dict[str, int],
+            preset: Preset) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss given (global) counts; a term with count 0 contributes 0.
+
+    Returns (loss, parts): parts[t] = sums[t] / counts[t], so summing parts over all
+    micro-batches of all ranks gives each term's mean over the global batch.
+    """
+    means = {t: sums[t] / counts[t] if counts[t] else sums[t] * 0.0 for t in TERMS}
+    bow_terms = [means[t] for t in ("ebae", "ebar") if counts[t]]
+    bow = sum(bow_terms, sums["ebae"] * 0.0)
+    if preset.bow_average and bow_terms:
+        bow = bow / len(bow_terms)
+    loss = preset.bow_scale * bow + preset.lm_weight * means["lm"]
+    return loss, {t: float(means[t].detach()) for t in TERMS}

@@ -1,0 +1,140 @@
+"""Kernel paths against the dense-mask reference, at the attention level (CPU).
+
+varlen's layout (gather indices, cu_seqlens, scatter back) runs through per-sequence
+SDPA here; its real CUDA kernels are checked by `llara-dist doctor` (bench/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llara_dist import kernels
+from llara_dist.batch import SEG_NEXT, SEG_SELF, build_batch
+from llara_dist.data.shards import Doc
+from llara_dist.kernels import flex, mask, sdpa, varlen
+from llara_dist.prompts import PromptTokens
+
+PROMPT = PromptTokens(prefix=(1, 7), self_suffix=(11, 12, 13), next_suffix=(21, 22, 23, 24), num_emb_tokens=2)
+
+
+def packed(lengths_per_row, seq_len=64):
+    rows = [[Doc(f"r{r}d{i}", np.full(n, 100 + i, np.int32), None) for i, n in enumerate(row)]
+            for r, row in enumerate(lengths_per_row)]
+    return build_batch(rows, PROMPT, seq_len=seq_len, pad_id=0)
+
+
+def qkv(R, L, H=4, Hkv=2, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(R, H, L, D, generator=g), torch.randn(R, Hkv, L, D, generator=g),
+            torch.randn(R, Hkv, L, D, generator=g))
+
+
+def blanked(batch, seg):
+    """The two-pass metadata: doc ids with one prompt's tokens turned into padding."""
+    return batch.doc.masked_fill(batch.segment == seg, -1)
+
+
+LAYOUTS = [[[30]], [[5, 9], [12, 3, 4]], [[3, 2, 1, 2, 1]]]
+
+
+def test_dense_mask_is_the_rule():
+    b = packed([[2, 3]], seq_len=24)
+    m = mask.dense_mask(b.doc, b.segment)[0, 0]
+    doc, seg = b.doc[0], b.segment[0]
+    for i in range(24):
+        for j in range(24):
+            want = (doc[i] == doc[j] and doc[i] >= 0 and j <= i
+                    and not (seg[i] == SEG_NEXT and seg[j] == SEG_SELF)) or i == j
+            assert bool(m[i, j]) == bool(want), (i, j)
+
+
+@pytest.mark.parametrize("rows", LAYOUTS)
+@pytest.mark.parametrize("blank", [None, SEG_NEXT, SEG_SELF])
+def test_varlen_layout_matches_dense(rows, blank):
+    b = packed(rows)
+    doc = b.doc if blank is None else blanked(b, blank)
+    q, k, v = qkv(*doc.shape)
+    ref = sdpa.attend(q, k, v, sdpa.prepare(doc, b.segment), scale=None)
+    out = varlen.attend(q, k, v, varlen.prepare(doc, b.segment), scale=None, kernel=varlen.reference)
+    real = (doc >= 0)[:, None, :, None].expand_as(ref)
+    assert (out - ref)[real].abs().max() <= 1e-5
+    assert (out[~real] == 0).all()  # padding is in no sequence
+
+
+def test_varlen_layout_indices():
+    b = packed([[2, 1]], seq_len=32)  # documents of 2+2 and 2+1 text tokens, S=3, N=4
+    lay = varlen.prepare(b.doc, b.segment)
+    # queries: doc0 A (4 text + 3 self), doc0 B (4 next), doc1 A (3 + 3), doc1 B (4)
+    assert lay.cu_q.tolist() == [0, 7, 11, 17, 21]
+    # keys: A = its queries; B = text + next
+    assert lay.cu_k.tolist() == [0, 7, 15, 21, 28]
+    assert lay.k_index[7:15].tolist() == [0, 1, 2, 3, 7, 8, 9, 10]
+    assert (lay.max_q, lay.max_k) == (7, 8)
+    assert lay.q_index.tolist() == list(range(21))
+
+
+@pytest.mark.parametrize("rows", LAYOUTS)
+def test_flex_matches_dense(rows):
+    b = packed(rows)
+    q, k, v = qkv(*b.doc.shape)
+    ref = sdpa.attend(q, k, v, sdpa.prepare(b.doc, b.segment), scale=0.3)
+    out = flex.attend(q, k, v, flex.prepare(b.doc, b.segment, block=16), scale=0.3)
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_flex_skips_fully_masked_blocks():
+    b = packed([[3, 2, 4, 5, 1, 2]], seq_len=128)  # six short documents, then padding
+    bm = flex.prepare(b.doc, b.segment, block=16)
+    causal_blocks = 8 * 9 // 2
+    visited = int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())
+    assert visited < causal_blocks / 2, (visited, causal_blocks)
+
+
+def test_unavailable_path_is_refused_with_the_available_ones():
+    with pytest.raises(ValueError, match=r"'varlen' is not available on cpu .*available here .*sdpa, flex, two-pass"):
+        kernels.check_path("varlen", "cpu")
+    with pytest.raises(ValueError, match=r"'flex' .*no backward on CPU.*sdpa, two-pass"):
+        kernels.check_path("flex", "cpu", backward=True)
+    with pytest.raises(ValueError, match="unknown attention path 'flash'"):
+        kernels.check_path("flash", "cpu")
+
+
+def test_registered_attention_needs_the_packed_mask(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    kernels.register()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.set_attn_implementation("llara_sdpa")
+    with pytest.raises(ValueError, match="needs the packed batch's mask"):
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+
+
+def test_config_accepts_exactly_the_kernel_paths():
+    from llara_dist.config import ModelConfig
+
+    for path in kernels.PATHS:
+        assert ModelConfig(attn=path).check() == []
+    assert "attn: 'flash' is not one of" in ModelConfig(attn="flash").check()[0]
+
+
+def test_gpu_check_script_dry_run_on_cpu(tmp_path):
+    """bench/gpu_check.sh's plumbing (no install, doctor, microbenchmark) at tiny CPU shapes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DEVICE": "cpu", "OUT": str(tmp_path), "PY": sys.executable}
+    run = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "0 failed, 1 passed, 0 skipped" in (tmp_path / "doctor.txt").read_text()
+    rows = [line.split() for line in (tmp_path / "attn_bench.txt").read_text().splitlines()
+            if line[:8].strip() in ("5.0", "1.5")]
+    assert sorted({r[1] for r in rows}) == ["causal", "flex", "sdpa", "two-pass", "varlen"]
+    for r in rows:
+        assert float(r[2]) > 0
+        if r[1] != "causal":
+            assert float(r[-1]) <= 1e-5, r  # every path's output equals the dense reference

@@ -1,0 +1,136 @@
+"""The deepspeed launcher wrappers (launch/train.sh, launch/train_multinode.sh) and hostfiles.
+
+Real launches of 2 CPU ranks (DS_ACCELERATOR=cpu, gloo) running launch/probe.py: the
+single-node wrapper with a preemption signal, and the one-launcher-per-node form
+(`--no_ssh --node_rank`) with an `--include` filter over a hostfile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+HOSTFILES = sorted((ROOT / "hostfiles").glob("*.txt"))
+
+
+def launch_env(**extra) -> dict:
+    from llara_dist.engine import _free_port
+
+    # the scripts expect the virtualenv's tools (deepspeed, python) on PATH, as when it is active
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = dict(os.environ, PATH=path, DS_ACCELERATOR="cpu", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def probe_lines(text: str, key: str = "rank_sum") -> list[dict]:
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return [d for d in lines if key in d]
+
+
+def test_single_node_wrapper_forwards_preemption(tmp_path):
+    """2 ranks via `deepspeed --num_gpus 2`; SIGTERM to the wrapper -> USR1 to the ranks -> exit 42."""
+    log = tmp_path / "launch.log"
+    env = launch_env(GPUS=2, ENTRY=f"launch/probe.py --until-signal {tmp_path}")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(ROOT / "launch" / "train.sh")], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while len(probe_lines(log.read_text())) < 2:
+            assert proc.poll() is None, f"launcher ended early ({proc.returncode}):\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"ranks did not start:\n{log.read_text()}"
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)  # what a scheduler sends; the runner alone would exit 1
+        status = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    started = probe_lines(text)
+    assert sorted(r["rank"] for r in started) == [0, 1] and {r["world"] for r in started} == {2}, text
+    assert {r["rank_sum"] for r in started} == {1}
+    assert status == 42, text  # the trainers' "preempted, requeue me" passed through launch.py and the runner
+    stopped = probe_lines(text, "preempted_at_step")
+    assert sorted(r["rank"] for r in stopped) == [0, 1] and len({r["preempted_at_step"] for r in stopped}) == 1
+    assert (tmp_path / "preempted").exists()
+
+
+def test_one_launcher_per_node_with_include(tmp_path):
+    """Two `--no_ssh --node_rank` launchers over a 2-node hostfile, INCLUDE picks one slot on each."""
+    env = launch_env(ENTRY="launch/probe.py", HOSTFILE="hostfiles/localhost-2x2.txt",
+                     INCLUDE="node-a:1@node-b:0", MASTER_ADDR="127.0.0.1")
+    procs = [subprocess.Popen([str(ROOT / "launch" / "train_multinode.sh")], env=dict(env, NODE_RANK=str(n)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=150)[0])
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+    lines = [probe_lines(o) for o in outs]
+    assert [[r["rank"] for r in node] for node in lines] == [[0], [1]], "\n".join(outs)  # node rank order
+    assert [node[0]["devices"] for node in lines] == ["1", "0"]  # the included slots
+    assert {r["world"] for node in lines for r in node} == {2}
+    assert {r["rank_sum"] for node in lines for r in node} == {1}
+    assert "--no_ssh --node_rank 1" in outs[1]
+
+
+@pytest.mark.parametrize("hostfile", HOSTFILES, ids=[h.name for h in HOSTFILES])
+def test_example_hostfiles_parse(hostfile):
+    """Every example hostfile is valid for deepspeed's own parser: one `host slots=N` per node."""
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    pool = fetch_hostfile(str(hostfile))
+    assert pool and len(pool) >= 2 and all(n > 0 for n in pool.values()), pool
+
+
+def test_include_exclude_forms():
+    """The INCLUDE/EXCLUDE strings the docs show select what they say (deepspeed's parser)."""
+    from deepspeed.launcher.runner import fetch_hostfile, parse_inclusion_exclusion
+
+    pool = fetch_hostfile(str(ROOT / "hostfiles" / "2x8.txt"))
+    every = list(range(8))
+    assert parse_inclusion_exclusion(pool, "", "") == {"gpu-node-1": every, "gpu-node-2": every}
+    assert parse_inclusion_exclusion(pool, "gpu-node-1:0,1,2,3@gpu-node-2", "") == {
+        "gpu-node-1": [0, 1, 2, 3], "gpu-node-2": every}
+    assert parse_inclusion_exclusion(pool, "", "gpu-node-2:7") == {"gpu-node-1": every, "gpu-node-2": every[:7]}
+    assert parse_inclusion_exclusion(pool, "", "gpu-node-1") == {"gpu-node-2": every}
+    with pytest.raises(ValueError):
+        parse_inclusion_exclusion(pool, "gpu-node-1", "gpu-node-2")  # never both
+
+
+def test_multinode_wrapper_builds_the_launcher_command():
+    """DRY_RUN prints the deepspeed command the wrapper would run; bad settings stop it early."""
+    env = launch_env(DRY_RUN=1, HOSTFILE="hostfiles/2x8.txt", EXCLUDE="gpu-node-2:7", MASTER_PORT=29600)
+    res = subprocess.run([str(ROOT / "launch" / "train_multinode.sh"), "--config", "run.yaml", "train.lr=2e-5"],
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert ("deepspeed --hostfile hostfiles/2x8.txt --master_port 29600 --exclude gpu-node-2:7 --no_local_rank "
+            "--module llara_dist train --config run.yaml train.lr=2e-5") in res.stderr
+    bad = subprocess.run([str(ROOT / "launch" / "train_multinode.sh")], env=dict(env, NODE_RANK="0"),
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "NODE_RANK needs MASTER_ADDR" in bad.stderr
+    missing = subprocess.run([str(ROOT / "launch" / "train_multinode.sh")], env=dict(env, HOSTFILE="nope.txt"),
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "nope.txt not found" in missing.stderr
+
+
+def test_preempted_status_matches_the_trainer():
+    """The launch scripts and the probe use the trainer's exit status for "preempted"."""
+    from llara_dist.preempt import PREEMPTED_EXIT
+
+    sbatch = (ROOT / "launch" / "train.sbatch").read_text()
+    assert f"PREEMPTED_EXIT={PREEMPTED_EXIT} " in sbatch
+    assert f"PREEMPTED_EXIT = {PREEMPTED_EXIT} " in (ROOT / "launch" / "probe.py").read_text()
