@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
-    cmd = argparse.ArgumentParser(prog=f"llara-dist {name}", description=module.__doc__)
+    cmd = argparse.ArgumentParser(prog=f"llara-dist {name}", description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     module.configure(cmd)
     args = cmd.parse_args(argv[1:])
     sys.exit(module.run(args) or 0)

@@ -35,6 +35,7 @@ class Demo:
     manifest: dict = field(default_factory=dict)
     shard_docs: int = 48  # documents per shard: several shards, so that each training rank reads its own
     run_dir: Path | None = None  # training run folder (stage train)
+    export: Path | None = None  # exported model folder (stage export)
 
 
 def _prose(text: str) -> tuple[str, str]:
@@ -142,6 +143,59 @@ def stage_train(d: Demo) -> str:
 
 
 STAGES.append(("train", stage_train))
+
+
+def stage_export(d: Demo) -> str:
+    """The latest checkpoint as a Hugging Face model folder (safetensors, tokenizer, llara.json)."""
+    from llara_dist.export import export_run
+
+    d.export = export_run(d.run_dir, d.out / "export", dtype="fp32")
+    files = sorted(p.name for p in d.export.iterdir())
+    return f"{d.export}: {', '.join(files)}"
+
+
+def _retrieval_set(d: Demo) -> Path:
+    """Queries = topic titles; passages = ~100-word pieces of every topic; relevant = the topic's pieces."""
+    beir = d.out / "retrieval"
+    (beir / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(beir / "corpus.jsonl", "w") as corpus, open(beir / "queries.jsonl", "w") as queries, \
+            open(beir / "qrels" / "test.tsv", "w") as qrels:
+        qrels.write("query-id\tcorpus-id\tscore\n")
+        for a, line in enumerate(d.corpus.read_text(encoding="utf-8").splitlines()):
+            article = json.loads(line)
+            words = article["text"].split()
+            queries.write(json.dumps({"_id": f"q{a}", "text": article["title"]}) + "\n")
+            for c in range(0, len(words), 100):
+                corpus.write(json.dumps({"_id": f"d{a}-{c}", "title": "", "text": " ".join(words[c:c + 100])}) + "\n")
+                qrels.write(f"q{a}\td{a}-{c}\t1\n")
+    return beir
+
+
+def stage_evaluate(d: Demo) -> str:
+    """Retrieval metrics of the trained model next to its untrained starting point, same run."""
+    from llara_dist.config import ModelConfig, ObjectiveConfig
+    from llara_dist.encode import load_encoder
+    from llara_dist.evaluate import evaluate_model
+    from llara_dist.modeling import load_model
+    from llara_dist.prompts import resolve_preset
+    from llara_dist.tokenizer import load_tokenizer
+
+    beir = _retrieval_set(d)
+    model, tokenizer, preset = load_encoder(d.export)
+    trained = evaluate_model(model, tokenizer, preset, beir, k=100)
+    base_tok = load_tokenizer(d.tokenizer)
+    base_preset = resolve_preset(ObjectiveConfig(preset=d.preset))
+    untrained = load_model(ModelConfig(path=str(d.out / "model"), dtype="fp32"), base_tok, base_preset, "cpu")
+    baseline = evaluate_model(untrained.eval(), base_tok, base_preset, beir, k=100)
+    names = ("mrr@10", "ndcg@10", "recall@10", "recall@100")
+    rows = ["model       " + "  ".join(f"{n:>10}" for n in names)]
+    for label, m in (("untrained", baseline), ("trained", trained)):
+        rows.append(f"{label:<11} " + "  ".join(f"{m[n]:>10.4f}" for n in names))
+    return (f"{trained['queries']} queries (topic titles) over the topics' 100-word pieces ({beir})\n"
+            + "\n".join(rows))
+
+
+STAGES += [("export", stage_export), ("evaluate", stage_evaluate)]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

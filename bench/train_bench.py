@@ -1,0 +1,475 @@
+"""End-to-end training benchmark: ours against the released LLaRA way, same documents, one process.
+
+    # one H100 (part of bench/gpu_check.sh): LLaMA-2-7B-shaped layers, bf16, ~3 minutes
+    python bench/train_bench.py --device cuda --out bench_out
+    # CPU dry run of the same harness, tiny shape, under a minute on 2 cores
+    DS_ACCELERATOR=cpu python bench/train_bench.py --shape tiny --device cpu --out /tmp/train_bench
+    # real documents instead of drawn lengths (a prep output folder; ids must fit the vocabulary)
+    python bench/train_bench.py --shards path/to/shards ...
+
+Every configuration runs full training steps (forward, backward, AdamW step) through the
+real DeepSpeed ZeRO-3 engine (world 1) of ONE model, and every one is fed the same
+documents in the same number of micro-batches, so each step is equal work:
+
+  baseline  the released LLaRA way: one document per sequence, each micro-batch padded to
+            its longest document, a dense [B, 1, L, L] joint mask through SDPA, and
+            full-vocabulary fp32 logits at every position for the LM and BoW terms
+            (`baseline_loss_sums`, written here from the released code's formula)
+  sdpa / flex / varlen   ours: documents packed into rows of --seq-len by the real packer
+            (data.pack.Packer + batch.build_batch), the LM head only where a loss needs it,
+            each attention path that can train on the device
+  two-pass  ours, packed, without the joint prompt: two passes per micro-batch
+
+Documents (`--docs`): `dpr`, 100-word passages with titles, token lengths ~ Normal(150, 25)
+clipped to [40, 400]; `chunks`, 480-word chunks, ~ Normal(650, 60) clipped to [200, 1000];
+both as articles of 8 consecutive chunks whose last chunk is the rest of the article, its
+length uniform in [low, mean] (a chunk's EBAR target is the next chunk's id set; an article's
+last chunk has none), ids uniform over the base vocabulary. The prompt has the
+released preset's shape under the LLaMA-2 tokenizer: 2 + 19 + 18 tokens, 8 + 8 new tokens.
+
+Per configuration: median step time over --steps timed steps (after --warmup steps, which
+also compile), real text tokens/s (document text, no prompts or padding), documents/s,
+peak GPU memory (torch.cuda.max_memory_allocated, weights and optimizer states included;
+n/a on CPU), MFU = model FLOPs of the real tokens (metrics.train_flops: 6N per token plus
+the attention pairs the joint mask allows) per second over the device's bf16 dense peak
+(989 TFLOP/s on H100; metrics.peak_flops) and over a matmul peak measured here, and each
+figure's ratio to the baseline. Before any step, every configuration's loss on the step's
+documents is evaluated at the same starting weights: they must agree (same documents, same
+objective), else the run fails. Output: bench.json and bench.md in --out, the table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from llara_dist import kernels, objective
+from llara_dist.batch import build_batch
+from llara_dist.config import TrainConfig
+from llara_dist.data.pack import Packer
+from llara_dist.data.shards import Doc
+from llara_dist.engine import BatchPlan, build_engine, deepspeed_config, dist_env, init_distributed, zero3_loading
+from llara_dist.metrics import attention_pairs, peak_flops, train_flops
+from llara_dist.modeling import set_attention
+from llara_dist.objective import _set_nll_sum, lm_targets
+from llara_dist.prompts import PRESETS, PromptTokens
+from llara_dist.tiny import tiny_llama_config
+from llara_dist.train import train_step
+
+# model shapes: LLaMA-2-7B's layers cut to a few; tiny for CPU runs
+SHAPES = {
+    "7b": dict(hidden=4096, heads=32, intermediate=11008, vocab=32000, layers=2),
+    "tiny": dict(hidden=128, heads=4, intermediate=344, vocab=2000, layers=2),
+}
+NEW_TOKENS = 16  # <s1>..<s16> of the released preset
+DOC_LENGTHS = {  # name -> (mean, std, low, high) tokens per document
+    "dpr": (150, 25, 40, 400),
+    "chunks": (650, 60, 200, 1000),
+}
+CHUNKS_PER_ARTICLE = 8
+TARGETS = {"dpr": 4.0, "chunks": 2.0}  # issue 6: best path's real tokens/s over the baseline
+
+
+def released_prompt(vocab: int):
+    """PromptTokens shaped like the released preset under LLaMA-2's tokenizer (BOS + '"'; 11 + 8; 10 + 8)."""
+    rng = np.random.default_rng(1234)
+    words = lambda n: tuple(int(x) for x in rng.integers(3, vocab, n))  # noqa: E731
+    new = tuple(range(vocab, vocab + NEW_TOKENS))
+    return PromptTokens(prefix=(1,) + words(1), self_suffix=words(11) + new[:8],
+                        next_suffix=words(10) + new[8:], num_emb_tokens=8)
+
+
+def drawn_docs(kind: str, vocab: int, seed: int):
+    """An endless stream of documents of `kind`: articles of CHUNKS_PER_ARTICLE chunks."""
+    mean, std, low, high = DOC_LENGTHS[kind]
+    rng = np.random.default_rng(seed)
+
+    def text(last: bool):  # an article's last chunk is what is left: uniform in [low, mean]
+        n = int(rng.integers(low, mean + 1)) if last else int(np.clip(round(rng.normal(mean, std)), low, high))
+        return rng.integers(3, vocab, n).astype(np.int32)  # [n]
+
+    article = 0
+    while True:
+        texts = [text(c + 1 == CHUNKS_PER_ARTICLE) for c in range(CHUNKS_PER_ARTICLE)]
+        for c, ids in enumerate(texts):
+            nxt = np.unique(texts[c + 1]).astype(np.int32) if c + 1 < len(texts) else None
+            yield Doc(f"{kind}/a{article}/c{c}", ids, nxt)
+        article += 1
+
+
+def shard_docs(location: str, vocab: int):
+    """The documents of real shards, in manifest order; ids must fit the model's base vocabulary."""
+    from llara_dist.data.stream import ShardSet, read_shard
+
+    shards = ShardSet.open(location)
+    for i in range(len(shards)):
+        for d in read_shard(shards.url(i)):
+            top = max(int(d.ids.max(initial=0)), int(d.next_set.max(initial=0)) if d.has_next else 0)
+            if top >= vocab:
+                raise ValueError(f"{shards.url(i)}: document {d.key} has token id {top} >= the model's "
+                                 f"base vocabulary {vocab}: shards of another tokenizer")
+            yield d
+
+
+@dataclass
+class Workload:
+    name: str
+    docs: list  # shards.Doc, the step's documents in arrival order
+    packed: list  # micro-batches (PackedBatch) of packed rows: ours
+    padded: list  # micro-batches of one document per row, each padded to its longest: the baseline
+
+
+def make_workload(name: str, stream, prompt, seq_len: int, rows: int, micro_batch: int,
+                  buffer: int = 64) -> Workload:
+    """The step's documents: those of the first `rows` rows the real packer makes from the stream
+    (look-ahead buffer of `buffer` documents, as the loader's default). Both layouts are split
+    into the same number of micro-batches."""
+    packer, packed_rows, order = Packer(seq_len, prompt.overhead, capacity=buffer), [], {}
+    while len(packed_rows) < rows:
+        while not packer.full:
+            d = next(stream, None)
+            if d is None:
+                break
+            order[d.key] = len(order)
+            packer.add(d)
+        if not len(packer):
+            raise ValueError(f"{name}: the documents ran out after {len(packed_rows)} of {rows} rows")
+        packed_rows.append(packer.pop_row())
+    drop = (0, 1, 2)  # released: ids <= 2 are not BoW targets
+    packed = [build_batch(packed_rows[i:i + micro_batch], prompt, seq_len, 0, drop)
+              for i in range(0, rows, micro_batch)]
+    docs = sorted((d for row in packed_rows for d in row), key=lambda d: order[d.key])
+    per = math.ceil(len(docs) / len(packed))  # the baseline: the same documents in as many passes
+    max_text = seq_len - prompt.overhead
+    padded = []
+    for i in range(0, len(docs), per):
+        group = docs[i:i + per]
+        longest = max(min(len(d.ids), max_text) for d in group) + prompt.overhead
+        padded.append(build_batch([[d] for d in group], prompt, longest, 0, drop))
+    if len(padded) != len(packed):
+        raise AssertionError(f"{name}: {len(padded)} baseline micro-batches for {len(packed)} packed ones")
+    return Workload(name, docs, packed, padded)
+
+
+def baseline_loss_sums(model, batch, preset) -> dict:
+    """The released LLaRA loss, plainly: full-vocabulary fp32 logits at every position.
+
+    logits = fp32 lm_head(h) [B, L, V];  lm = sum of cross-entropy at the text's next-token
+    positions;  BoW: max over each task's 8 embedding positions' logits, log-softmax, minus the
+    mean log-probability of the document's target ids (EBAE: its own text's unique ids > 2,
+    EBAR: the next chunk's; the set mean is objective's). Sums over the micro-batch;
+    objective.combine divides by the global counts (released: (mean EBAE + mean EBAR) / 2 / 10
+    + mean LM). Two departures from FlagEmbedding research/LLARA/pretrain/modeling.py, both of which
+    can only make the baseline faster: its per-document Python loop (torch.unique per document)
+    is vectorised here, and its additive float mask is the same dense mask in bool.
+    """
+    mask = kernels.prepare("sdpa", batch.doc, batch.segment)  # [B, 1, L, L] bool
+    out = model(input_ids=batch.input_ids, position_ids=batch.position, llara_mask=mask, use_cache=False)
+    logits = out.logits.float()  # [B, L, V]
+    V = logits.shape[-1]
+    targets = torch.full_like(batch.input_ids, -100)  # [B, L]
+    where = lm_targets(batch)  # position i predicts token i + 1
+    targets[:, :-1][where[:, :-1]] = batch.input_ids[:, 1:][where[:, :-1]]
+    lm = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    flat = logits.reshape(-1, V)
+    sums = {"lm": lm}
+    for term, emb, ids, offsets, use in (
+            ("ebae", batch.self_emb, batch.ebae_ids, batch.ebae_offsets, torch.ones_like(batch.has_next)),
+            ("ebar", batch.next_emb, batch.ebar_ids, batch.ebar_offsets, batch.has_next)):
+        logp = torch.log_softmax(flat[emb].amax(1), -1)  # [D, k, V] -> max over k -> [D, V]
+        # sum over documents of -mean log p[target set] (an empty set counts 0)
+        sums[term] = logits.sum() * 0.0 + _set_nll_sum(logp, ids, offsets, use.to(logp.dtype))
+    return sums
+
+
+def objectives():
+    """config name -> an objective module for train.train_step (TERMS, batch_counts, loss_sums, combine)."""
+    baseline = SimpleNamespace(TERMS=objective.TERMS, batch_counts=objective.batch_counts,
+                               combine=objective.combine, loss_sums=baseline_loss_sums)
+    return {"baseline": baseline, "ours": objective}
+
+
+def eval_loss(engine, micro: list, preset, objective) -> float:
+    """The step's loss without a backward: what train_step would report."""
+    counts = {t: 0 for t in objective.TERMS}
+    for b in micro:
+        for t, c in objective.batch_counts(b, preset).items():
+            counts[t] += c
+    with torch.no_grad():
+        return sum(float(objective.combine(objective.loss_sums(engine, b.to(engine.device), preset),
+                                           counts, preset)[0]) for b in micro)
+
+
+def measure_matmul_peak(device, dtype) -> float:
+    """FLOP/s of a large square matmul on the device (bf16 8192^3 on GPU, 1024^3 on CPU)."""
+    n, iters = (8192, 20) if device.type == "cuda" else (1024, 5)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - t)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def docs_hash(batches: list) -> str:
+    keys = sorted(k for b in batches for k in b.keys)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def run_config(engine, name: str, path: str, micro: list, preset, objective, args, device,
+               profile: Path | None = None) -> dict:
+    """Warm-up steps, then --steps timed optimizer steps over the same micro-batches."""
+    set_attention(engine, path, device)
+    for _ in range(args.warmup):
+        train_step(engine, micro, preset, 1, objective)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        result = train_step(engine, micro, preset, 1, objective)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    if profile:
+        profile_step(engine, micro, preset, objective, device, profile)
+    step_s = statistics.median(times)
+    text = sum(b.text_tokens() for b in micro)
+    real = sum(b.real_tokens() for b in micro)
+    return {
+        "config": name, "path": path, "micro_batches": len(micro), "rows": sum(b.rows for b in micro),
+        "docs": sum(b.num_docs for b in micro), "docs_hash": docs_hash(micro), "text_tokens": text,
+        "real_tokens": real, "slots": sum(b.input_ids.numel() for b in micro),
+        "pairs": sum(attention_pairs(b) for b in micro), "step_s": step_s, "step_s_all": times,
+        "text_tokens_per_s": text / step_s, "docs_per_s": sum(b.num_docs for b in micro) / step_s,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
+        "loss": result["loss"],
+    }
+
+
+def profile_step(engine, micro, preset, objective, device, path: Path) -> None:
+    """One more step under torch.profiler; the top operators by self time to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        train_step(engine, micro, preset, 1, objective)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
+
+
+def build(args, device, dtype, n_micro: int, vocab: int):
+    """One ZeRO-3 engine (world 1) over a random-init LLaMA of the chosen shape, for every configuration."""
+    init_distributed(dist_env())
+    shape = SHAPES[args.shape]
+    train = TrainConfig(global_batch=args.micro_batch * n_micro, micro_batch=args.micro_batch, lr=1e-5,
+                        warmup_steps=0, decay="constant", activation_checkpointing=args.activation_checkpointing)
+    ds = deepspeed_config(train, BatchPlan(train.global_batch, args.micro_batch, n_micro, 1), dtype)
+    if device.type == "cuda":  # torch's fused AdamW: no JIT build of DeepSpeed's kernel on a bare image
+        ds["optimizer"]["params"].update(torch_adam=True, fused=True)
+    config = tiny_llama_config(vocab + NEW_TOKENS, hidden=shape["hidden"], layers=args.layers or shape["layers"],
+                               heads=shape["heads"], intermediate=shape["intermediate"],
+                               max_positions=max(args.seq_len, 1024))
+    torch.manual_seed(args.seed)
+    with zero3_loading(ds):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return build_engine(model, train, ds)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the shape's default, 2)")
+    p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="", help="bf16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--rows", type=int, default=0, help="packed rows of documents per optimizer step "
+                   "(0: 32, tiny shape 8)")
+    p.add_argument("--micro-batch", type=int, default=0, help="packed rows per micro-batch (0: 8, tiny shape 4)")
+    p.add_argument("--docs", nargs="+", choices=sorted(DOC_LENGTHS), default=["dpr", "chunks"])
+    p.add_argument("--shards", default="", help="real shards (a prep output folder) instead of --docs")
+    p.add_argument("--paths", nargs="+", default=[], help="our attention paths (default: all that train here)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration (compiles)")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per configuration (0: 3, tiny shape 2)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more step of each configuration of the first workload (profile-*.txt)")
+    p.add_argument("--loss-rtol", type=float, default=0.0, help="loss agreement bound (0: 1e-4 fp32, 2e-2 bf16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_out")
+    args = p.parse_args(argv)
+    tiny = args.shape == "tiny"
+    args.rows = args.rows or (8 if tiny else 32)
+    args.micro_batch = args.micro_batch or (4 if tiny else 8)
+    args.steps = args.steps or (2 if tiny else 3)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    paths = args.paths or [p for p in kernels.PATHS if kernels.why_unavailable(p, device, True, dtype) is None]
+    for path in paths:
+        kernels.check_path(path, device, backward=True, dtype=dtype)
+    preset = PRESETS["released"]
+    vocab = SHAPES[args.shape]["vocab"]
+    prompt = released_prompt(vocab)
+    if args.shards:
+        streams = {"shards": shard_docs(args.shards, vocab)}
+    else:
+        streams = {kind: drawn_docs(kind, vocab, args.seed) for kind in args.docs}
+    loads = [make_workload(name, stream, prompt, args.seq_len, args.rows, args.micro_batch)
+             for name, stream in streams.items()]
+    n_micro = len(loads[0].packed)  # ceil(rows / micro_batch) for every workload
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    engine = build(args, device, dtype, n_micro, vocab)
+    hf_config = engine.module.config
+    matmul_peak = measure_matmul_peak(device, dtype)
+    table_peak = peak_flops()
+    objs = objectives()
+    configs = [("baseline", "sdpa", "padded", objs["baseline"])]
+    configs += [(path, path, "packed", objs["ours"]) for path in paths]
+    rtol = args.loss_rtol or (1e-4 if dtype == torch.float32 else 2e-2)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = {"device": name, "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
+              "shape": {**SHAPES[args.shape], "layers": hf_config.num_hidden_layers, "vocab": hf_config.vocab_size},
+              "seq_len": args.seq_len, "micro_batch": args.micro_batch, "micro_batches": n_micro,
+              "warmup": args.warmup, "steps": args.steps, "matmul_peak_tflops": matmul_peak / 1e12,
+              "table_peak_tflops": table_peak / 1e12 if table_peak else None,
+              "activation_checkpointing": args.activation_checkpointing, "workloads": []}
+
+    failed = False
+    for i, w in enumerate(loads):
+        starts = start_losses(engine, w, configs, preset, device, rtol)
+        results = []
+        for cname, path, layout, obj in configs:
+            prof = out / f"profile-{w.name}-{cname}.txt" if args.profile and i == 0 else None
+            try:
+                if isinstance(starts[cname], str):
+                    raise RuntimeError(starts[cname])
+                r = run_config(engine, cname, path, getattr(w, layout), preset, obj, args, device, prof)
+            except Exception as e:  # noqa: BLE001 - one failing path must not lose the others' figures
+                traceback.print_exc()
+                failed = True
+                results.append({"config": cname, "path": path, "error": f"{type(e).__name__}: {e}"})
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            r["loss_at_start"] = starts[cname]
+            results.append(r)
+            print(f"{w.name} {cname}: {r['step_s']:.3f} s/step", file=sys.stderr, flush=True)
+        finish(results, w.name, hf_config, table_peak, matmul_peak)
+        report["workloads"].append({"docs": w.name, "documents": len(w.docs), "results": results})
+        # written after each workload: a run cut short keeps what it measured
+        (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "bench.md").write_text(markdown(report))
+    print(markdown(report))
+    return 1 if failed else 0
+
+
+def start_losses(engine, w: Workload, configs: list, preset, device, rtol: float) -> dict:
+    """Each configuration's loss on the step's documents at the same (starting) weights; they must agree.
+
+    A configuration that fails here gets its error message instead of a loss."""
+    losses = {}
+    for cname, path, layout, obj in configs:
+        try:
+            set_attention(engine, path, device)
+            losses[cname] = eval_loss(engine, getattr(w, layout), preset, obj)
+        except Exception as e:  # noqa: BLE001 - reported per configuration
+            traceback.print_exc()
+            losses[cname] = f"{type(e).__name__}: {e}"
+    ref = losses["baseline"]
+    if isinstance(ref, str):
+        raise RuntimeError(f"{w.name}: the baseline failed: {ref}")
+    bad = {c: v for c, v in losses.items() if not isinstance(v, str) and not abs(v - ref) <= rtol * abs(ref)}
+    if bad:
+        raise RuntimeError(f"{w.name}: the configurations disagree on the same documents' loss at the same "
+                           f"weights: baseline {ref:.6f}, {bad} (rtol {rtol})")
+    return losses
+
+
+def finish(results: list, name: str, hf_config, table_peak: float | None, matmul_peak: float) -> None:
+    """Check that every configuration did the baseline's work; add FLOPs, MFU, speed-up and fill."""
+    base = results[0]
+    same = ("docs_hash", "text_tokens", "real_tokens", "pairs")
+    for r in results:
+        if "error" in r:
+            continue
+        if any(r[k] != base[k] for k in same):
+            raise AssertionError(f"{name}: {r['config']} did not process the baseline's documents: "
+                                 f"{ {k: r[k] for k in same} } vs { {k: base[k] for k in same} }")
+        r["flops"] = train_flops(hf_config, r["real_tokens"], r["pairs"])
+        r["mfu_table"] = r["flops"] / r["step_s"] / table_peak if table_peak else None
+        r["mfu_measured"] = r["flops"] / r["step_s"] / matmul_peak
+        r["speedup"] = base["step_s"] / r["step_s"]
+        r["fill"] = r["real_tokens"] / r["slots"]
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown table, one row per (documents, configuration), and the targets."""
+    pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
+    lines = [f"{report['device']}, torch {report['torch']}, {report['dtype']}, "
+             f"{report['shape']['layers']} layers of hidden {report['shape']['hidden']} "
+             f"(vocab {report['shape']['vocab']}), rows of {report['seq_len']}, {report['micro_batches']} "
+             f"micro-batches of {report['micro_batch']} packed rows per step, median of {report['steps']} "
+             f"steps; matmul peak measured {report['matmul_peak_tflops']:.1f} TFLOP/s", "",
+             "| docs | config | step s | text tok/s | docs/s | x baseline | fill | peak GiB | MFU (table peak) "
+             "| MFU (measured peak) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for w in report["workloads"]:
+        for r in w["results"]:
+            if "error" in r:
+                lines.append(f"| {w['docs']} | {r['config']} | failed: {r['error'][:80]} |||||||| ")
+                continue
+            mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
+            lines.append(f"| {w['docs']} ({r['docs']}) | {r['config']} | {r['step_s']:.3f} | "
+                         f"{r['text_tokens_per_s']:,.0f} | {r['docs_per_s']:,.1f} | {r['speedup']:.2f} | "
+                         f"{r['fill']:.2f} | {mem} | {pct(r['mfu_table'])} | {pct(r['mfu_measured'])} |")
+    lines.append("")
+    for w in report["workloads"]:
+        by = {r["config"]: r for r in w["results"] if "error" not in r}
+        ours = [r for r in by.values() if r["config"] not in ("baseline", "two-pass")]
+        if not ours:
+            continue
+        best = max(ours, key=lambda r: r["text_tokens_per_s"])
+        line = f"- {w['docs']}: best path {best['config']} {best['speedup']:.2f}x the baseline"
+        if w["docs"] in TARGETS:
+            line += f" (target >= {TARGETS[w['docs']]:g})"
+        if "two-pass" in by:
+            line += f"; joint prompt {by['two-pass']['step_s'] / best['step_s']:.2f}x two-pass (target >= 1.6)"
+        if best["mfu_table"] is not None:
+            line += f"; MFU {best['mfu_table']:.1%} (target >= 50%)"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""Train LLaRA (EBAE + EBAR) with DeepSpeed ZeRO-3: `llara-dist train --config FILE [key=value ...]`.
+
+    # tiny CPU run, one process (fp32, gloo)
+    DS_ACCELERATOR=cpu llara-dist train --config run.yaml model.path=tiny data.shards=shards \\
+        train.global_batch=8 train.micro_batch=2 data.seq_len=128 train.steps=20
+    # one node, 8 GPUs
+    deepspeed --num_gpus 8 -m llara_dist train --config run.yaml
+    torchrun --nproc-per-node 8 -m llara_dist train --config run.yaml
+    # many nodes: launch/ (sbatch + srun, one task per GPU; or one deepspeed launcher per node)
+
+Ranks come from whichever launcher started the process (engine.dist_env). The global
+batch (rows per optimizer step) is split into micro_batch x grad_accum x world; a split
+that does not divide is refused before any heavy work. The step loss is the exact mean
+over all documents of the global batch: the objective's counts are all-reduced before
+the step's backward passes.
+
+Starting in a run folder that holds a checkpoint resumes from `latest`. SIGTERM or
+SIGUSR1 make every rank save at the next step boundary and exit with status 42
+(preempt.PREEMPTED_EXIT: "checkpoint saved, requeue me"). Exit 2: refused configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llara_dist.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from llara_dist.engine import BatchPlan, batch_plan, dist_env
+
+REFUSED_EXIT = 2
+
+
+def configure(parser) -> None:
+    parser.add_argument("--config", help="run config YAML (RunConfig); key=value overrides follow")
+    parser.add_argument("--ledger", action="store_true",
+                        help="record the document keys each rank consumed at each step (ledger-rankN.jsonl)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=2e-5")
+
+
+def run(args) -> int:
+    try:
+        cfg = load_config(RunConfig, args.config, args.overrides)
+        if args.ledger:
+            cfg.train.ledger = True
+        env = dist_env()
+        plan = batch_plan(cfg.train.global_batch, cfg.train.micro_batch, env.world)
+        tokenizer_path(cfg)
+        check_resume(cfg, plan)
+    except (ConfigError, ValueError, RuntimeError) as e:
+        print(f"llara-dist train: {e}", file=sys.stderr)
+        return REFUSED_EXIT
+    from llara_dist.engine import init_distributed
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed's ZeRO-3 calls torch.distributed functions that torch marks deprecated, once per call
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
+    init_distributed(env, cfg.train.collective_timeout_s)
+    return Trainer(cfg, env.rank, plan).fit()
+
+
+def checkpoints(cfg: RunConfig, rank: int = 0):
+    from llara_dist.checkpoint import CheckpointManager
+
+    return CheckpointManager(Path(cfg.run_dir) / "checkpoints", cfg.train.keep_checkpoints, rank)
+
+
+def check_resume(cfg: RunConfig, plan: BatchPlan) -> None:
+    """Refuse to resume a checkpoint written with another world size or global batch."""
+    manager = checkpoints(cfg)
+    tag = manager.latest()
+    if tag is None:
+        return
+    saved = manager.read_loop_state(tag, rank=0)["plan"]
+    if (saved["world"], saved["global_batch"]) != (plan.world, plan.global_batch):
+        raise ValueError(
+            f"{manager.folder / tag}: written by {saved['world']} rank(s) with global batch "
+            f"{saved['global_batch']} (micro_batch {saved['micro_batch']} x grad_accum {saved['grad_accum']} "
+            f"x world {saved['world']}); this start has {plan.world} rank(s) and global batch "
+            f"{plan.global_batch}. Resuming would change the data split and the per-step batch, so it is "
+            f"refused: start {saved['world']} rank(s) with train.global_batch={saved['global_batch']}, "
+            f"or use a new run_dir")
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # real tokens consumed, all ranks
+    docs: int = 0  # documents consumed, all ranks
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, rank: int, plan: BatchPlan):
+        self.cfg, self.rank, self.plan = cfg, rank, plan
+        self.run_dir = Path(cfg.run_dir)
+
+    def fit(self) -> int:
+        from llara_dist import objective
+        from llara_dist.checkpoint import rng_state
+        from llara_dist.data.loader import PackedLoader
+        from llara_dist.engine import build_engine, deepspeed_config, zero3_loading
+        from llara_dist.metrics import MetricsLog, StepTimer, peak_flops, train_flops
+        from llara_dist.modeling import default_device, load_model, resolve_dtype
+        from llara_dist.preempt import PREEMPTED_EXIT, Preemption
+        from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
+        from llara_dist.tokenizer import load_tokenizer
+
+        cfg, plan, rank = self.cfg, self.plan, self.rank
+        preemption = Preemption()  # before the slow start: a signal during loading is not lost
+        seed_everything(cfg.train.seed)
+        preset = resolve_preset(cfg.objective)
+        tokenizer = load_tokenizer(tokenizer_path(cfg))
+        add_special_tokens(tokenizer, preset)
+        prompt = prompt_tokens(tokenizer, preset)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # the data first: a bad shard folder fails before the model loads
+        loader = PackedLoader(cfg.data, prompt, micro_batch=plan.micro_batch, rank=rank, world=plan.world,
+                              pad_id=pad_id, drop_ids=tuple(sorted(set(tokenizer.all_special_ids))))
+        ds_config = deepspeed_config(cfg.train, plan, resolve_dtype(cfg.model.dtype, default_device()))
+        with zero3_loading(ds_config):
+            model = load_model(cfg.model, tokenizer, preset)  # resized for the preset's tokens
+        engine = build_engine(model, cfg.train, ds_config)
+
+        manager = checkpoints(cfg, rank)
+        state = LoopState()
+        tag = manager.latest()
+        if tag is not None:
+            saved = manager.load(engine, tag)
+            state = LoopState(**saved["loop"])
+            loader.load_state_dict(saved["data"])
+            if rank == 0:
+                print(f"resumed from {manager.folder / tag} at step {state.step}", file=sys.stderr)
+        if rank == 0:
+            self._describe_run(tokenizer, loader.shards.fingerprint)
+        ledger = self._open_ledger(state.step) if cfg.train.ledger else None
+        log = MetricsLog(self.run_dir, cfg.train.steps, enabled=rank == 0, resume_step=state.step)
+        peak = peak_flops(cfg.train.peak_tflops)
+        hf_config = engine.module.config
+
+        def save() -> None:
+            loop = {"loop": vars(state), "data": loader.state_dict(), "rng": rng_state(),
+                    "plan": vars(plan), "config": to_dict(cfg)}
+            manager.save(engine, state.step, loop)
+
+        saved_step = state.step if tag is not None else -1
+        batches = iter(loader)
+        timer = StepTimer()
+        try:
+            while state.step < cfg.train.steps:
+                if preemption.should_stop(engine.device):
+                    if saved_step != state.step:
+                        save()
+                    if rank == 0:
+                        print(f"{preemption.signal_name or 'a signal on another rank'}: saved step "
+                              f"{state.step}, exiting with {PREEMPTED_EXIT} (requeue to resume)", file=sys.stderr)
+                    return PREEMPTED_EXIT
+                micro = [next(batches) for _ in range(plan.grad_accum)]
+                lr = engine.get_lr()[0]
+                result = train_step(engine, micro, preset, plan.world, objective)
+                state.step += 1
+                state.tokens += int(result["real_tokens"])
+                state.docs += int(result["docs"])
+                dt = timer.lap()
+                flops = train_flops(hf_config, int(result["real_tokens"]), int(result["pairs"]))
+                log.log({"step": state.step, "loss": result["loss"], "ebae": result["ebae"],
+                         "ebar": result["ebar"], "lm": result["lm"], "lr": lr,
+                         "grad_norm": float(engine.get_global_grad_norm() or 0.0), "docs": int(result["docs"]),
+                         "real_tokens": int(result["real_tokens"]), "fill": result["real_tokens"] / result["slots"],
+                         "tokens_per_s": result["real_tokens"] / dt,
+                         "mfu": flops / (dt * plan.world * peak) if peak else None,
+                         "tokens_total": state.tokens, "docs_total": state.docs, "step_s": dt})
+                if ledger is not None:
+                    ledger.write(json.dumps({"step": state.step, "rank": rank,
+                                             "keys": [k for b in micro for k in b.keys]}) + "\n")
+                    ledger.flush()
+                if state.step % cfg.train.ckpt_every == 0 or state.step == cfg.train.steps:
+                    save()
+                    saved_step = state.step
+        finally:
+            preemption.ignore_from_now()
+            log.close()
+            if ledger is not None:
+                ledger.close()
+        return 0
+
+    def _describe_run(self, tokenizer, manifest_fingerprint: str) -> None:
+        """Make the run folder self-describing: resolved config, tokenizer, data identity."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        tokenizer.save_pretrained(self.run_dir / "tokenizer")
+        info = {"plan": vars(self.plan), "manifest_fingerprint": manifest_fingerprint,
+                "data": self.cfg.data.shards, "model": self.cfg.model.path}
+        (self.run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+
+    def _open_ledger(self, resume_step: int):
+        from llara_dist.metrics import truncate_after
+
+        path = self.run_dir / f"ledger-rank{self.rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_after(path, resume_step)  # steps after the checkpoint are redone
+        return open(path, "a")
+
+
+def train_step(engine, micro_batches: list, preset, world: int, objective) -> dict:
+    """One optimizer step over this rank's micro-batches; returns the step's global numbers.
+
+    The counts of all micro-batches of all ranks are all-reduced first, so that each
+    micro-batch's combine() is its exact share of the global mean. DeepSpeed would divide
+    each backward by grad_accum (switched off: scale_wrt_gas=False) and averages gradients
+    over the data-parallel ranks (undone: x world), so the accumulated gradient is that of
+    the global mean loss, however the documents are spread.
+    """
+    from llara_dist.engine import all_reduce_sum
+    from llara_dist.metrics import attention_pairs
+
+    terms = objective.TERMS
+    local = [0.0] * len(terms)
+    for b in micro_batches:
+        c = objective.batch_counts(b, preset)
+        local = [x + c[t] for x, t in zip(local, terms)]
+    counts = dict(zip(terms, (int(x) for x in all_reduce_sum(local, engine.device))))
+    loss_sum, part_sums = 0.0, [0.0] * len(terms)
+    for b in micro_batches:
+        sums = objective.loss_sums(engine, b.to(engine.device), preset)
+        loss, parts = objective.combine(sums, counts, preset)
+        engine.backward(loss * world, scale_wrt_gas=False)
+        engine.step()  # the optimizer steps at the last micro-batch only
+        loss_sum += float(loss.detach())
+        part_sums = [x + parts[t] for x, t in zip(part_sums, terms)]
+    stats = [sum(b.num_docs for b in micro_batches), sum(b.real_tokens() for b in micro_batches),
+             sum(b.input_ids.numel() for b in micro_batches), sum(attention_pairs(b) for b in micro_batches)]
+    total = all_reduce_sum([loss_sum, *part_sums, *stats], engine.device)
+    out = {"loss": total[0], **dict(zip(terms, total[1:1 + len(terms)]))}
+    out.update(zip(("docs", "real_tokens", "slots", "pairs"), total[1 + len(terms):]))
+    out["counts"] = counts
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def tokenizer_path(cfg: RunConfig) -> str:
+    """The tokenizer: train.tokenizer, else the model folder, else the one the manifest names."""
+    from llara_dist.data.shards import read_manifest
+
+    candidates = [cfg.train.tokenizer, cfg.model.path]
+    if cfg.data.shards:
+        try:
+            candidates.append(read_manifest(cfg.data.shards).get("tokenizer", {}).get("name_or_path", ""))
+        except (FileNotFoundError, ValueError):
+            pass
+    for c in candidates:
+        if c and Path(c).is_dir() and any((Path(c) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            return c
+    raise ValueError(f"no tokenizer found: set train.tokenizer (looked in {', '.join(filter(None, candidates))})")
+

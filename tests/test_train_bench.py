@@ -1,0 +1,112 @@
+"""bench/train_bench.py on CPU: its workloads, and one whole run of a tiny shape through the real engine.
+
+The FLOP counter itself is checked by hand in test_train_units.py; here the report must use it
+with the benchmarked model's shape (hand count below) and every configuration must have
+processed the same documents.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_bench", ROOT / "bench" / "train_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks the module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_drawn_documents_form_articles(bench):
+    docs = [d for _, d in zip(range(20), bench.drawn_docs("dpr", vocab=500, seed=3))]
+    per = bench.CHUNKS_PER_ARTICLE
+    for i, d in enumerate(docs):
+        assert d.key == f"dpr/a{i // per}/c{i % per}"
+        assert 40 <= len(d.ids) <= 400 and d.ids.min() >= 3 and d.ids.max() < 500
+        if (i + 1) % per == 0:
+            assert d.next_set is None  # an article's last chunk
+        elif i + 1 < len(docs):
+            assert np.array_equal(d.next_set, np.unique(docs[i + 1].ids))
+
+
+def test_workload_layouts_hold_the_same_documents(bench):
+    prompt = bench.released_prompt(500)
+    assert (len(prompt.prefix), len(prompt.self_suffix), len(prompt.next_suffix)) == (2, 19, 18)
+    w = bench.make_workload("chunks", bench.drawn_docs("chunks", 500, 0), prompt, seq_len=512, rows=5, micro_batch=2)
+    assert [b.rows for b in w.packed] == [2, 2, 1]
+    assert len(w.padded) == len(w.packed)
+    keys = sorted(d.key for d in w.docs)
+    assert sorted(k for b in w.packed for k in b.keys) == keys == sorted(k for b in w.padded for k in b.keys)
+    assert bench.docs_hash(w.packed) == bench.docs_hash(w.padded)
+    for b in w.padded:  # one document per row, the row as long as the micro-batch's longest document
+        assert b.rows == b.num_docs
+        assert b.input_ids.shape[1] == int((b.text_len + b.self_len + b.next_len).max())
+    assert sum(b.text_tokens() for b in w.packed) == sum(b.text_tokens() for b in w.padded)
+
+
+def test_tiny_run_reports_equal_work(tmp_path):
+    out = tmp_path / "bench"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "bench" / "train_bench.py"), "--shape", "tiny", "--device", "cpu",
+           "--seq-len", "256", "--rows", "4", "--micro-batch", "2", "--warmup", "0", "--steps", "1",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["device"] == "cpu" and report["table_peak_tflops"] is None and report["matmul_peak_tflops"] > 0
+    assert report["micro_batches"] == 2
+    assert [w["docs"] for w in report["workloads"]] == ["dpr", "chunks"]
+    # tiny shape by hand: per layer q, k, v, o 4 x 128^2 + MLP 3 x 128 x 344; LM head 128 x (2000 + 16)
+    n = 2 * (4 * 128 * 128 + 3 * 128 * 344) + 128 * 2016
+    for w in report["workloads"]:
+        rows = {r["config"]: r for r in w["results"]}
+        assert list(rows) == ["baseline", "sdpa", "two-pass"]  # flex/varlen cannot train on CPU
+        base = rows["baseline"]
+        assert base["rows"] == base["docs"] == w["documents"]  # one document per sequence
+        assert rows["sdpa"]["rows"] == 4 and rows["sdpa"]["micro_batches"] == base["micro_batches"] == 2
+        for r in rows.values():
+            same = ("docs", "docs_hash", "text_tokens", "real_tokens", "pairs")
+            assert {k: r[k] for k in same} == {k: base[k] for k in same}, r["config"]
+            assert abs(r["loss_at_start"] - base["loss_at_start"]) <= 1e-4 * abs(base["loss_at_start"])
+            assert r["flops"] == 6 * n * r["real_tokens"] + 3 * 4 * 128 * 2 * r["pairs"]
+            assert r["step_s"] > 0 and r["text_tokens_per_s"] == pytest.approx(r["text_tokens"] / r["step_s"])
+            assert r["mfu_measured"] == pytest.approx(r["flops"] / r["step_s"] / (report["matmul_peak_tflops"] * 1e12))
+            assert r["speedup"] == pytest.approx(base["step_s"] / r["step_s"])
+            assert r["mfu_table"] is None and r["peak_mem_gib"] is None
+        assert rows["sdpa"]["slots"] == 4 * 256 and rows["sdpa"]["fill"] > base["fill"] * 0.5
+    md = (out / "bench.md").read_text().splitlines()
+    table = [ln for ln in md if ln.startswith("| dpr") or ln.startswith("| chunks")]
+    assert len(table) == 6 and all(ln.count("|") == 11 for ln in table)
+    assert sum(ln.startswith("- ") and "x the baseline" in ln for ln in md) == 2
+
+
+def test_markdown_keeps_a_failed_configuration_and_the_others(bench):
+    ok = dict(docs=40, step_s=2.0, text_tokens_per_s=100.0, docs_per_s=20.0, speedup=1.0, fill=0.8,
+              peak_mem_gib=10.0, mfu_table=0.1, mfu_measured=0.2)
+    report = {"device": "H100", "torch": "2", "dtype": "bfloat16", "seq_len": 1024, "micro_batches": 4,
+              "micro_batch": 8, "steps": 3, "matmul_peak_tflops": 800.0,
+              "shape": {"layers": 2, "hidden": 4096, "vocab": 32016},
+              "workloads": [{"docs": "dpr", "results": [
+                  {**ok, "config": "baseline"},
+                  {"config": "flex", "path": "flex", "error": "RuntimeError: out of memory"},
+                  {**ok, "config": "sdpa", "step_s": 0.5, "text_tokens_per_s": 400.0, "speedup": 4.0,
+                   "mfu_table": 0.4},
+                  {**ok, "config": "two-pass", "step_s": 1.0, "speedup": 2.0}]}]}
+    md = bench.markdown(report)
+    assert "| dpr | flex | failed: RuntimeError: out of memory |" in md
+    assert "| dpr (40) | sdpa | 0.500 | 400 | 20.0 | 4.00 | 0.80 | 10.0 | 40.0% | 20.0% |" in md
+    assert "- dpr: best path sdpa 4.00x the baseline (target >= 4); joint prompt 2.00x two-pass " \
+           "(target >= 1.6); MFU 40.0% (target >= 50%)" in md
