@@ -16,9 +16,11 @@ COMMANDS = {
     "bench-data": ("llara_dist.data.bench", "measure shard-to-packed-row throughput and fill"),
     "demo": ("llara_dist.demo", "run the whole pipeline on an embedded tiny default (CPU)"),
     "train": ("llara_dist.train", "train with DeepSpeed ZeRO-3 (resumes from the run folder's latest checkpoint)"),
+    "finetune": ("llara_dist.finetune", "contrastive fine-tuning (query/passage groups, LoRA) on the trainer's machinery"),
     "doctor": ("llara_dist.doctor", "check the attention kernel paths' parity on this machine (table, exit 1 on failure)"),
     "export": ("llara_dist.export", "write a Hugging Face model folder from a run's checkpoint"),
     "encode": ("llara_dist.encode", "embed passages or queries with an exported model into a .npy file"),
+    "make-beir": ("llara_dist.data.beir", "turn fine-tuning JSON lines into a small BEIR-layout retrieval set"),
     "eval": ("llara_dist.evaluate", "retrieval metrics of an exported model on a BEIR-layout folder"),
 }
 

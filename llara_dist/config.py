@@ -333,3 +333,56 @@ class RunConfig:
     objective: ObjectiveConfig = opt(ObjectiveConfig(), "prompts and loss")
     model: ModelConfig = opt(ModelConfig(), "model")
     train: TrainConfig = opt(TrainConfig(), "optimisation")
+
+
+@dataclass
+class FinetuneConfig:
+    """The contrastive fine-tuning stage (RepLLaMA-style; defaults of FlagEmbedding's LLARA finetune recipe)."""
+
+    data: str = opt("", "training data: JSON lines {\"query\": str, \"pos\": [str, ...], \"neg\": [str, ...]}")
+    group_size: int = opt(8, "passages per query: 1 positive + group_size - 1 hard negatives")
+    temperature: float = opt(0.01, "scores are cosine / temperature")
+    query_max_len: int = opt(32, "query text tokens kept (the prompt comes on top)")
+    passage_max_len: int = opt(128, "passage text tokens kept (the prompt comes on top)")
+    cross_device: bool = opt(True, "score each query against the passages of all ranks, not only its own rank's")
+    seed: int = opt(0, "seed of the example order and of the negative sampling; the epoch is mixed in")
+    lora_r: int = opt(64, "LoRA rank (0: train all weights)")
+    lora_alpha: float = opt(16.0, "LoRA alpha")
+    lora_dropout: float = opt(0.1, "LoRA dropout")
+    lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                  "module names LoRA adapts")
+
+    def check(self) -> list[str]:
+        if any(isinstance(getattr(self, n), str) for n in ("group_size", "temperature", "query_max_len",
+                                                           "passage_max_len", "seed", "lora_r", "lora_dropout")):
+            return []  # a value of the wrong type is already reported
+        out = []
+        if not self.data:
+            out.append("data: set the training JSON lines file")
+        for name in ("group_size", "query_max_len", "passage_max_len"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}: must be >= 1")
+        if self.temperature <= 0:
+            out.append(f"temperature: {self.temperature} must be > 0")
+        if self.seed < 0 or self.lora_r < 0:
+            out.append("seed and lora_r must be >= 0")
+        if not 0 <= self.lora_dropout < 1:
+            out.append(f"lora_dropout: {self.lora_dropout} is not in [0, 1)")
+        return out
+
+
+@dataclass
+class FinetuneRunConfig:
+    """A fine-tuning run: the trainer's sections plus `finetune` (data, loss, LoRA) instead of `data`."""
+
+    run_dir: str = opt("runs/llara-finetune", "run folder: config, metrics, checkpoints")
+    objective: ObjectiveConfig = opt(ObjectiveConfig(), "prompts and pooling (the loss terms are not used)")
+    model: ModelConfig = opt(ModelConfig(), "model (an exported LLaRA folder, see llara-dist export)")
+    train: TrainConfig = opt(TrainConfig(), "optimisation; global_batch and micro_batch count queries "
+                                            "(the released recipe: lr 3e-4)")
+    finetune: FinetuneConfig = opt(FinetuneConfig(), "data, contrastive loss, LoRA")
+
+    def check(self) -> list[str]:
+        if isinstance(self.train.lora_r, int) and self.train.lora_r:
+            return ["train.lora_r: fine-tuning takes its LoRA settings from finetune.lora_* (leave train.lora_r 0)"]
+        return []

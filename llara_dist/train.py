@@ -45,8 +45,13 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
+    return start(args, RunConfig, Pretrain, "train")
+
+
+def start(args, config_cls, task_cls, command: str) -> int:
+    """Shared by `train` and `finetune`: load and check the config, join the ranks, fit the task."""
     try:
-        cfg = load_config(RunConfig, args.config, args.overrides)
+        cfg = load_config(config_cls, args.config, args.overrides)
         if args.ledger:
             cfg.train.ledger = True
         env = dist_env()
@@ -54,7 +59,7 @@ def run(args) -> int:
         tokenizer_path(cfg)
         check_resume(cfg, plan)
     except (ConfigError, ValueError, RuntimeError) as e:
-        print(f"llara-dist train: {e}", file=sys.stderr)
+        print(f"llara-dist {command}: {e}", file=sys.stderr)
         return REFUSED_EXIT
     from llara_dist.engine import init_distributed
 
@@ -62,7 +67,7 @@ def run(args) -> int:
     # DeepSpeed's ZeRO-3 calls torch.distributed functions that torch marks deprecated, once per call
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
     init_distributed(env, cfg.train.collective_timeout_s)
-    return Trainer(cfg, env.rank, plan).fit()
+    return Trainer(cfg, env.rank, plan, task_cls(cfg)).fit()
 
 
 def checkpoints(cfg: RunConfig, rank: int = 0):
@@ -95,15 +100,47 @@ class LoopState:
     docs: int = 0  # documents consumed, all ranks
 
 
+class Pretrain:
+    """The task of `train`: the LLaRA objective over packed shards.
+
+    A task gives the Trainer its data and its per-step work; the loop (resume, preemption,
+    checkpoints, metrics, ledger) is the Trainer's. The loader yields this rank's
+    micro-batches (each with `.keys`) and has state_dict()/load_state_dict() (its cursor);
+    step() returns the step's global numbers: loss, docs, real_tokens, slots, pairs and
+    the task's own METRICS.
+    """
+
+    METRICS = ("ebae", "ebar", "lm")
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.engine_train = cfg.train  # the TrainConfig build_engine gets (LoRA settings included)
+
+    def loader(self, tokenizer, prompt, plan: BatchPlan, rank: int):
+        from llara_dist.data.loader import PackedLoader
+
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return PackedLoader(self.cfg.data, prompt, micro_batch=plan.micro_batch, rank=rank, world=plan.world,
+                            pad_id=pad_id, drop_ids=tuple(sorted(set(tokenizer.all_special_ids))))
+
+    def data_identity(self, loader) -> dict:
+        """What run.json records about the data."""
+        return {"manifest_fingerprint": loader.shards.fingerprint, "data": self.cfg.data.shards}
+
+    def step(self, engine, micro: list, preset, world: int) -> dict:
+        from llara_dist import objective
+
+        return train_step(engine, micro, preset, world, objective)
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, rank: int, plan: BatchPlan):
+    def __init__(self, cfg: RunConfig, rank: int, plan: BatchPlan, task=None):
         self.cfg, self.rank, self.plan = cfg, rank, plan
+        self.task = task if task is not None else Pretrain(cfg)
         self.run_dir = Path(cfg.run_dir)
 
     def fit(self) -> int:
-        from llara_dist import objective
         from llara_dist.checkpoint import rng_state
-        from llara_dist.data.loader import PackedLoader
         from llara_dist.engine import build_engine, deepspeed_config, zero3_loading
         from llara_dist.metrics import MetricsLog, StepTimer, peak_flops, train_flops
         from llara_dist.modeling import default_device, load_model, resolve_dtype
@@ -111,21 +148,19 @@ class Trainer:
         from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
         from llara_dist.tokenizer import load_tokenizer
 
-        cfg, plan, rank = self.cfg, self.plan, self.rank
+        cfg, plan, rank, task = self.cfg, self.plan, self.rank, self.task
         preemption = Preemption()  # before the slow start: a signal during loading is not lost
         seed_everything(cfg.train.seed)
         preset = resolve_preset(cfg.objective)
         tokenizer = load_tokenizer(tokenizer_path(cfg))
         add_special_tokens(tokenizer, preset)
         prompt = prompt_tokens(tokenizer, preset)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        # the data first: a bad shard folder fails before the model loads
-        loader = PackedLoader(cfg.data, prompt, micro_batch=plan.micro_batch, rank=rank, world=plan.world,
-                              pad_id=pad_id, drop_ids=tuple(sorted(set(tokenizer.all_special_ids))))
+        # the data first: bad data fails before the model loads
+        loader = task.loader(tokenizer, prompt, plan, rank)
         ds_config = deepspeed_config(cfg.train, plan, resolve_dtype(cfg.model.dtype, default_device()))
         with zero3_loading(ds_config):
             model = load_model(cfg.model, tokenizer, preset)  # resized for the preset's tokens
-        engine = build_engine(model, cfg.train, ds_config)
+        engine = build_engine(model, task.engine_train, ds_config)
 
         manager = checkpoints(cfg, rank)
         state = LoopState()
@@ -137,7 +172,7 @@ class Trainer:
             if rank == 0:
                 print(f"resumed from {manager.folder / tag} at step {state.step}", file=sys.stderr)
         if rank == 0:
-            self._describe_run(tokenizer, loader.shards.fingerprint)
+            self._describe_run(tokenizer, task.data_identity(loader))
         ledger = self._open_ledger(state.step) if cfg.train.ledger else None
         log = MetricsLog(self.run_dir, cfg.train.steps, enabled=rank == 0, resume_step=state.step)
         peak = peak_flops(cfg.train.peak_tflops)
@@ -162,17 +197,16 @@ class Trainer:
                     return PREEMPTED_EXIT
                 micro = [next(batches) for _ in range(plan.grad_accum)]
                 lr = engine.get_lr()[0]
-                result = train_step(engine, micro, preset, plan.world, objective)
+                result = task.step(engine, micro, preset, plan.world)
                 state.step += 1
                 state.tokens += int(result["real_tokens"])
                 state.docs += int(result["docs"])
                 dt = timer.lap()
                 flops = train_flops(hf_config, int(result["real_tokens"]), int(result["pairs"]))
-                log.log({"step": state.step, "loss": result["loss"], "ebae": result["ebae"],
-                         "ebar": result["ebar"], "lm": result["lm"], "lr": lr,
-                         "grad_norm": float(engine.get_global_grad_norm() or 0.0), "docs": int(result["docs"]),
-                         "real_tokens": int(result["real_tokens"]), "fill": result["real_tokens"] / result["slots"],
-                         "tokens_per_s": result["real_tokens"] / dt,
+                log.log({"step": state.step, "loss": result["loss"], **{k: result[k] for k in task.METRICS},
+                         "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                         "docs": int(result["docs"]), "real_tokens": int(result["real_tokens"]),
+                         "fill": result["real_tokens"] / result["slots"], "tokens_per_s": result["real_tokens"] / dt,
                          "mfu": flops / (dt * plan.world * peak) if peak else None,
                          "tokens_total": state.tokens, "docs_total": state.docs, "step_s": dt})
                 if ledger is not None:
@@ -189,13 +223,12 @@ class Trainer:
                 ledger.close()
         return 0
 
-    def _describe_run(self, tokenizer, manifest_fingerprint: str) -> None:
+    def _describe_run(self, tokenizer, data_identity: dict) -> None:
         """Make the run folder self-describing: resolved config, tokenizer, data identity."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
         tokenizer.save_pretrained(self.run_dir / "tokenizer")
-        info = {"plan": vars(self.plan), "manifest_fingerprint": manifest_fingerprint,
-                "data": self.cfg.data.shards, "model": self.cfg.model.path}
+        info = {"plan": vars(self.plan), **data_identity, "model": self.cfg.model.path}
         (self.run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
 
     def _open_ledger(self, resume_step: int):
@@ -255,7 +288,7 @@ def tokenizer_path(cfg: RunConfig) -> str:
     from llara_dist.data.shards import read_manifest
 
     candidates = [cfg.train.tokenizer, cfg.model.path]
-    if cfg.data.shards:
+    if getattr(cfg, "data", None) is not None and cfg.data.shards:  # finetune configs have no shards
         try:
             candidates.append(read_manifest(cfg.data.shards).get("tokenizer", {}).get("name_or_path", ""))
         except (FileNotFoundError, ValueError):

@@ -63,3 +63,16 @@ def test_bad_qrels_named(tmp_path):
     (tmp_path / "corpus.jsonl").write_text('{"_id": "d1"}\n')
     with pytest.raises(ValueError, match=r"corpus.jsonl:1: missing field\(s\) text"):
         load_beir(tmp_path)
+
+
+def test_make_beir_command(shared_data, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "llara_dist", "make-beir", "--finetune",
+                           str(shared_data / "llara_toy_finetune.jsonl"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["queries"] == len(load_beir(tmp_path).queries) > 0

@@ -93,3 +93,16 @@ def finetune_to_beir(jsonl: str | Path, out: str | Path, split: str = "test") ->
             for did, grade in docs.items():
                 f.write(f"{qid}\t{did}\t{grade}\n")
     return RetrievalSet(corpus, queries, qrels)
+
+
+def configure(parser) -> None:
+    parser.add_argument("--finetune", required=True, help='JSON lines {"query", "pos": [...], "neg": [...]}')
+    parser.add_argument("--out", required=True, help="BEIR folder to write")
+    parser.add_argument("--split", default="test")
+
+
+def run(args) -> int:
+    data = finetune_to_beir(args.finetune, args.out, args.split)
+    print(json.dumps({"out": args.out, "queries": len(data.queries), "corpus": len(data.corpus),
+                      "qrels": sum(len(d) for d in data.qrels.values())}))
+    return 0

@@ -1,0 +1,134 @@
+"""Fine-tuning data: `{"query", "pos": [...], "neg": [...]}` JSON lines to query/passage groups.
+
+    examples = read_examples("train.jsonl", group_size=8)        # errors name file:line
+    loader = GroupLoader(examples, tokenizer, prompt, cfg.finetune, plan, rank, pad_id)
+    for batch in loader: ...     # this rank's micro-batches, forever (epoch after epoch)
+
+The order is a permutation of the examples per (seed, epoch). Global example n (the
+n-th one consumed since the start) is example perm_epoch[n % N] with epoch n // N; its
+positive and its group_size - 1 hard negatives are drawn by a generator seeded with
+(seed, epoch, example), so a group does not depend on the number of ranks. Micro-step
+a of a step gives rank r the examples [a x world + r] x micro_batch + [0, micro_batch)
+of the step's global batch: the micro-batches of all ranks at one micro-step form a
+contiguous slice, the set of passages that cross-device negatives score against. The
+cursor (examples consumed, all ranks) is the loader's whole state.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llara_dist.batch import PackedBatch, build_batch
+from llara_dist.data.shards import Doc
+
+
+@dataclass(frozen=True)
+class Example:
+    query: str
+    pos: tuple[str, ...]
+    neg: tuple[str, ...]
+    key: str  # "file:line", for the ledger and error messages
+
+
+def read_examples(path: str | Path, group_size: int) -> list[Example]:
+    """Read and check every line; a bad one raises ValueError naming file:line and the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: fine-tuning data not found")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected an object with query, pos, neg")
+            query, pos, neg = rec.get("query"), rec.get("pos"), rec.get("neg", [])
+            if not isinstance(query, str) or not query.strip():
+                raise ValueError(f"{where}: 'query' must be a non-empty string")
+            for name, texts in (("pos", pos), ("neg", neg)):
+                if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
+                    raise ValueError(f"{where}: {name!r} must be a list of non-empty strings")
+            if not pos:
+                raise ValueError(f"{where}: 'pos' is empty (a query needs a positive passage)")
+            if group_size > 1 and not neg:
+                raise ValueError(f"{where}: 'neg' is empty but group_size {group_size} needs hard negatives")
+            out.append(Example(query, tuple(pos), tuple(neg), f"{path.name}:{n}"))
+    if not out:
+        raise ValueError(f"{path}: no examples")
+    return out
+
+
+@dataclass
+class GroupBatch:
+    """One micro-batch: M queries and their M x G passages (each group: positive first)."""
+
+    queries: PackedBatch  # M documents, one per row
+    passages: PackedBatch  # M x G documents, one per row, group by group
+    keys: list[str]  # the examples' "file:line"
+
+    @property
+    def num_docs(self) -> int:
+        return self.queries.num_docs + self.passages.num_docs
+
+
+class GroupLoader:
+    def __init__(self, examples: list[Example], tokenizer, prompt, cfg, plan, rank: int, pad_id: int):
+        self.examples, self.tokenizer, self.prompt, self.cfg = examples, tokenizer, prompt, cfg
+        self.plan, self.rank, self.pad_id = plan, rank, pad_id
+        self.consumed = 0  # examples consumed by all ranks; advanced a whole step at a time
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "seed": self.cfg.seed, "examples": len(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["seed"], state["examples"]) != (self.cfg.seed, len(self.examples)):
+            raise ValueError(f"the data cursor was saved with seed {state['seed']} over {state['examples']} "
+                             f"examples; this run has seed {self.cfg.seed} over {len(self.examples)}: "
+                             "the order would differ, so resuming is refused (use a new run_dir)")
+        self.consumed = state["consumed"]
+
+    def __iter__(self):
+        M, W = self.plan.micro_batch, self.plan.world
+        while True:
+            start = self.consumed
+            self.consumed += self.plan.global_batch  # the step's micro-batches are all fetched before a save
+            for a in range(self.plan.grad_accum):
+                first = start + (a * W + self.rank) * M
+                yield self.batch(range(first, first + M))
+
+    def group(self, n: int) -> tuple[Example, list[str]]:
+        """Global example n: the example and its passages (positive, then sampled negatives)."""
+        N = len(self.examples)
+        epoch = n // N
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.cfg.seed, epoch]).permutation(N))
+        index = int(self._perm[1][n % N])
+        ex = self.examples[index]
+        rng = np.random.default_rng([self.cfg.seed, epoch, index])
+        pos = ex.pos[rng.integers(len(ex.pos))]
+        k = self.cfg.group_size - 1
+        picks = rng.choice(len(ex.neg), size=k, replace=len(ex.neg) < k) if k else []
+        return ex, [pos, *(ex.neg[i] for i in picks)]
+
+    def batch(self, numbers) -> GroupBatch:
+        groups = [self.group(n) for n in numbers]
+        queries = self._pack([ex.query for ex, _ in groups], self.cfg.query_max_len)
+        passages = self._pack([p for _, ps in groups for p in ps], self.cfg.passage_max_len)
+        return GroupBatch(queries, passages, [ex.key for ex, _ in groups])
+
+    def _pack(self, texts: list[str], max_len: int) -> PackedBatch:
+        """One text per row, rows as long as the longest (as embed.encode lays them out)."""
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        rows = [[Doc(f"t{i}", np.asarray(x[:max_len], np.int64), None)] for i, x in enumerate(ids)]
+        seq_len = self.prompt.overhead + max(len(r[0].ids) for r in rows)
+        return build_batch(rows, self.prompt, seq_len, self.pad_id)

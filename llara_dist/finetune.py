@@ -1,0 +1,150 @@
+"""Contrastive fine-tuning (RepLLaMA-style): `llara-dist finetune --config FILE [key=value ...]`.
+
+    # tiny CPU run, one process (fp32, gloo)
+    DS_ACCELERATOR=cpu llara-dist finetune --config ft.yaml model.path=exported finetune.data=train.jsonl \\
+        train.global_batch=4 train.micro_batch=2 finetune.group_size=4 train.steps=20
+    # one node, 8 GPUs
+    deepspeed --num_gpus 8 -m llara_dist finetune --config ft.yaml
+    torchrun --nproc-per-node 8 -m llara_dist finetune --config ft.yaml
+    # many nodes: as `train` (launch/), with `finetune` as the command
+
+The config is a FinetuneRunConfig: the trainer's sections (run_dir, objective, model,
+train) plus `finetune` (data, group_size, temperature, max lengths, LoRA). The loop is
+the trainer's (train.Trainer: resume from `latest`, preemption at step boundaries with
+exit 42, checkpoints, metrics.jsonl, --ledger); this module gives it the task: groups
+of 1 positive + group_size - 1 hard negatives per query (data/finetune_data.py), queries
+embedded with the preset's NEXT prompt, passages with its SELF prompt, pooled as at
+inference (embed.pool), scores = q . p / temperature, cross-entropy towards the positive.
+Each query is scored against every passage of its micro-step: its own group, the other
+queries' groups (in-batch negatives) and, with finetune.cross_device, the groups of
+all ranks (all-gathered with a gradient). global_batch and micro_batch count queries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llara_dist import train
+from llara_dist.config import FinetuneRunConfig
+from llara_dist.embed import KINDS, pool
+from llara_dist.modeling import forward_hidden, gather_states
+
+configure = train.configure
+
+
+def run(args) -> int:
+    return train.start(args, FinetuneRunConfig, Finetune, "finetune")
+
+
+class Finetune:
+    """The trainer's task for fine-tuning (see train.Pretrain for the interface)."""
+
+    METRICS = ("accuracy",)  # share of queries whose positive scores highest
+
+    def __init__(self, cfg: FinetuneRunConfig):
+        import dataclasses
+
+        self.cfg = cfg
+        ft = cfg.finetune
+        # build_engine applies LoRA from a TrainConfig: hand it ours
+        self.engine_train = dataclasses.replace(cfg.train, lora_r=ft.lora_r, lora_alpha=ft.lora_alpha,
+                                                lora_dropout=ft.lora_dropout, lora_targets=list(ft.lora_targets))
+
+    def loader(self, tokenizer, prompt, plan, rank: int):
+        from llara_dist.data.finetune_data import GroupLoader, read_examples
+
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        examples = read_examples(self.cfg.finetune.data, self.cfg.finetune.group_size)
+        return GroupLoader(examples, tokenizer, prompt, self.cfg.finetune, plan, rank, pad_id)
+
+    def data_identity(self, loader) -> dict:
+        return {"data": self.cfg.finetune.data, "examples": len(loader.examples)}
+
+    def step(self, engine, micro: list, preset, world: int) -> dict:
+        ft = self.cfg.finetune
+        return finetune_step(engine, micro, preset, world, ft.temperature, ft.cross_device)
+
+
+def embed(model, batch, kind: str, preset) -> torch.Tensor:
+    """[D, H] unit vectors of a batch's documents, with gradient; the same pooling as embed.encode."""
+    states = gather_states(forward_hidden(model, batch), getattr(batch, KINDS[kind]))  # [D, k, H]
+    return pool(states, preset.embed_pool)
+
+
+class GatherRows(torch.autograd.Function):
+    """all_gather along dim 0 with a gradient: [n, H] per rank -> [world x n, H], rank order.
+
+    Every rank's loss reads every rank's rows, so the gradient of rank r's rows is the
+    sum over ranks of their incoming gradients' slice r: all_reduce SUM, then our slice
+    (gloo has no reduce_scatter, which torch.distributed.nn's all_gather needs).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def contrastive_sums(q: torch.Tensor, p: torch.Tensor, temperature: float, group_size: int, first_query: int):
+    """q [M, H] queries, p [P, H] passages in group order; query i's positive is p[(first_query + i) x G].
+
+    Returns (sum of the M cross-entropies, number of queries whose positive scores highest).
+    """
+    scores = q @ p.T / temperature  # [M, P]
+    target = (first_query + torch.arange(q.shape[0], device=q.device)) * group_size  # [M]
+    loss = F.cross_entropy(scores.float(), target, reduction="sum")
+    return loss, int((scores.argmax(1) == target).sum())
+
+
+def finetune_step(engine, micro_batches: list, preset, world: int, temperature: float, cross_device: bool) -> dict:
+    """One optimizer step over this rank's micro-batches of query groups; returns the step's global numbers.
+
+    The loss is the mean cross-entropy over all queries of the global batch. Each backward
+    carries its micro-batch's share (sum / global queries); DeepSpeed's division by
+    grad_accum is off and its average over ranks is undone (x world), as in train.train_step.
+    With cross-device negatives a query on rank r is scored against the passages of all
+    ranks at the same micro-step (the loader makes them one contiguous slice of the batch).
+    """
+    import torch.distributed as dist
+
+    from llara_dist.engine import all_reduce_sum
+    from llara_dist.metrics import attention_pairs
+
+    gather = cross_device and world > 1
+    rank = dist.get_rank() if gather else 0
+    queries = sum(b.queries.num_docs for b in micro_batches)
+    global_queries = queries * world  # every rank has the same micro_batch x grad_accum queries
+    loss_sum, hits = 0.0, 0
+    for b in micro_batches:
+        q = embed(engine, b.queries.to(engine.device), "query", preset)  # [M, H]
+        p = embed(engine, b.passages.to(engine.device), "passage", preset)  # [M x G, H]
+        group = b.passages.num_docs // b.queries.num_docs
+        if gather:
+            p = GatherRows.apply(p)  # [world x M x G, H]
+        ce, hit = contrastive_sums(q, p, temperature, group, rank * q.shape[0] if gather else 0)
+        loss = ce / global_queries
+        engine.backward(loss * world, scale_wrt_gas=False)
+        engine.step()  # the optimizer steps at the last micro-batch only
+        loss_sum += float(loss.detach())
+        hits += hit
+    parts = [(b.queries, b.passages) for b in micro_batches]
+    stats = [sum(x.num_docs + y.num_docs for x, y in parts), sum(x.real_tokens() + y.real_tokens() for x, y in parts),
+             sum(x.input_ids.numel() + y.input_ids.numel() for x, y in parts),
+             sum(attention_pairs(x) + attention_pairs(y) for x, y in parts)]
+    total = all_reduce_sum([loss_sum, hits, *stats], engine.device)
+    out = {"loss": total[0], "accuracy": total[1] / global_queries}
+    out.update(zip(("docs", "real_tokens", "slots", "pairs"), total[2:]))
+    return out
