@@ -43,20 +43,17 @@ class Finetune:
     METRICS = ("accuracy",)  # share of queries whose positive scores highest
 
     def __init__(self, cfg: FinetuneRunConfig):
-        import dataclasses
+        from llara_dist.data.finetune_data import read_examples
 
         self.cfg = cfg
-        ft = cfg.finetune
-        # build_engine applies LoRA from a TrainConfig: hand it ours
-        self.engine_train = dataclasses.replace(cfg.train, lora_r=ft.lora_r, lora_alpha=ft.lora_alpha,
-                                                lora_dropout=ft.lora_dropout, lora_targets=list(ft.lora_targets))
+        self.examples = read_examples(cfg.finetune.data, cfg.finetune.group_size)  # refused before the model loads
+        self.engine_train = engine_train_config(cfg)
 
     def loader(self, tokenizer, prompt, plan, rank: int):
-        from llara_dist.data.finetune_data import GroupLoader, read_examples
+        from llara_dist.data.finetune_data import GroupLoader
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        examples = read_examples(self.cfg.finetune.data, self.cfg.finetune.group_size)
-        return GroupLoader(examples, tokenizer, prompt, self.cfg.finetune, plan, rank, pad_id)
+        return GroupLoader(self.examples, tokenizer, prompt, self.cfg.finetune, plan, rank, pad_id)
 
     def data_identity(self, loader) -> dict:
         return {"data": self.cfg.finetune.data, "examples": len(loader.examples)}
@@ -64,6 +61,15 @@ class Finetune:
     def step(self, engine, micro: list, preset, world: int) -> dict:
         ft = self.cfg.finetune
         return finetune_step(engine, micro, preset, world, ft.temperature, ft.cross_device)
+
+
+def engine_train_config(cfg: FinetuneRunConfig):
+    """The TrainConfig for engine.build_engine, which applies LoRA from it: ours come from `finetune`."""
+    import dataclasses
+
+    ft = cfg.finetune
+    return dataclasses.replace(cfg.train, lora_r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
+                               lora_targets=list(ft.lora_targets))
 
 
 def embed(model, batch, kind: str, preset) -> torch.Tensor:

@@ -67,7 +67,32 @@ def _set_nll_sum(logp: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, u
 
 
 def _lm_chunk_nll(head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), targets, reduction="sum")
+    return F.cross_entropy(head(h).float(), targets, reduction="sum")  # [chunk, V] fp32 logits inside
+
+
+class _FrozenHeadNLL(torch.autograd.Function):
+    """_lm_chunk_nll through a head that does not train (LoRA): forward also computes the
+    gradient w.r.t. h, backward only scales it; no logits are kept, nothing is recomputed.
+
+    Checkpointing cannot be used here under ZeRO-3: torch's recompute keeps a parameter that
+    does not require grad as the parameter itself (not a detached alias of its gathered data),
+    and ZeRO-3 releases it to shape [0] right after the head's forward (CheckpointError).
+    The head is still called as a module, so ZeRO-3 gathers it (and again for the local backward).
+    """
+
+    @staticmethod
+    def forward(ctx, h, head, targets):  # h [chunk, H], targets [chunk]
+        with torch.enable_grad():
+            h = h.detach().requires_grad_()
+            nll = _lm_chunk_nll(head, h, targets)
+            (grad_h,) = torch.autograd.grad(nll, h)  # [chunk, H]
+        ctx.save_for_backward(grad_h)
+        return nll.detach()
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_nll, None, None
 
 
 def loss_sums(model, batch: PackedBatch, preset: Preset, lm_chunk: int = LM_CHUNK) -> dict[str, torch.Tensor]:
@@ -91,12 +116,18 @@ def loss_sums(model, batch: PackedBatch, preset: Preset, lm_chunk: int = LM_CHUN
     if preset.lm_weight:
         # a FIXED number of chunks per micro-batch (from R x L, not from the real tokens), so that
         # every ZeRO-3 rank calls the head equally often; each chunk recomputes its logits in backward
+        # (checkpoint), or, when the head does not train (LoRA), computes its gradient at once
         where = lm_targets(batch).reshape(-1).nonzero().squeeze(1)  # [T]
         flat = hidden.reshape(-1, hidden.shape[-1])
         targets = batch.input_ids.reshape(-1)[where + 1]
         n_chunks = math.ceil(batch.input_ids.numel() / lm_chunk)
+        frozen = torch.is_grad_enabled() and not any(p.requires_grad for p in head.parameters())
         for w, t in zip(torch.tensor_split(where, n_chunks), torch.tensor_split(targets, n_chunks)):
-            sums["lm"] = sums["lm"] + checkpoint(_lm_chunk_nll, head, flat[w], t, use_reentrant=False)
+            if frozen:  # keeps [chunk, H] gradients instead: [T, H] in all, like the hidden states
+                nll = _FrozenHeadNLL.apply(flat[w], head, t)
+            else:
+                nll = checkpoint(_lm_chunk_nll, head, flat[w], t, use_reentrant=False)
+            sums["lm"] = sums["lm"] + nll
     return sums
 
 

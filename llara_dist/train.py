@@ -58,7 +58,8 @@ def start(args, config_cls, task_cls, command: str) -> int:
         plan = batch_plan(cfg.train.global_batch, cfg.train.micro_batch, env.world)
         tokenizer_path(cfg)
         check_resume(cfg, plan)
-    except (ConfigError, ValueError, RuntimeError) as e:
+        task = task_cls(cfg)  # may read and check its data: refused here, before any process group
+    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"llara-dist {command}: {e}", file=sys.stderr)
         return REFUSED_EXIT
     from llara_dist.engine import init_distributed
@@ -67,7 +68,7 @@ def start(args, config_cls, task_cls, command: str) -> int:
     # DeepSpeed's ZeRO-3 calls torch.distributed functions that torch marks deprecated, once per call
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
     init_distributed(env, cfg.train.collective_timeout_s)
-    return Trainer(cfg, env.rank, plan, task_cls(cfg)).fit()
+    return Trainer(cfg, env.rank, plan, task).fit()
 
 
 def checkpoints(cfg: RunConfig, rank: int = 0):
