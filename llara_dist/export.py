@@ -27,12 +27,33 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 LORA_MARK = ".lora_"
 
 
-def write_llara_json(out: Path, cfg: RunConfig, source: str) -> None:
-    (out / LLARA_JSON).write_text(json.dumps(
-        {"objective": to_dict(cfg.objective), "source": source, "seq_len": cfg.data.seq_len}, indent=1) + "\n")
+def write_llara_json(out: Path, cfg, source: str) -> None:
+    (out / LLARA_JSON).write_text(json.dumps({"objective": to_dict(cfg.objective), "source": source}, indent=1) + "\n")
 
 
-def write_model_folder(model, tokenizer, cfg: RunConfig, out: str | Path, source: str = "") -> Path:
+def load_run_config(run_dir: Path):
+    """A run folder's resolved config: a pretraining RunConfig or a FinetuneRunConfig."""
+    import yaml
+
+    from llara_dist.config import FinetuneRunConfig
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; is {run_dir} a llara-dist run folder?")
+    is_finetune = "finetune" in (yaml.safe_load(path.read_text()) or {})
+    return load_config(FinetuneRunConfig if is_finetune else RunConfig, path)
+
+
+def lora_settings(cfg):
+    """The TrainConfig that carries a run's LoRA settings (fine-tuning keeps them in `finetune`)."""
+    if hasattr(cfg, "finetune"):
+        from llara_dist.finetune import engine_train_config
+
+        return engine_train_config(cfg)
+    return cfg.train
+
+
+def write_model_folder(model, tokenizer, cfg, out: str | Path, source: str = "") -> Path:
     """An in-memory model (e.g. the training-time one) to a model folder, as export writes it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +101,7 @@ def write_sharded(tensors, out: Path, dtype: torch.dtype, max_shard_bytes: int) 
     return index
 
 
-def _hf_config(cfg: RunConfig, vocab_size: int):
+def _hf_config(cfg, vocab_size: int):
     from transformers import AutoConfig
 
     path = Path(cfg.model.path)
@@ -97,7 +118,7 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, dty
     from llara_dist.tokenizer import load_tokenizer
 
     run_dir, out = Path(run_dir), Path(out)
-    cfg = load_config(RunConfig, run_dir / "config.yaml")
+    cfg = load_run_config(run_dir)
     manager = CheckpointManager(run_dir / "checkpoints", keep=1, rank=0)
     tag = tag or manager.latest()
     if tag is None or not (manager.folder / tag).is_dir():
@@ -123,14 +144,14 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, dty
     return out
 
 
-def _export_lora(state, cfg: RunConfig, tokenizer, out: Path, dtype: torch.dtype, mode: str) -> None:
+def _export_lora(state, cfg, tokenizer, out: Path, dtype: torch.dtype, mode: str) -> None:
     """Rebuild base + adapters in memory (LoRA runs are the memory-light case), then merge or save."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     embed = next(n for n in state if n.endswith("embed_tokens.weight"))
     model = AutoModelForCausalLM.from_config(_hf_config(cfg, state[embed].shape[0]), dtype=torch.float32)
-    t = cfg.train
+    t = lora_settings(cfg)
     model = get_peft_model(model, LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
                                              target_modules=list(t.lora_targets), bias="none"))
     sd = {k: (v if isinstance(v, torch.Tensor) else v.contiguous()) for k, v in state.items()}

@@ -46,13 +46,13 @@ class Finetune:
         from llara_dist.data.finetune_data import read_examples
 
         self.cfg = cfg
+        check_preset(cfg)
         self.examples = read_examples(cfg.finetune.data, cfg.finetune.group_size)  # refused before the model loads
         self.engine_train = engine_train_config(cfg)
 
-    def loader(self, tokenizer, prompt, plan, rank: int):
+    def loader(self, tokenizer, prompt, pad_id: int, plan, rank: int):
         from llara_dist.data.finetune_data import GroupLoader
 
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return GroupLoader(self.examples, tokenizer, prompt, self.cfg.finetune, plan, rank, pad_id)
 
     def data_identity(self, loader) -> dict:
@@ -61,6 +61,28 @@ class Finetune:
     def step(self, engine, micro: list, preset, world: int) -> dict:
         ft = self.cfg.finetune
         return finetune_step(engine, micro, preset, world, ft.temperature, ft.cross_device)
+
+
+def check_preset(cfg: FinetuneRunConfig) -> None:
+    """An exported model folder records its prompts (llara.json): fine-tuning with others is refused."""
+    import json
+    from dataclasses import fields
+    from pathlib import Path
+
+    from llara_dist.config import ObjectiveConfig
+    from llara_dist.encode import LLARA_JSON
+    from llara_dist.prompts import resolve_preset
+
+    meta = Path(cfg.model.path) / LLARA_JSON
+    if not meta.is_file():
+        return
+    saved = json.loads(meta.read_text())["objective"]
+    known = {f.name for f in fields(ObjectiveConfig)}
+    adapted = resolve_preset(ObjectiveConfig(**{k: v for k, v in saved.items() if k in known}))
+    if adapted != resolve_preset(cfg.objective):
+        raise ValueError(f"{meta}: the model was adapted with preset {saved.get('preset')!r} and its prompts; "
+                         f"this config's objective (preset {cfg.objective.preset!r}) differs: set "
+                         f"objective.preset={saved.get('preset')} (and the same custom fields)")
 
 
 def engine_train_config(cfg: FinetuneRunConfig):
@@ -140,7 +162,7 @@ def finetune_step(engine, micro_batches: list, preset, world: int, temperature: 
         group = b.passages.num_docs // b.queries.num_docs
         if gather:
             p = GatherRows.apply(p)  # [world x M x G, H]
-        ce, hit = contrastive_sums(q, p, temperature, group, rank * q.shape[0] if gather else 0)
+        ce, hit = contrastive_sums(q, p, temperature, group, rank * q.shape[0])  # rank 0 of 1 without gather
         loss = ce / global_queries
         engine.backward(loss * world, scale_wrt_gas=False)
         engine.step()  # the optimizer steps at the last micro-batch only

@@ -38,7 +38,8 @@ REFUSED_EXIT = 2
 
 
 def configure(parser) -> None:
-    parser.add_argument("--config", help="run config YAML (RunConfig); key=value overrides follow")
+    parser.add_argument("--config", help="run config YAML (train: RunConfig, finetune: FinetuneRunConfig); "
+                                         "key=value overrides follow")
     parser.add_argument("--ledger", action="store_true",
                         help="record the document keys each rank consumed at each step (ledger-rankN.jsonl)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=2e-5")
@@ -117,10 +118,9 @@ class Pretrain:
         self.cfg = cfg
         self.engine_train = cfg.train  # the TrainConfig build_engine gets (LoRA settings included)
 
-    def loader(self, tokenizer, prompt, plan: BatchPlan, rank: int):
+    def loader(self, tokenizer, prompt, pad_id: int, plan: BatchPlan, rank: int):
         from llara_dist.data.loader import PackedLoader
 
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return PackedLoader(self.cfg.data, prompt, micro_batch=plan.micro_batch, rank=rank, world=plan.world,
                             pad_id=pad_id, drop_ids=tuple(sorted(set(tokenizer.all_special_ids))))
 
@@ -156,8 +156,9 @@ class Trainer:
         tokenizer = load_tokenizer(tokenizer_path(cfg))
         add_special_tokens(tokenizer, preset)
         prompt = prompt_tokens(tokenizer, preset)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # the data first: bad data fails before the model loads
-        loader = task.loader(tokenizer, prompt, plan, rank)
+        loader = task.loader(tokenizer, prompt, pad_id, plan, rank)
         ds_config = deepspeed_config(cfg.train, plan, resolve_dtype(cfg.model.dtype, default_device()))
         with zero3_loading(ds_config):
             model = load_model(cfg.model, tokenizer, preset)  # resized for the preset's tokens

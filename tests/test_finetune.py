@@ -180,7 +180,7 @@ def run_ranks(world, paths, out):
 
 
 def reference(paths, init: dict):
-    """One process, plain PyTorch: each 4-query slice scored against its 12 passages, summed / 8, backward, clip, AdamW."""
+    """One process, plain PyTorch: each 4-query slice scored against its 12 passages, / 8, backward, clip, AdamW."""
     from llara_dist.engine import apply_lora
     from llara_dist.finetune import contrastive_sums, embed, engine_train_config
     from llara_dist.modeling import load_model
@@ -231,8 +231,8 @@ def launch(run_dir: Path, shared_data, tokenizer_dir, tiny_llama_dir, *args) -> 
     cmd = [sys.executable, "-m", "llara_dist", "finetune", f"run_dir={run_dir}", f"model.path={tiny_llama_dir}",
            "model.dtype=fp32", f"train.tokenizer={tokenizer_dir}", f"finetune.data={shared_data / TOY}",
            "train.global_batch=4", "train.micro_batch=2", "train.steps=12", "train.lr=1e-3", "train.warmup_steps=2",
-           "train.ckpt_every=100", "finetune.group_size=4", "finetune.passage_max_len=64", "train.collective_timeout_s=30",
-           *args]
+           "train.ckpt_every=100", "finetune.group_size=4", "finetune.passage_max_len=64",
+           "train.collective_timeout_s=30", *args]
     return subprocess.Popen(cmd, env=env, stdout=open(run_dir / "log.txt", "a"), stderr=subprocess.STDOUT)
 
 
@@ -272,6 +272,23 @@ def test_command_lowers_loss_and_resumes_exactly(tmp_path, shared_data, tokenize
     w_run, w_ref = weights(run), weights(ref)
     assert w_run.keys() == w_ref.keys() and any("lora_B" in k for k in w_ref)
     assert all(torch.equal(w_run[k], w_ref[k]) for k in w_ref)
+    check_export(ref, w_ref, tmp_path)
+
+
+def check_export(run_dir, weights, tmp_path):
+    """A LoRA fine-tuning run exports merged (plain transformers loads it) or as a peft adapter."""
+    from transformers import AutoModelForCausalLM
+
+    from llara_dist.export import export_run, load_run_config, lora_settings
+
+    merged = AutoModelForCausalLM.from_pretrained(export_run(run_dir, tmp_path / "merged", dtype="fp32"))
+    lora = lora_settings(load_run_config(run_dir))
+    stem = "base_model.model.model.layers.0.self_attn.q_proj"
+    a, b = weights[f"{stem}.lora_A.default.weight"], weights[f"{stem}.lora_B.default.weight"]
+    want = weights[f"{stem}.base_layer.weight"] + (b @ a) * (lora.lora_alpha / lora.lora_r)
+    torch.testing.assert_close(merged.state_dict()["model.layers.0.self_attn.q_proj.weight"], want)
+    adapter = export_run(run_dir, tmp_path / "adapter", dtype="fp32", lora="adapter")
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "llara.json").is_file()
 
 
 
@@ -287,3 +304,12 @@ def test_command_refuses_bad_data_before_starting(tmp_path, tokenizer_dir, capsy
     assert finetune.run(args) == finetune.train.REFUSED_EXIT
     assert f"llara-dist finetune: {bad}:2: 'pos' must be a list" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+    model = tmp_path / "exported"  # a model folder adapted with the paper preset (llara.json as export writes it)
+    model.mkdir()
+    (model / "llara.json").write_text(json.dumps({"objective": {"preset": "paper"}}))
+    args.overrides[-1] = f"finetune.data={bad.with_name('good.jsonl')}"
+    bad.with_name("good.jsonl").write_text('{"query": "q", "pos": ["p"], "neg": ["n"]}\n')
+    args.overrides.append(f"model.path={model}")
+    assert finetune.run(args) == finetune.train.REFUSED_EXIT  # the default objective.preset is released
+    assert "set objective.preset=paper" in capsys.readouterr().err
