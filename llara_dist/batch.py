@@ -94,56 +94,57 @@ def build_batch(rows: list[list], prompt: PromptTokens, seq_len: int, pad_id: in
     drop = np.asarray(drop_ids, dtype=np.int64)
     R = len(rows)
 
-    input_ids = np.full((R, seq_len), pad_id, dtype=np.int64)
-    doc = np.full((R, seq_len), -1, dtype=np.int32)
-    segment = np.full((R, seq_len), SEG_PAD, dtype=np.int8)
-    position = np.zeros((R, seq_len), dtype=np.int64)
-    doc_row, doc_start, text_len, has_next, keys = [], [], [], [], []
-    texts, nexts = [], []  # per document: visible text ids, next chunk's set
+    docs = [d for row in rows for d in row]  # batch order: row by row
+    texts = [d.ids[:max_text] for d in docs]  # visible text ids
+    nexts = [d.next_set if d.next_set is not None else np.zeros(0, np.int32) for d in docs]
+    n_per_row = np.fromiter(map(len, rows), dtype=np.int64, count=R)
+    doc_row = np.repeat(np.arange(R, dtype=np.int64), n_per_row)  # [D]
+    text_len = P + np.fromiter(map(len, texts), dtype=np.int64, count=len(docs))  # [D]
+    lens = text_len + S + N  # [D] tokens of each document in its row
+    row_used = np.bincount(doc_row, weights=lens, minlength=R).astype(np.int64)  # [R]
+    if R and row_used.max() > seq_len:
+        r = int(row_used.argmax())
+        raise ValueError(f"row {r} needs {row_used[r]} tokens > seq_len {seq_len}")
+    # the documents' tokens back to back, then scattered row by row (each row fills from column 0)
+    stream = np.concatenate([x for t in texts for x in (prefix, t, self_sfx, next_sfx)]) if docs \
+        else np.zeros(0, np.int64)  # [T]
+    T = len(stream)
+    doc_stream_start = np.cumsum(lens) - lens  # [D]
+    row_first_doc = np.cumsum(n_per_row) - n_per_row  # [R]
+    doc_start = doc_stream_start - np.repeat(doc_stream_start[row_first_doc[n_per_row > 0]], n_per_row[n_per_row > 0])
+    token_doc = np.repeat(np.arange(len(docs), dtype=np.int64), lens)  # [T]
+    dest = doc_row[token_doc] * seq_len + doc_start[token_doc] + (np.arange(T) - doc_stream_start[token_doc])
+    seg_lens = np.stack([text_len, np.full(len(docs), S), np.full(len(docs), N)], 1).ravel()
+    seg = np.repeat(np.tile(np.array([SEG_TEXT, SEG_SELF, SEG_NEXT], np.int8), len(docs)), seg_lens)  # [T]
+    # position within the document; the NEXT part restarts where SELF starts
+    pos = np.arange(T) - doc_stream_start[token_doc] - S * (seg == SEG_NEXT)
 
-    for r, docs in enumerate(rows):
-        pieces, col = [], 0
-        starts, tlens = [], []
-        for d in docs:
-            ids = d.ids[:max_text].astype(np.int64, copy=False)
-            pieces += [prefix, ids, self_sfx, next_sfx]
-            starts.append(col)
-            tlens.append(P + len(ids))
-            col += P + len(ids) + S + N
-            keys.append(d.key)
-            has_next.append(d.next_set is not None)
-            texts.append(ids)
-            nexts.append(d.next_set if d.next_set is not None else np.zeros(0, np.int64))
-        if col > seq_len:
-            raise ValueError(f"row {r} needs {col} tokens > seq_len {seq_len}")
-        n_docs = len(docs)
-        starts_a, tlens_a = np.asarray(starts), np.asarray(tlens)
-        lens = tlens_a + S + N
-        input_ids[r, :col] = np.concatenate(pieces)
-        doc[r, :col] = np.repeat(np.arange(n_docs, dtype=np.int32), lens)
-        seg_lens = np.stack([tlens_a, np.full(n_docs, S), np.full(n_docs, N)], 1).ravel()
-        segment[r, :col] = np.repeat(np.tile(np.array([SEG_TEXT, SEG_SELF, SEG_NEXT], np.int8), n_docs), seg_lens)
-        # position within the document; the NEXT part restarts where SELF starts
-        pos = np.arange(col) - np.repeat(starts_a, lens)
-        position[r, :col] = pos - S * (segment[r, :col] == SEG_NEXT)
-        doc_row += [r] * n_docs
-        doc_start += starts
-        text_len += tlens
+    input_ids = np.full(R * seq_len, pad_id, dtype=np.int64)
+    doc = np.full(R * seq_len, -1, dtype=np.int32)
+    segment = np.full(R * seq_len, SEG_PAD, dtype=np.int8)
+    position = np.zeros(R * seq_len, dtype=np.int64)
+    input_ids[dest] = stream
+    doc[dest] = token_doc - row_first_doc[doc_row[token_doc]]  # index of the document within its row
+    segment[dest] = seg
+    position[dest] = pos
+    input_ids, doc, segment, position = (a.reshape(R, seq_len) for a in (input_ids, doc, segment, position))
+    keys = [d.key for d in docs]
+    has_next = [d.next_set is not None for d in docs]
 
-    doc_start_a = np.asarray(doc_start, dtype=np.int64)
-    text_len_a = np.asarray(text_len, dtype=np.int64)
-    base = np.asarray(doc_row, dtype=np.int64) * seq_len + doc_start_a + text_len_a
+    doc_start_a = doc_start.astype(np.int64)
+    text_len_a = text_len
+    base = doc_row * seq_len + doc_start_a + text_len_a
     self_emb = base[:, None] + (S - k) + np.arange(k)[None, :]
     next_emb = base[:, None] + S + (N - k) + np.arange(k)[None, :]
 
     ebae_ids, ebae_offsets = _target_sets(texts, drop)
-    ebar_ids, ebar_offsets = _target_sets(nexts, drop)
+    ebar_ids, ebar_offsets = _target_sets(nexts, drop, presorted=True)  # prep stored them sorted, unique
     return PackedBatch(
         input_ids=torch.from_numpy(input_ids),
         doc=torch.from_numpy(doc),
         segment=torch.from_numpy(segment),
         position=torch.from_numpy(position),
-        doc_row=torch.as_tensor(doc_row, dtype=torch.int64),
+        doc_row=torch.from_numpy(doc_row),
         doc_start=torch.from_numpy(doc_start_a),
         text_len=torch.from_numpy(text_len_a),
         self_emb=torch.from_numpy(self_emb.reshape(-1, k)),
@@ -161,7 +162,8 @@ def build_batch(rows: list[list], prompt: PromptTokens, seq_len: int, pad_id: in
 
 
 
-def _target_sets(arrays: list[np.ndarray], drop: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _target_sets(arrays: list[np.ndarray], drop: np.ndarray,
+                 presorted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-document sorted unique ids not in `drop`, concatenated, and their [D + 1] offsets.
 
     One np.unique over (document, id) pairs for the whole batch: per-document calls cost
@@ -170,11 +172,14 @@ def _target_sets(arrays: list[np.ndarray], drop: np.ndarray) -> tuple[torch.Tens
     lens = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
     owner = np.repeat(np.arange(len(arrays), dtype=np.int64), lens)
     flat = np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, np.int64)
-    pairs = np.sort(owner << 32 | flat)  # ids are int32 >= 0: sorted by document, then id
-    first = np.ones(len(pairs), dtype=bool)
-    first[1:] = pairs[1:] != pairs[:-1]
-    pairs = pairs[first]  # unique; np.unique hashes, slower here
-    ids, owner = pairs & 0xFFFFFFFF, pairs >> 32
+    if presorted:
+        ids = flat
+    else:
+        pairs = np.sort(owner << 32 | flat)  # ids are int32 >= 0: sorted by document, then id
+        first = np.ones(len(pairs), dtype=bool)
+        first[1:] = pairs[1:] != pairs[:-1]
+        pairs = pairs[first]  # unique; np.unique hashes, slower here
+        ids, owner = pairs & 0xFFFFFFFF, pairs >> 32
     if drop.size:
         keep = ~np.isin(ids, drop)
         ids, owner = ids[keep], owner[keep]

@@ -161,3 +161,13 @@ def _samples(path):
         key, _, ext = name.partition(".")
         samples.setdefault(key, {"__key__": key})[ext] = data
     return list(samples.values())
+
+
+def test_unsorted_next_set_is_refused_naming_the_sample():
+    from llara_dist.data.shards import decode_sample
+
+    good = {"__key__": "a-1", "ids": np.array([5, 6], "<i4").tobytes(), "next": np.array([2, 9], "<i4").tobytes()}
+    assert decode_sample(good, "s.tar").next_set.tolist() == [2, 9]
+    for bad in (np.array([9, 2], "<i4").tobytes(), np.array([2, 2], "<i4").tobytes(), b"\x01\x02\x03"):
+        with pytest.raises(ValueError, match=r"s.tar: sample 'a-1' has a .next member"):
+            decode_sample({**good, "next": bad}, "s.tar")

@@ -57,8 +57,10 @@ def decode_sample(sample: dict, where: str = "") -> Doc:
     if raw is None or len(raw) % 4:
         raise ValueError(f"{where}: sample {key!r} has no valid .ids member")
     nxt = sample.get("next")
-    return Doc(key=key, ids=np.frombuffer(raw, dtype=ID_DTYPE),
-               next_set=None if nxt is None else np.frombuffer(nxt, dtype=ID_DTYPE))
+    next_set = None if nxt is None or len(nxt) % 4 else np.frombuffer(nxt, dtype=ID_DTYPE)
+    if nxt is not None and (next_set is None or (next_set[1:] <= next_set[:-1]).any()):
+        raise ValueError(f"{where}: sample {key!r} has a .next member that is not a sorted set of int32 ids")
+    return Doc(key=key, ids=np.frombuffer(raw, dtype=ID_DTYPE), next_set=next_set)
 
 
 def shard_name(index: int) -> str:
