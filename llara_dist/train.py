@@ -131,7 +131,7 @@ class Pretrain:
     def step(self, engine, micro: list, preset, world: int) -> dict:
         from llara_dist import objective
 
-        return train_step(engine, micro, preset, world, objective)
+        return train_step(engine, micro, preset, world, objective, self.cfg.objective.lm_chunk)
 
 
 class Trainer:
@@ -242,7 +242,7 @@ class Trainer:
         return open(path, "a")
 
 
-def train_step(engine, micro_batches: list, preset, world: int, objective) -> dict:
+def train_step(engine, micro_batches: list, preset, world: int, objective, lm_chunk: int | None = None) -> dict:
     """One optimizer step over this rank's micro-batches; returns the step's global numbers.
 
     The counts of all micro-batches of all ranks are all-reduced first, so that each
@@ -262,7 +262,7 @@ def train_step(engine, micro_batches: list, preset, world: int, objective) -> di
     counts = dict(zip(terms, (int(x) for x in all_reduce_sum(local, engine.device))))
     loss_sum, part_sums = 0.0, [0.0] * len(terms)
     for b in micro_batches:
-        sums = objective.loss_sums(engine, b.to(engine.device), preset)
+        sums = objective.loss_sums(engine, b.to(engine.device), preset, lm_chunk or objective.LM_CHUNK)
         loss, parts = objective.combine(sums, counts, preset)
         engine.backward(loss * world, scale_wrt_gas=False)
         engine.step()  # the optimizer steps at the last micro-batch only
