@@ -28,5 +28,5 @@ def test_demo_runs_the_whole_job(tmp_path):
     assert (out / "run" / "checkpoints" / "latest").read_text().strip() == "step00000040"
     assert (out / "export" / "llara.json").is_file() and (out / "export" / "config.json").is_file()
     table = proc.stdout[proc.stdout.index("model       "):]
-    trained = [float(x) for x in re.search(r"^trained\s+([\d. ]+)$", table, re.M).group(1).split()]
+    trained = [float(x) for x in re.search(r"^\s*trained\s+([\d. ]+)$", table, re.M).group(1).split()]
     assert len(trained) == 4 and all(0.0 <= x <= 1.0 for x in trained)
