@@ -33,6 +33,13 @@ import torch.distributed as dist
 PREEMPTED_EXIT = 42  # the trainer's status (llara_dist/preempt.py); a test checks they agree
 
 
+def emit(record: dict) -> None:
+    """One JSON line in ONE write: the ranks share the log, and print() may write the text
+    and its newline separately (unbuffered output), interleaving two ranks' lines."""
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
 def env_rank() -> tuple[int, int, int]:
     """(rank, world, local rank) from torchrun/deepspeed variables, else SLURM's."""
     env = os.environ
@@ -61,12 +68,12 @@ def main() -> int:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     total = torch.tensor([rank])
     dist.all_reduce(total)
-    print(json.dumps({"rank": rank, "world": world, "local_rank": local,
-                      "node": os.environ.get("SLURMD_NODENAME", socket.gethostname()),
-                      "master": f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-                      "devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                      "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-                      "rank_sum": int(total.item())}), flush=True)
+    emit({"rank": rank, "world": world, "local_rank": local,
+          "node": os.environ.get("SLURMD_NODENAME", socket.gethostname()),
+          "master": f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+          "devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+          "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+          "rank_sum": int(total.item())})
     status = 0 if total.item() == world * (world - 1) // 2 else 1
     if rank == args.kill_rank:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -89,7 +96,7 @@ def until_signal(folder: Path, rank: int, stop: dict, step_s: float, max_s: floa
             if rank == 0:
                 (folder / "preempted").write_text(f"step {step} signal {stop['sig']}\n")
             dist.barrier()  # the "save" is complete on every rank before any exits
-            print(json.dumps({"rank": rank, "preempted_at_step": step, "signal": stop["sig"]}), flush=True)
+            emit({"rank": rank, "preempted_at_step": step, "signal": stop["sig"]})
             return PREEMPTED_EXIT
         step += 1
         time.sleep(step_s)
