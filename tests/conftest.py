@@ -93,3 +93,19 @@ def wiki_docs(shared_data, tokenizer_dir) -> list:
         for c, text in enumerate(chunks):
             docs.append((make_key("wiki", a, c), ids[c], ids[c + 1] if c + 1 < len(chunks) else None, text))
     return docs
+
+
+@pytest.fixture(scope="session")
+def run_ranks():
+    """run(worker, world, paths, out): spawn `world` gloo ranks of worker(rank, world, port, paths, out)
+    in-process (torch.multiprocessing), then load what rank 0 saved to `out`."""
+    def run(worker, world: int, paths, out):
+        import torch
+        import torch.multiprocessing as mp
+
+        from llara_dist.engine import _free_port
+
+        mp.spawn(worker, args=(world, _free_port(), paths, out), nprocs=world)
+        return torch.load(out, weights_only=False)
+
+    return run

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from llara_dist.config import ConfigError, FinetuneConfig, FinetuneRunConfig, ModelConfig, ObjectiveConfig, \
     TrainConfig, load_config
@@ -172,13 +171,6 @@ def _worker(rank, world, port, paths, out):
                     "grad_norm": float(engine.get_global_grad_norm())}, out)
 
 
-def run_ranks(world, paths, out):
-    from llara_dist.engine import _free_port
-
-    mp.spawn(_worker, args=(world, _free_port(), paths, out), nprocs=world)
-    return torch.load(out, weights_only=False)
-
-
 def reference(paths, init: dict):
     """One process, plain PyTorch: each 4-query slice scored against its 12 passages, / 8, backward, clip, AdamW."""
     from llara_dist.engine import apply_lora
@@ -204,10 +196,10 @@ def reference(paths, init: dict):
 
 
 @pytest.mark.slow
-def test_cross_device_two_ranks_equal_one_rank(tmp_path, shared_data, tokenizer_dir, tiny_llama_dir):
+def test_cross_device_two_ranks_equal_one_rank(tmp_path, shared_data, tokenizer_dir, tiny_llama_dir, run_ranks):
     """2 ranks x 2 queries x accum 2 (cross-device negatives) == the 1-rank computation over the same groups."""
     paths = (shared_data, tokenizer_dir, tiny_llama_dir)
-    two = run_ranks(2, paths, tmp_path / "two.pt")
+    two = run_ranks(_worker, 2, paths, tmp_path / "two.pt")
     loss, norm, weights = reference(paths, two["before"])
     assert two["result"]["loss"] == pytest.approx(loss, rel=1e-6)
     assert two["grad_norm"] == pytest.approx(norm, rel=1e-5)  # a factor of world or accum would show here

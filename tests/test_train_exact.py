@@ -14,7 +14,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from llara_dist.batch import build_batch
 from llara_dist.config import ModelConfig, ObjectiveConfig, TrainConfig
@@ -85,13 +84,6 @@ def _worker(rank, world, port, paths, out):
                     "grad_norm": float(engine.get_global_grad_norm())}, out)
 
 
-def run_ranks(world, paths, out):
-    from llara_dist.engine import _free_port
-
-    mp.spawn(_worker, args=(world, _free_port(), paths, out), nprocs=world)
-    return torch.load(out, weights_only=False)
-
-
 def reference(paths, init: dict):
     """Plain PyTorch: mean over all documents of the 8 rows, one backward, clip, AdamW."""
     from llara_dist import objective
@@ -109,10 +101,10 @@ def reference(paths, init: dict):
     return float(loss), norm, {n: p.detach() for n, p in model.named_parameters()}, counts
 
 
-def test_two_ranks_equal_one_rank_and_reference(tmp_path, tokenizer_dir, tiny_llama_dir, wiki_docs):
+def test_two_ranks_equal_one_rank_and_reference(tmp_path, tokenizer_dir, tiny_llama_dir, wiki_docs, run_ranks):
     paths = (tokenizer_dir, tiny_llama_dir, wiki_docs)
-    one = run_ranks(1, paths, tmp_path / "one.pt")
-    two = run_ranks(2, paths, tmp_path / "two.pt")
+    one = run_ranks(_worker, 1, paths, tmp_path / "one.pt")
+    two = run_ranks(_worker, 2, paths, tmp_path / "two.pt")
     for name, w in one["before"].items():
         assert torch.equal(w, two["before"][name]), f"{name}: initial weights differ between world sizes"
 
