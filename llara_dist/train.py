@@ -255,6 +255,7 @@ def train_step(engine, micro_batches: list, preset, world: int, objective, lm_ch
     from llara_dist.metrics import attention_pairs
 
     terms = objective.TERMS
+    chunking = {} if lm_chunk is None else {"lm_chunk": lm_chunk}  # else the objective's own default
     local = [0.0] * len(terms)
     for b in micro_batches:
         c = objective.batch_counts(b, preset)
@@ -262,7 +263,7 @@ def train_step(engine, micro_batches: list, preset, world: int, objective, lm_ch
     counts = dict(zip(terms, (int(x) for x in all_reduce_sum(local, engine.device))))
     loss_sum, part_sums = 0.0, [0.0] * len(terms)
     for b in micro_batches:
-        sums = objective.loss_sums(engine, b.to(engine.device), preset, lm_chunk or objective.LM_CHUNK)
+        sums = objective.loss_sums(engine, b.to(engine.device), preset, **chunking)
         loss, parts = objective.combine(sums, counts, preset)
         engine.backward(loss * world, scale_wrt_gas=False)
         engine.step()  # the optimizer steps at the last micro-batch only
