@@ -98,6 +98,8 @@ def test_pipe_url_template(seven_shards):
     shards = ShardSet.open(f"pipe:cat {folder}/{{name}}")
     local = ShardSet.open(str(folder))
     assert shards.fingerprint == local.fingerprint
+    # every reader of the manifest (the trainer looks up the tokenizer there) fills the template
+    assert sh.read_manifest(f"pipe:cat {folder}/{{name}}") == sh.read_manifest(str(folder))
     assert [d.key for d in itertools.islice(Reader(shards, 0, 0, 2), 30)] == \
            [d.key for d in itertools.islice(Reader(local, 0, 0, 2), 30)]
 

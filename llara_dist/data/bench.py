@@ -44,7 +44,7 @@ def configure(p) -> None:
 def run(args) -> int:
     from llara_dist.config import DataConfig, ObjectiveConfig
     from llara_dist.data.loader import PackedLoader
-    from llara_dist.data.stream import read_manifest
+    from llara_dist.data.shards import read_manifest
     from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
     from llara_dist.tokenizer import load_tokenizer
 

@@ -94,13 +94,19 @@ def write_manifest(folder, manifest: dict) -> None:
     Path(folder, MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
+def shard_url(location: str, name: str) -> str:
+    """The URL of file `name` under `location`: a folder, a URL prefix, or a template with
+    `{name}` where the file name goes (`pipe:aws s3 cp s3://bucket/wiki/{name} -`)."""
+    if "{name}" in location:
+        return location.replace("{name}", name)
+    return location.rstrip("/") + "/" + name
+
+
 def read_manifest(location: str) -> dict:
-    """manifest.json from a folder or URL prefix (anything webdataset's gopen accepts)."""
+    """manifest.json under `location` (see shard_url), or a .json path itself."""
     import webdataset as wds
 
-    # a `pipe:` command names the manifest itself (stream.shard_url fills its {name})
-    named = location.endswith(".json") or location.startswith("pipe:")
-    url = location if named else location.rstrip("/") + "/" + MANIFEST
+    url = location if location.endswith(".json") else shard_url(location, MANIFEST)
     try:
         with wds.gopen(url, "rb") as f:
             manifest = json.loads(f.read().decode("utf-8"))

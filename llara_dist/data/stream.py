@@ -32,18 +32,6 @@ from llara_dist.data import shards as sh
 _NEEDED = ("ids", "next")
 
 
-def shard_url(location: str, name: str) -> str:
-    """The URL of file `name` under `location` (a folder, URL prefix or `{name}` template)."""
-    if "{name}" in location:
-        return location.replace("{name}", name)
-    return location.rstrip("/") + "/" + name
-
-
-def read_manifest(location: str) -> dict:
-    """The manifest under `location` (a folder, URL prefix or `{name}` template)."""
-    return sh.read_manifest(shard_url(location, sh.MANIFEST) if "{name}" in location else location)
-
-
 @dataclass(frozen=True)
 class ShardSet:
     """The shards of one manifest: URLs, document counts and an identity for cursors."""
@@ -55,7 +43,7 @@ class ShardSet:
 
     @classmethod
     def open(cls, location: str) -> "ShardSet":
-        manifest = read_manifest(location)
+        manifest = sh.read_manifest(location)
         entries = manifest["shards"]
         try:
             names = tuple(str(e["name"]) for e in entries)
@@ -69,7 +57,7 @@ class ShardSet:
         return len(self.names)
 
     def url(self, i: int) -> str:
-        return shard_url(self.location, self.names[i])
+        return sh.shard_url(self.location, self.names[i])
 
     def check_readers(self, num_readers: int, world: int, workers: int) -> None:
         """Refuse a split where some reader would get no shard."""
