@@ -21,6 +21,18 @@ import torch
 LLARA_JSON = "llara.json"
 
 
+def saved_objective(model_dir: str | Path):
+    """The ObjectiveConfig recorded in a model folder's llara.json (by export), or None."""
+    from llara_dist.config import ObjectiveConfig
+
+    path = Path(model_dir) / LLARA_JSON
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())["objective"]
+    known = {f.name for f in fields(ObjectiveConfig)}
+    return ObjectiveConfig(**{k: v for k, v in saved.items() if k in known})
+
+
 def load_encoder(model_dir: str | Path, attn: str = "sdpa", dtype: str = "auto", preset: str | None = None):
     """(model, tokenizer, Preset) from a model folder; the preset comes from its llara.json."""
     from llara_dist.config import ModelConfig, ObjectiveConfig
@@ -30,13 +42,10 @@ def load_encoder(model_dir: str | Path, attn: str = "sdpa", dtype: str = "auto",
 
     model_dir = Path(model_dir)
     meta_path = model_dir / LLARA_JSON
-    if meta_path.is_file():
-        saved = json.loads(meta_path.read_text())["objective"]
-        known = {f.name for f in fields(ObjectiveConfig)}
-        objective = ObjectiveConfig(**{k: v for k, v in saved.items() if k in known})
-    elif preset is not None:
+    objective = saved_objective(model_dir)
+    if objective is None and preset is not None:
         objective = ObjectiveConfig(preset=preset)
-    else:
+    elif objective is None:
         raise FileNotFoundError(f"{meta_path}: missing; export the model with `llara-dist export` "
                                 "or name the preset with --preset")
     if preset is not None and preset != objective.preset:

@@ -65,24 +65,20 @@ class Finetune:
 
 def check_preset(cfg: FinetuneRunConfig) -> None:
     """An exported model folder records its prompts (llara.json): fine-tuning with others is refused."""
-    import json
-    from dataclasses import fields
     from pathlib import Path
 
-    from llara_dist.config import ObjectiveConfig
-    from llara_dist.encode import LLARA_JSON
+    from llara_dist.encode import LLARA_JSON, saved_objective
     from llara_dist.prompts import resolve_preset
 
-    meta = Path(cfg.model.path) / LLARA_JSON
-    if not meta.is_file():
+    saved = saved_objective(cfg.model.path)
+    if saved is None:
         return
-    saved = json.loads(meta.read_text())["objective"]
-    known = {f.name for f in fields(ObjectiveConfig)}
-    adapted = resolve_preset(ObjectiveConfig(**{k: v for k, v in saved.items() if k in known}))
+    meta = Path(cfg.model.path) / LLARA_JSON
+    adapted = resolve_preset(saved)
     if adapted != resolve_preset(cfg.objective):
-        raise ValueError(f"{meta}: the model was adapted with preset {saved.get('preset')!r} and its prompts; "
+        raise ValueError(f"{meta}: the model was adapted with preset {saved.preset!r} and its prompts; "
                          f"this config's objective (preset {cfg.objective.preset!r}) differs: set "
-                         f"objective.preset={saved.get('preset')} (and the same custom fields)")
+                         f"objective.preset={saved.preset} (and the same custom fields)")
 
 
 def engine_train_config(cfg: FinetuneRunConfig):
