@@ -1,68 +1,105 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issues 3 and 6): one H100, under 8 minutes.
-#   1. llara-dist doctor on the GPU: every path, forward and backward in bf16 against fp32 sdpa
-#   2. bench/attn_bench.py: one LLaMA-2-7B attention layer (32 x 128), rows of 1024 with ~5 and
+# The one prepared GPU check (issues 3 and 6): one H100, under 8 minutes, the most valuable figures first.
+#   1. bench/train_bench.py: end-to-end ZeRO-3 training steps, ours vs the released way, a profile of
+#      each configuration, activation checkpointing on the best path (issue 6)
+#   2. llara-dist doctor on the GPU: every path, forward and backward in bf16 against fp32 sdpa
+#   3. bench/attn_bench.py: one LLaMA-2-7B attention layer (32 x 128), rows of 1024 with ~5 and
 #      ~1.5 documents: sdpa, flex, varlen, two-pass and the plain causal flash ceiling
-#   3. bench/train_bench.py: end-to-end ZeRO-3 training steps, ours vs the released way
+# Each stage has a time cap and tees its output to $OUT as it goes (the train bench also writes its
+# JSON and table after every configuration), so a stage cut short keeps what it measured.
 #
-# From a session holding the device: steps 1-2 need only the device image (the repo goes on
-# PYTHONPATH); step 3 needs DeepSpeed, carried as wheels in .whl/ (docs/PERFORMANCE.md says
-# how to build them here):
+# From a session holding the device: the repo goes on PYTHONPATH (no install); DeepSpeed and what it
+# needs are carried as wheels in .whl/ (docs/PERFORMANCE.md says how to build them here):
 #     run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)   # results in $OUT
-# Dry run of the same plumbing on a CPU box (tiny shapes):
+# Dry run of the same plumbing on a CPU box (tiny shapes; PY picks another interpreter):
 #     DEVICE=cpu bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-bench_out}
 PY=${PY:-python3}
+TOTAL_S=${TOTAL_S:-470}  # every stage ends by then; the rest of 8 minutes is start-up and slack
+WHEELS=${WHEELS:-.whl}  # carried wheels of what the device image lacks (deepspeed, pydantic, ...)
 mkdir -p "$OUT"
 
 # llara_dist.kernels is the top-level kernels/ folder (setuptools package-dir); without an
-# install, mirror that mapping with links in a temporary folder
+# install, mirror that mapping with links in a temporary folder. PYTHONSAFEPATH: `python -m`
+# would otherwise put the repo root first on sys.path, and its llara_dist/ has no kernels/.
 SITE=$(mktemp -d)
+trap 'rm -rf "$SITE"' EXIT
 mkdir "$SITE/llara_dist"
 for f in "$PWD"/llara_dist/*; do ln -s "$f" "$SITE/llara_dist/"; done
 ln -s "$PWD/kernels" "$SITE/llara_dist/kernels"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 
-if [ "$DEVICE" = cpu ]; then  # the plumbing only: one path, tiny shapes
+status=0
+fail() { echo "!! $*" | tee -a "$OUT/errors.txt"; status=1; }
+
+# DeepSpeed: the image's own, else the carried wheels unpacked into $SITE/whl (ahead of site-packages)
+if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)"; then
+    if ls "$WHEELS"/deepspeed-*.whl >/dev/null 2>&1; then
+        if "$PY" -m pip --version >/dev/null 2>&1; then
+            "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE/whl" "$WHEELS"/*.whl
+        else  # no pip on the image: a wheel is a zip archive, and unpacked on the path it imports the same
+            for w in "$WHEELS"/*.whl; do "$PY" -m zipfile -e "$w" "$SITE/whl" || break; done
+        fi
+        export PYTHONPATH="$PYTHONPATH:$SITE/whl"
+    fi
+fi
+if said=$("$PY" -c "import deepspeed; print(deepspeed.__version__)" 2>&1); then
+    HAVE_DS=1 DS_LINE="deepspeed ${said##*$'\n'}"
+else
+    HAVE_DS=0 DS_LINE="deepspeed: ${said##*$'\n'}"
+    fail "NO DEEPSPEED, the training benchmark cannot run (${said##*$'\n'}). Carry the wheels \
+($WHEELS): run(..., carry=[\".whl\"]); docs/PERFORMANCE.md says how to build them"
+fi
+
+{
+    date -u
+    [ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    "$PY" - <<'EOF'
+import platform, torch, transformers
+print(f"python {platform.python_version()}, torch {torch.__version__} (cuda {torch.version.cuda}), "
+      f"transformers {transformers.__version__}")
+for name in ("triton", "tokenizers", "peft", "flash_attn"):
+    try:
+        print(f"{name} {__import__(name).__version__}")
+    except Exception as e:  # noqa: BLE001 - a version line, not a check
+        print(f"{name}: {type(e).__name__}")
+EOF
+    echo "$DS_LINE"
+} 2>&1 | tee "$OUT/env.txt"
+
+if [ "$DEVICE" = cpu ]; then  # the plumbing only: tiny shapes
+    TRAIN_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 2 --warmup 0 --steps 1)
     DOCTOR_ARGS=(--device cpu --seq-len 128 --attn sdpa)
     BENCH_ARGS=(--device cpu --rows 2 --seq-len 256 --heads 2 --head-dim 16 --iters 1)
 else
+    TRAIN_ARGS=(--device cuda --profile)
     DOCTOR_ARGS=(--device cuda --dtype bf16)
     BENCH_ARGS=(--device cuda)
-    nvidia-smi -L
 fi
 
-status=0
-echo "== doctor"
-timeout 240 "$PY" -m llara_dist doctor "${DOCTOR_ARGS[@]}" 2>&1 | tee "$OUT/doctor.txt" || status=1
-echo "== attention microbenchmark"
-timeout 240 "$PY" bench/attn_bench.py "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT/attn_bench.txt" || status=1
+# stage NAME CAP_S COMMAND...: run under min(CAP_S, what is left of TOTAL_S), output to $OUT/NAME.txt
+stage() {
+    local name=$1 cap=$2 budget=$(( TOTAL_S - SECONDS ))
+    shift 2
+    [ $budget -gt "$cap" ] && budget=$cap
+    if [ $budget -lt 30 ]; then fail "$name: no time left (${budget}s)"; return 1; fi
+    echo "== $name (budget ${budget}s, ${SECONDS}s elapsed)"
+    timeout -k 10 "$budget" "$@" 2>&1 | tee "$OUT/$name.txt"  # SIGKILL 10 s after a SIGTERM it ignores
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || fail "$name: exit status $rc$([ "$rc" -eq 124 ] && echo ", cut at ${budget}s")"
+    return "$rc"
+}
 
-# 3. bench/train_bench.py (issue 6): whole training steps through DeepSpeed ZeRO-3, LLaMA-2-7B-shaped
-#    layers, the released LLaRA way against ours (each path) and two-pass, DPR-like and 480-word
-#    documents; ~3 minutes on one H100. Its budget is what is left of 470 s (at most 240 s), so the
-#    script stays under 8 minutes whatever the steps above took. The device image has no DeepSpeed:
-#    carry its wheels (docs/PERFORMANCE.md says how to make .whl/), run(..., carry=[".whl"]).
-if ! "$PY" -c "import deepspeed" 2>/dev/null && ls .whl/deepspeed-*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE/whl" .whl/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:$SITE/whl"
+# 1. ~2.5 minutes on one H100 (docs/PERFORMANCE.md, "Time budget"): the figures issue 6 owes
+if [ $HAVE_DS = 1 ]; then
+    stage train_bench 300 "$PY" bench/train_bench.py "${TRAIN_ARGS[@]}" --out "$OUT/train_bench" \
+        || { echo "== train_bench table so far"; cat "$OUT/train_bench/bench.md" 2>/dev/null; }
 fi
-if [ "$DEVICE" = cpu ]; then
-    TRAIN_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 2 --warmup 0 --steps 1)
-else
-    TRAIN_ARGS=(--device cuda --profile)
-fi
-budget=$(( 470 - SECONDS )); [ $budget -gt 240 ] && budget=240
-echo "== training benchmark (budget ${budget}s)"
-if [ $budget -lt 60 ]; then
-    echo "no time left for the training benchmark"; status=1
-else
-    timeout $budget "$PY" bench/train_bench.py "${TRAIN_ARGS[@]}" --out "$OUT/train_bench" 2>&1 \
-        | tee "$OUT/train_bench.txt" || status=1
-fi
-rm -rf "$SITE"
-echo "== gpu_check status $status"
+# 2-3. correctness of every path on the device, then the attention layer alone
+stage doctor 150 "$PY" -m llara_dist doctor "${DOCTOR_ARGS[@]}"
+stage attn_bench 150 "$PY" bench/attn_bench.py "${BENCH_ARGS[@]}"
+echo "== gpu_check status $status after ${SECONDS}s"
 exit $status

@@ -35,7 +35,12 @@ the attention pairs the joint mask allows) per second over the device's bf16 den
 (989 TFLOP/s on H100; metrics.peak_flops) and over a matmul peak measured here, and each
 figure's ratio to the baseline. Before any step, every configuration's loss on the step's
 documents is evaluated at the same starting weights: they must agree (same documents, same
-objective), else the run fails. Output: bench.json and bench.md in --out, the table on stdout.
+objective), else the run fails. Last, the fastest of our paths on the first workload runs once
+more with activation checkpointing (non-reentrant, every decoder layer; config `<path>+ckpt`):
+its step time and peak memory against the same path without. Output: bench.json and bench.md in
+--out, rewritten after every configuration (a run cut short keeps what it measured), the table
+on stdout; with --profile a torch.profiler top-25 operator table per configuration of the first
+workload (profile-*.txt).
 """
 
 from __future__ import annotations
@@ -241,9 +246,10 @@ def docs_hash(batches: list) -> str:
 
 
 def run_config(engine, name: str, path: str, micro: list, preset, objective, args, device,
-               profile: Path | None = None) -> dict:
+               profile: Path | None = None, checkpointing: bool = False) -> dict:
     """Warm-up steps, then --steps timed optimizer steps over the same micro-batches."""
     set_attention(engine, path, device)
+    set_checkpointing(engine, checkpointing)
     for _ in range(args.warmup):
         train_step(engine, micro, preset, 1, objective)
     sync(device)
@@ -267,8 +273,21 @@ def run_config(engine, name: str, path: str, micro: list, preset, objective, arg
         "pairs": sum(attention_pairs(b) for b in micro), "step_s": step_s, "step_s_all": times,
         "text_tokens_per_s": text / step_s, "docs_per_s": sum(b.num_docs for b in micro) / step_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
-        "loss": result["loss"],
+        "loss": result["loss"], "checkpointing": checkpointing,
     }
+
+
+def set_checkpointing(engine, on: bool) -> None:
+    """Activation checkpointing (non-reentrant) of every decoder layer, switched on a built engine.
+
+    HF decoder layers check the flag at each call, so the same ZeRO-3 engine and optimizer serve
+    both ways. transformers 5.24 has activation_checkpointing_* (its gradient_* warn), 5.17 only gradient_*."""
+    core = engine.module
+    if on:
+        enable = getattr(core, "activation_checkpointing_enable", None) or core.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    else:
+        (getattr(core, "activation_checkpointing_disable", None) or core.gradient_checkpointing_disable)()
 
 
 def profile_step(engine, micro, preset, objective, device, path: Path) -> None:
@@ -279,7 +298,7 @@ def profile_step(engine, micro, preset, objective, device, path: Path) -> None:
     with profile(activities=acts) as prof:
         train_step(engine, micro, preset, 1, objective)
         sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # both torch 2.11 and 2.13
     path.write_text(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
 
 
@@ -288,10 +307,8 @@ def build(args, device, dtype, n_micro: int, vocab: int):
     init_distributed(dist_env())
     shape = SHAPES[args.shape]
     train = TrainConfig(global_batch=args.micro_batch * n_micro, micro_batch=args.micro_batch, lr=1e-5,
-                        warmup_steps=0, decay="constant", activation_checkpointing=args.activation_checkpointing)
+                        warmup_steps=0, decay="constant")
     ds = deepspeed_config(train, BatchPlan(train.global_batch, args.micro_batch, n_micro, 1), dtype)
-    if device.type == "cuda":  # torch's fused AdamW: no JIT build of DeepSpeed's kernel on a bare image
-        ds["optimizer"]["params"].update(torch_adam=True, fused=True)
     config = tiny_llama_config(vocab + NEW_TOKENS, hidden=shape["hidden"], layers=args.layers or shape["layers"],
                                heads=shape["heads"], intermediate=shape["intermediate"],
                                max_positions=max(args.seq_len, 1024))
@@ -316,7 +333,8 @@ def main(argv=None) -> int:
     p.add_argument("--paths", nargs="+", default=[], help="our attention paths (default: all that train here)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration (compiles)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per configuration (0: 3, tiny shape 2)")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compare-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the fastest of our paths on the first workload once more with activation checkpointing")
     p.add_argument("--profile", action="store_true",
                    help="profile one more step of each configuration of the first workload (profile-*.txt)")
     p.add_argument("--loss-rtol", type=float, default=0.0, help="loss agreement bound (0: 1e-4 fp32, 2e-2 bf16)")
@@ -363,35 +381,55 @@ def main(argv=None) -> int:
               "seq_len": args.seq_len, "micro_batch": args.micro_batch, "micro_batches": n_micro,
               "warmup": args.warmup, "steps": args.steps, "matmul_peak_tflops": matmul_peak / 1e12,
               "table_peak_tflops": table_peak / 1e12 if table_peak else None,
-              "activation_checkpointing": args.activation_checkpointing, "workloads": []}
+              "workloads": []}
 
-    failed = False
     for i, w in enumerate(loads):
         starts = start_losses(engine, w, configs, preset, device, rtol)
         results = []
+        report["workloads"].append({"docs": w.name, "documents": len(w.docs), "results": results})
         for cname, path, layout, obj in configs:
             prof = out / f"profile-{w.name}-{cname}.txt" if args.profile and i == 0 else None
-            try:
-                if isinstance(starts[cname], str):
-                    raise RuntimeError(starts[cname])
-                r = run_config(engine, cname, path, getattr(w, layout), preset, obj, args, device, prof)
-            except Exception as e:  # noqa: BLE001 - one failing path must not lose the others' figures
-                traceback.print_exc()
-                failed = True
-                results.append({"config": cname, "path": path, "error": f"{type(e).__name__}: {e}"})
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            r["loss_at_start"] = starts[cname]
-            results.append(r)
-            print(f"{w.name} {cname}: {r['step_s']:.3f} s/step", file=sys.stderr, flush=True)
-        finish(results, w.name, hf_config, table_peak, matmul_peak)
-        report["workloads"].append({"docs": w.name, "documents": len(w.docs), "results": results})
-        # written after each workload: a run cut short keeps what it measured
-        (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
-        (out / "bench.md").write_text(markdown(report))
+            results.append(measure(engine, w.name, cname, path, getattr(w, layout), preset, obj, args, device,
+                                   starts[cname], prof))
+            save(report, results, w.name, hf_config, table_peak, matmul_peak, out)
+    first, fastest = report["workloads"][0]["results"], fastest_ours(report["workloads"][0]["results"])
+    if args.compare_checkpointing and fastest is not None:  # last: what it costs comes after every other figure
+        first.append(measure(engine, loads[0].name, f"{fastest['config']}+ckpt", fastest["path"], loads[0].packed,
+                             preset, objs["ours"], args, device, fastest["loss_at_start"], checkpointing=True))
+        save(report, first, loads[0].name, hf_config, table_peak, matmul_peak, out)
+    failed = any("error" in r for w in report["workloads"] for r in w["results"])
     print(markdown(report))
     return 1 if failed else 0
+
+
+def measure(engine, docs: str, cname: str, path: str, micro: list, preset, obj, args, device, start,
+            profile: Path | None = None, checkpointing: bool = False) -> dict:
+    """run_config's result, or {config, path, error} if it failed: one failing path must not lose the others'."""
+    try:
+        if isinstance(start, str):
+            raise RuntimeError(start)
+        r = run_config(engine, cname, path, micro, preset, obj, args, device, profile, checkpointing)
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        traceback.print_exc()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"config": cname, "path": path, "checkpointing": checkpointing, "error": f"{type(e).__name__}: {e}"}
+    print(f"{docs} {cname}: {r['step_s']:.3f} s/step", file=sys.stderr, flush=True)
+    return {**r, "loss_at_start": start}
+
+
+def save(report: dict, results: list, name: str, hf_config, table_peak, matmul_peak, out: Path) -> None:
+    """Ratios and checks of the results so far, then bench.json and bench.md rewritten."""
+    finish(results, name, hf_config, table_peak, matmul_peak)
+    (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "bench.md").write_text(markdown(report))
+
+
+def fastest_ours(results: list) -> dict | None:
+    """The packed joint-prompt configuration (not baseline, two-pass or checkpointed) with most text tokens/s."""
+    ours = [r for r in results if "error" not in r and not r.get("checkpointing")
+            and r["config"] not in ("baseline", "two-pass")]
+    return max(ours, key=lambda r: r["text_tokens_per_s"], default=None)
 
 
 def start_losses(engine, w: Workload, configs: list, preset, device, rtol: float) -> dict:
@@ -456,10 +494,9 @@ def markdown(report: dict) -> str:
     lines.append("")
     for w in report["workloads"]:
         by = {r["config"]: r for r in w["results"] if "error" not in r}
-        ours = [r for r in by.values() if r["config"] not in ("baseline", "two-pass")]
-        if not ours:
+        best = fastest_ours(w["results"])
+        if best is None:
             continue
-        best = max(ours, key=lambda r: r["text_tokens_per_s"])
         line = f"- {w['docs']}: best path {best['config']} {best['speedup']:.2f}x the baseline"
         if w["docs"] in TARGETS:
             line += f" (target >= {TARGETS[w['docs']]:g})"
@@ -468,6 +505,13 @@ def markdown(report: dict) -> str:
         if best["mfu_table"] is not None:
             line += f"; MFU {best['mfu_table']:.1%} (target >= 50%)"
         lines.append(line)
+        for r in by.values():
+            plain = by.get(r["path"]) if r.get("checkpointing") else None
+            if plain is not None:
+                gib = lambda x: "n/a" if x is None else f"{x:.1f} GiB"  # noqa: E731
+                lines.append(f"- {w['docs']}: activation checkpointing on {r['path']}: "
+                             f"{r['step_s'] / plain['step_s']:.2f}x the step time, peak memory "
+                             f"{gib(r['peak_mem_gib'])} (without: {gib(plain['peak_mem_gib'])})")
     return "\n".join(lines) + "\n"
 
 

@@ -13,8 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/common.sh
 
-GPUS=${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
-GPUS=${GPUS:-1}; ((GPUS > 0)) || GPUS=1
+GPUS=${GPUS:-$(default_gpus)}
 MASTER_PORT=${MASTER_PORT:-29500}
 
 run_launcher deepspeed --num_gpus "$GPUS" --master_port "$MASTER_PORT" --no_local_rank $ENTRY "$@"

@@ -40,6 +40,9 @@ class PackedBatch:
     ebae_offsets: torch.Tensor  # [D + 1] int64 document d's set is ebae_ids[off[d]:off[d+1]]
     ebar_ids: torch.Tensor  # [T2] int64 EBAR target sets (empty for documents without a next chunk)
     ebar_offsets: torch.Tensor  # [D + 1] int64
+    # [T] int64 flat index of the positions whose next token is an LM target (lm_targets), found
+    # here on the CPU: nonzero() on a GPU tensor makes the host wait for the device
+    lm_index: torch.Tensor
     # constants of the prompt
     prefix_len: int
     self_len: int
@@ -139,11 +142,12 @@ def build_batch(rows: list[list], prompt: PromptTokens, seq_len: int, pad_id: in
 
     ebae_ids, ebae_offsets = _target_sets(texts, drop)
     ebar_ids, ebar_offsets = _target_sets(nexts, drop, presorted=True)  # prep stored them sorted, unique
+    input_ids, doc, segment, position = map(torch.from_numpy, (input_ids, doc, segment, position))
     return PackedBatch(
-        input_ids=torch.from_numpy(input_ids),
-        doc=torch.from_numpy(doc),
-        segment=torch.from_numpy(segment),
-        position=torch.from_numpy(position),
+        input_ids=input_ids,
+        doc=doc,
+        segment=segment,
+        position=position,
         doc_row=torch.from_numpy(doc_row),
         doc_start=torch.from_numpy(doc_start_a),
         text_len=torch.from_numpy(text_len_a),
@@ -154,12 +158,25 @@ def build_batch(rows: list[list], prompt: PromptTokens, seq_len: int, pad_id: in
         ebae_offsets=ebae_offsets,
         ebar_ids=ebar_ids,
         ebar_offsets=ebar_offsets,
+        lm_index=_lm_targets(doc, segment, position, P).reshape(-1).nonzero().squeeze(1),
         prefix_len=P,
         self_len=S,
         next_len=N,
         keys=keys,
     )
 
+
+def lm_targets(batch: PackedBatch) -> torch.Tensor:
+    """[R, L] bool: position i predicts input_ids[i + 1], a text token (not prefix) of its document."""
+    return _lm_targets(batch.doc, batch.segment, batch.position, batch.prefix_len)
+
+
+def _lm_targets(doc: torch.Tensor, segment: torch.Tensor, position: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    nxt = segment[:, 1:] == SEG_TEXT  # [R, L - 1]
+    nxt &= doc[:, 1:] == doc[:, :-1]
+    nxt &= doc[:, 1:] >= 0
+    nxt &= position[:, 1:] >= prefix_len
+    return torch.nn.functional.pad(nxt, (0, 1))
 
 
 def _target_sets(arrays: list[np.ndarray], drop: np.ndarray,

@@ -299,9 +299,16 @@ class TrainConfig:
     ledger: bool = opt(False, "record the keys of the documents each rank consumed at each step (ledger-rankN.jsonl)")
     collective_timeout_s: int = opt(300, "seconds a collective may wait for a dead or stuck rank before all fail")
     peak_tflops: float = opt(0.0, "device peak TFLOP/s for MFU (0: look the GPU up in a table; none on CPU)")
+    adam_impl: str = opt("torch", "AdamW kernel on GPU: torch (torch.optim.AdamW, fused; nothing to build) or "
+                                  "deepspeed (DeepSpeed's FusedAdam, built with nvcc at first start); offloaded "
+                                  "optimizer states always use DeepSpeed's CPU-Adam, CPU runs torch's AdamW")
+    deepspeed: dict[str, Any] = opt({}, "DeepSpeed config entries merged into the generated config (ZeRO-3 "
+                                        "knobs, e.g. zero_optimization.stage3_prefetch_bucket_size); entries "
+                                        "the trainer sets from train.* are refused")
 
     def check(self) -> list[str]:
-        if any(isinstance(getattr(self, f.name), str) for f in fields(self) if f.name not in ("decay", "tokenizer")):
+        if any(isinstance(getattr(self, f.name), str) for f in fields(self)
+               if f.name not in ("decay", "tokenizer", "adam_impl")):
             return []  # a value of the wrong type is already reported; comparisons would fail
         out = []
         for name in ("global_batch", "micro_batch", "steps", "ckpt_every", "keep_checkpoints"):
@@ -321,6 +328,12 @@ class TrainConfig:
             out.append(f"adam_betas: expected two numbers, got {self.adam_betas}")
         if self.collective_timeout_s < 5:
             out.append(f"collective_timeout_s: {self.collective_timeout_s} is too short (at least 5)")
+        if self.adam_impl not in ("torch", "deepspeed"):
+            out.append(f"adam_impl: {self.adam_impl!r} is not one of torch, deepspeed")
+        if isinstance(self.deepspeed, dict) and self.deepspeed:  # engine imports torch: only when there is one
+            from llara_dist.engine import deepspeed_override_problems
+
+            out += deepspeed_override_problems(self.deepspeed)
         return out
 
 

@@ -14,9 +14,9 @@ This module knows DeepSpeed and torch.distributed, nothing of prompts or losses:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -39,7 +39,8 @@ def dist_env(environ=None) -> DistEnv:
     - `deepspeed` and `torchrun` set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
     - `srun` (one task per process) sets SLURM_PROCID, SLURM_STEP_NUM_TASKS (or SLURM_NTASKS),
       SLURM_LOCALID; the sbatch script exports MASTER_ADDR and MASTER_PORT;
-    - a plain process is rank 0 of 1 and picks a free local port.
+    - a plain process is rank 0 of 1 with port 0: its store binds any free port, since no other
+      rank has to find it (a port picked free and bound later could be taken in between).
     RANK wins over SLURM_*: a launcher started inside an allocation sets both.
     """
     env = os.environ if environ is None else environ
@@ -65,17 +66,14 @@ def dist_env(environ=None) -> DistEnv:
     if not 0 <= rank < world:
         raise RuntimeError(f"rank {rank} is outside world size {world} ({launcher} environment)")
     addr = env.get("MASTER_ADDR")
-    port = env.get("MASTER_PORT")
-    if world > 1 and (not addr or not port):
+    if world > 1 and (not addr or "MASTER_PORT" not in env):
         raise RuntimeError(f"{launcher} environment with {world} ranks but MASTER_ADDR/MASTER_PORT are not set "
                            "(the sbatch script must export them, e.g. the first node of the allocation)")
-    return DistEnv(rank, world, local, addr or "127.0.0.1", int(port) if port else _free_port(), launcher)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    port = num("MASTER_PORT", 0)
+    if world > 1 and port == 0:
+        raise RuntimeError(f"MASTER_PORT=0 with {world} ranks: rank 0's store would bind a port the other ranks "
+                           "cannot know; give the port they all join")
+    return DistEnv(rank, world, local, addr or "127.0.0.1", port, launcher)
 
 
 def on_gpu() -> bool:
@@ -127,14 +125,30 @@ def batch_plan(global_batch: int, micro_batch: int, world: int) -> BatchPlan:
     return BatchPlan(global_batch, micro_batch, global_batch // per_pass, world)
 
 
-def deepspeed_config(train, plan: BatchPlan, dtype: torch.dtype) -> dict:
-    """The DeepSpeed config dict from our TrainConfig and the batch plan."""
+def deepspeed_config(train, plan: BatchPlan, dtype: torch.dtype, gpu: bool | None = None) -> dict:
+    """The DeepSpeed config dict from our TrainConfig and the batch plan, `train.deepspeed` merged in.
+
+    `gpu`: build it for a GPU run (default: whether DeepSpeed's accelerator is one)."""
+    from llara_dist.config import ConfigError, merge
+
+    gpu = on_gpu() if gpu is None else gpu
+    problems = deepspeed_override_problems(train.deepspeed)
+    if problems:
+        raise ConfigError([f"train.{p}" for p in problems])
     zero: dict = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}
     if train.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu()}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
     if train.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu()}
-    return {
+        zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
+    # CPU: torch's AdamW. GPU: torch's fused AdamW (nothing to build), or DeepSpeed's FusedAdam
+    # (adam_impl=deepspeed: an nvcc JIT build at first start); offloaded states: DeepSpeed's CPU-Adam
+    if not gpu:
+        adam = {"torch_adam": True}
+    elif train.offload_optimizer or train.adam_impl == "deepspeed":
+        adam = {"torch_adam": False}
+    else:
+        adam = {"torch_adam": True, "fused": True}
+    generated = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
@@ -143,12 +157,58 @@ def deepspeed_config(train, plan: BatchPlan, dtype: torch.dtype) -> dict:
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {
             "lr": train.lr, "betas": list(train.adam_betas), "eps": train.adam_eps,
-            "weight_decay": train.weight_decay,
-            # torch's AdamW on CPU; DeepSpeed's fused kernel on GPU (CPU-Adam when offloaded)
-            "torch_adam": not on_gpu()}},
+            "weight_decay": train.weight_decay, **adam}},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    return merge(generated, copy.deepcopy(train.deepspeed))  # a copy: DeepSpeed pops keys from its config
+
+
+# what deepspeed_config derives from the run config (dotted key -> where to set it instead):
+# train.deepspeed may not override these
+TRAINER_OWNED = {
+    "train_batch_size": "train.global_batch",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch and train.micro_batch (it is derived)",
+    "gradient_clipping": "train.grad_clip",
+    "bf16.enabled": "model.dtype",
+    "fp16.enabled": "model.dtype (bf16 or fp32)",
+    "zero_optimization.stage": "nothing: the trainer is built on ZeRO-3",
+    "zero_optimization.offload_optimizer.device": "train.offload_optimizer",
+    "zero_optimization.offload_param.device": "train.offload_params",
+    "optimizer.params.lr": "train.lr",
+    "optimizer.params.betas": "train.adam_betas",
+    "optimizer.params.eps": "train.adam_eps",
+    "optimizer.params.weight_decay": "train.weight_decay",
+    "optimizer.params.torch_adam": "train.adam_impl",
+    "optimizer.params.fused": "train.adam_impl",
+    "scheduler": "train.warmup_steps, train.decay and train.min_lr_ratio",
+}
+
+
+def deepspeed_override_problems(overrides: dict) -> list[str]:
+    """One problem per key of `overrides` (train.deepspeed) that would replace what the trainer sets."""
+    problems = []
+    for key, value in _leaves(overrides):
+        if key == "optimizer.type":
+            if str(value).lower() != "adamw":
+                problems.append(f"deepspeed.{key}: {value!r}: the trainer's optimizer is AdamW "
+                                "(train.adam_impl picks its kernel)")
+            continue
+        owner = next((k for k in TRAINER_OWNED if key == k or key.startswith(k + ".") or k.startswith(key + ".")),
+                     None)
+        if owner is not None:
+            problems.append(f"deepspeed.{key}: set by the trainer ({owner}); use {TRAINER_OWNED[owner]}")
+    return problems
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every non-mapping value (and empty mapping) of a nested dict."""
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
 
 
 def lr_factor(step: int, train) -> float:

@@ -79,15 +79,25 @@ def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
     kernels.check_path(path, batch.input_ids.device, backward=torch.is_grad_enabled(),
                        dtype=core.get_input_embeddings().weight.dtype)
     kernel = core.config._attn_implementation.removeprefix("llara_")
+    decoder = core.get_decoder()  # LLaMA, Mistral, Qwen2: the base model; through a peft wrapper too
 
     def run(doc):  # doc [R, L]
         mask = kernels.prepare(kernel, doc, batch.segment)
         # through the top module, so a DeepSpeed engine's forward runs (calling the decoder
-        # directly gave wrong ZeRO-3 gradients: tests/test_train_exact.py); logits only at the
-        # last column; hidden_states[-1] is the final-norm output
-        out = model(input_ids=batch.input_ids, position_ids=batch.position, llara_mask=mask,
-                    use_cache=False, logits_to_keep=1, output_hidden_states=True)
-        return out.hidden_states[-1]
+        # directly gave wrong ZeRO-3 gradients: tests/test_train_exact.py), logits only at the
+        # last column; the decoder's output (after the final norm) is taken by a hook, not by
+        # output_hidden_states, which would keep every layer's output alive (no_grad: L x the memory)
+        out = []
+        hook = decoder.register_forward_hook(lambda module, args, result: out.append(result.last_hidden_state))
+        try:
+            model(input_ids=batch.input_ids, position_ids=batch.position, llara_mask=mask,
+                  use_cache=False, logits_to_keep=1)
+        finally:
+            hook.remove()
+        if len(out) != 1:
+            raise RuntimeError(f"{type(core).__name__}.get_decoder() ({type(decoder).__name__}) ran {len(out)} "
+                               "times in one forward, not once: cannot tell its final hidden states")
+        return out[0]
 
     if path != "two-pass":
         return run(batch.doc)

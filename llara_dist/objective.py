@@ -23,12 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from llara_dist.batch import SEG_TEXT, PackedBatch
+from llara_dist import batch as _batch
+from llara_dist.batch import PackedBatch
 from llara_dist.modeling import forward_hidden, gather_states, unwrap
 from llara_dist.prompts import Preset
 
 TERMS = ("ebae", "ebar", "lm")
 LM_CHUNK = 4096  # tokens per LM-loss chunk: [LM_CHUNK, vocab] fp32 logits live at a time
+# which positions the LM term scores; it lives with the batch, which finds them once, on the CPU
+lm_targets = _batch.lm_targets
 
 
 def _set_sizes(offsets: torch.Tensor) -> torch.Tensor:
@@ -39,28 +42,21 @@ def _has_ebar(batch: PackedBatch) -> torch.Tensor:
     return batch.has_next & (_set_sizes(batch.ebar_offsets) > 0)  # [D] bool
 
 
-def lm_targets(batch: PackedBatch) -> torch.Tensor:
-    """[R, L] bool: position i predicts input_ids[i + 1], a text token (not prefix) of its document."""
-    nxt = batch.segment[:, 1:] == SEG_TEXT
-    nxt &= batch.doc[:, 1:] == batch.doc[:, :-1]
-    nxt &= batch.doc[:, 1:] >= 0
-    nxt &= batch.position[:, 1:] >= batch.prefix_len
-    return F.pad(nxt, (0, 1))
-
-
 def batch_counts(batch: PackedBatch, preset: Preset) -> dict[str, int]:
     """Documents with an EBAE term, with an EBAR term, and LM target tokens (metadata only)."""
     return {
         "ebae": int((_set_sizes(batch.ebae_offsets) > 0).sum()),
         "ebar": int(_has_ebar(batch).sum()),
-        "lm": int(lm_targets(batch).sum()) if preset.lm_weight else 0,
+        "lm": batch.lm_index.numel() if preset.lm_weight else 0,
     }
 
 
 def _set_nll_sum(logp: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
     """Sum over documents d with use[d] of -mean log p_d[ids of d's set]; logp [D, V]."""
     sizes = _set_sizes(offsets)  # [D]
-    owner = torch.repeat_interleave(torch.arange(sizes.numel(), device=ids.device), sizes)  # [T]
+    # output_size: else repeat_interleave reads the total back from the device (a host sync)
+    owner = torch.repeat_interleave(torch.arange(sizes.numel(), device=ids.device), sizes,
+                                    output_size=ids.numel())  # [T]
     nll = -logp[owner, ids]  # [T]
     per_doc = torch.zeros_like(logp[:, 0]).index_add(0, owner, nll) / sizes.clamp(min=1)  # [D]
     return (per_doc * use).sum()
@@ -117,7 +113,7 @@ def loss_sums(model, batch: PackedBatch, preset: Preset, lm_chunk: int = LM_CHUN
         # a FIXED number of chunks per micro-batch (from R x L, not from the real tokens), so that
         # every ZeRO-3 rank calls the head equally often; each chunk recomputes its logits in backward
         # (checkpoint), or, when the head does not train (LoRA), computes its gradient at once
-        where = lm_targets(batch).reshape(-1).nonzero().squeeze(1)  # [T]
+        where = batch.lm_index  # [T], found on the CPU by build_batch
         flat = hidden.reshape(-1, hidden.shape[-1])
         targets = batch.input_ids.reshape(-1)[where + 1]
         n_chunks = math.ceil(batch.input_ids.numel() / lm_chunk)
@@ -131,12 +127,14 @@ def loss_sums(model, batch: PackedBatch, preset: Preset, lm_chunk: int = LM_CHUN
     return sums
 
 
-def combine(sums: dict[str, torch.Tensor], counts: dict[str, int],
-            preset: Preset) -> tuple[torch.Tensor, dict[str, float]]:
+def combine(sums: dict[str, torch.Tensor], counts: dict[str, int], preset: Preset,
+            as_floats: bool = True) -> tuple[torch.Tensor, dict]:
     """The loss given (global) counts; a term with count 0 contributes 0.
 
     Returns (loss, parts): parts[t] = sums[t] / counts[t], so summing parts over all
-    micro-batches of all ranks gives each term's mean over the global batch.
+    micro-batches of all ranks gives each term's mean over the global batch. Parts are
+    floats, or with as_floats=False detached 0-d tensors: float() of a GPU tensor makes the
+    host wait for the device, which the training step leaves to its end.
     """
     means = {t: sums[t] / counts[t] if counts[t] else sums[t] * 0.0 for t in TERMS}
     bow_terms = [means[t] for t in ("ebae", "ebar") if counts[t]]
@@ -144,4 +142,5 @@ def combine(sums: dict[str, torch.Tensor], counts: dict[str, int],
     if preset.bow_average and bow_terms:
         bow = bow / len(bow_terms)
     loss = preset.bow_scale * bow + preset.lm_weight * means["lm"]
-    return loss, {t: float(means[t].detach()) for t in TERMS}
+    parts = {t: means[t].detach() for t in TERMS}
+    return loss, {t: float(v) for t, v in parts.items()} if as_floats else parts

@@ -11,16 +11,36 @@ rank stops all ranks at the same step.
 
 Prefer SIGUSR1 when the signal reaches DataLoader workers too (a process-group kill):
 torch's workers die on SIGTERM, but inherit this handler for SIGUSR1.
+
+Rank 0 also leaves `run_dir/PREEMPTED` (the saved step) once that checkpoint is complete,
+and removes it when a run starts in the folder. A launcher that does not pass the exit
+status on (torchrun reports any failed rank as its own status 1) can tell "preempted,
+requeue me" from a crash by it: launch/torchrun.sh turns its failure into 42 then.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 
 import torch
 
 PREEMPTED_EXIT = 42
+PREEMPTED_MARKER = "PREEMPTED"  # in the run folder; the launch scripts use the same name
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def mark_preempted(run_dir: Path, step: int) -> None:
+    """After the preemption save: `run_dir/PREEMPTED` holds the step (written whole, then renamed)."""
+    tmp = Path(run_dir) / f"{PREEMPTED_MARKER}.tmp"
+    tmp.write_text(f"{step}\n")
+    os.replace(tmp, Path(run_dir) / PREEMPTED_MARKER)
+
+
+def clear_preempted(run_dir: Path) -> None:
+    """A run starts: the folder no longer stands for a stopped, resumable run."""
+    (Path(run_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
 
 
 class Preemption:

@@ -5,7 +5,7 @@
         train.global_batch=8 train.micro_batch=2 data.seq_len=128 train.steps=20
     # one node, 8 GPUs
     deepspeed --num_gpus 8 -m llara_dist train --config run.yaml
-    torchrun --nproc-per-node 8 -m llara_dist train --config run.yaml
+    torchrun --nproc-per-node 8 -m llara_dist train --config run.yaml   # exit 42 lost: use launch/torchrun.sh
     # many nodes: launch/ (sbatch + srun, one task per GPU; or one deepspeed launcher per node)
 
 Ranks come from whichever launcher started the process (engine.dist_env). The global
@@ -16,7 +16,8 @@ the step's backward passes.
 
 Starting in a run folder that holds a checkpoint resumes from `latest`. SIGTERM or
 SIGUSR1 make every rank save at the next step boundary and exit with status 42
-(preempt.PREEMPTED_EXIT: "checkpoint saved, requeue me"). Exit 2: refused configuration.
+(preempt.PREEMPTED_EXIT: "checkpoint saved, requeue me"), rank 0 leaving run_dir/PREEMPTED
+for launchers that do not pass the status on (launch/torchrun.sh). Exit 2: refused configuration.
 """
 
 from __future__ import annotations
@@ -145,12 +146,14 @@ class Trainer:
         from llara_dist.engine import build_engine, deepspeed_config, zero3_loading
         from llara_dist.metrics import MetricsLog, StepTimer, peak_flops, train_flops
         from llara_dist.modeling import default_device, load_model, resolve_dtype
-        from llara_dist.preempt import PREEMPTED_EXIT, Preemption
+        from llara_dist.preempt import PREEMPTED_EXIT, Preemption, clear_preempted, mark_preempted
         from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
         from llara_dist.tokenizer import load_tokenizer
 
         cfg, plan, rank, task = self.cfg, self.plan, self.rank, self.task
         preemption = Preemption()  # before the slow start: a signal during loading is not lost
+        if rank == 0:
+            clear_preempted(self.run_dir)  # this run's own exit status decides from here
         seed_everything(cfg.train.seed)
         preset = resolve_preset(cfg.objective)
         tokenizer = load_tokenizer(tokenizer_path(cfg))
@@ -194,6 +197,7 @@ class Trainer:
                     if saved_step != state.step:
                         save()
                     if rank == 0:
+                        mark_preempted(self.run_dir, state.step)  # for launchers that lose the status
                         print(f"{preemption.signal_name or 'a signal on another rank'}: saved step "
                               f"{state.step}, exiting with {PREEMPTED_EXIT} (requeue to resume)", file=sys.stderr)
                     return PREEMPTED_EXIT
@@ -250,28 +254,36 @@ def train_step(engine, micro_batches: list, preset, world: int, objective, lm_ch
     each backward by grad_accum (switched off: scale_wrt_gas=False) and averages gradients
     over the data-parallel ranks (undone: x world), so the accumulated gradient is that of
     the global mean loss, however the documents are spread.
+
+    The micro-batches (CPU, pinned by the loader on CUDA) are copied without waiting, and
+    nothing between the first forward and the last backward reads a GPU value back (each
+    read would stall the host until the device drains, so the next micro-batch's kernels
+    would start late): the host reads the counts before the step's GPU work and its results
+    once, after it. DeepSpeed's own step (gradient norm, clipping) reads at the last micro-batch.
     """
+    import torch
+
     from llara_dist.engine import all_reduce_sum
     from llara_dist.metrics import attention_pairs
 
     terms = objective.TERMS
     chunking = {} if lm_chunk is None else {"lm_chunk": lm_chunk}  # else the objective's own default
     local = [0.0] * len(terms)
-    for b in micro_batches:
+    for b in micro_batches:  # batch metadata, on the CPU
         c = objective.batch_counts(b, preset)
         local = [x + c[t] for x, t in zip(local, terms)]
     counts = dict(zip(terms, (int(x) for x in all_reduce_sum(local, engine.device))))
-    loss_sum, part_sums = 0.0, [0.0] * len(terms)
+    # [loss, *parts] summed on the device in float64, as Python floats summed them before
+    step_sums = torch.zeros(1 + len(terms), dtype=torch.float64, device=engine.device)
     for b in micro_batches:
-        sums = objective.loss_sums(engine, b.to(engine.device), preset, **chunking)
-        loss, parts = objective.combine(sums, counts, preset)
+        sums = objective.loss_sums(engine, b.to(engine.device, non_blocking=True), preset, **chunking)
+        loss, parts = objective.combine(sums, counts, preset, as_floats=False)
         engine.backward(loss * world, scale_wrt_gas=False)
         engine.step()  # the optimizer steps at the last micro-batch only
-        loss_sum += float(loss.detach())
-        part_sums = [x + parts[t] for x, t in zip(part_sums, terms)]
+        step_sums += torch.stack([loss.detach(), *(parts[t] for t in terms)]).double()
     stats = [sum(b.num_docs for b in micro_batches), sum(b.real_tokens() for b in micro_batches),
              sum(b.input_ids.numel() for b in micro_batches), sum(attention_pairs(b) for b in micro_batches)]
-    total = all_reduce_sum([loss_sum, *part_sums, *stats], engine.device)
+    total = all_reduce_sum(step_sums.tolist() + stats, engine.device)  # after every backward
     out = {"loss": total[0], **dict(zip(terms, total[1:1 + len(terms)]))}
     out.update(zip(("docs", "real_tokens", "slots", "pairs"), total[1 + len(terms):]))
     out["counts"] = counts

@@ -96,16 +96,53 @@ def wiki_docs(shared_data, tokenizer_dir) -> list:
 
 
 @pytest.fixture(scope="session")
-def run_ranks():
+def rendezvous():
+    """rendezvous() -> the environment for the ranks of one launch this test starts: MASTER_ADDR and
+    MASTER_PORT of a fresh c10d store that this process hosts (as torchrun's agent does), and
+    TORCHELASTIC_USE_AGENT_STORE=True, so that every rank, rank 0 included, joins it as a client.
+
+    Why not a port found free and handed to rank 0 to bind: it stays unbound for the seconds the
+    ranks take to start, and another process (other tests, anything on a shared machine) can take
+    it; rank 0 then fails with EADDRINUSE after a minute. This port is bound before any rank starts
+    and stays bound until the session ends. One store per launch: ranks of a second launch in the
+    same store would find the first one's keys."""
+    from torch.distributed import TCPStore
+
+    stores = []
+
+    def host() -> dict:
+        stores.append(TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False))
+        return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(stores[-1].port),
+                "TORCHELASTIC_USE_AGENT_STORE": "True"}
+
+    yield host
+    stores.clear()
+
+
+@pytest.fixture(scope="session")
+def spawn_ranks(rendezvous):
+    """spawn(worker, world, *args): run worker(rank, world, port, *args) in `world` gloo ranks
+    in-process (torch.multiprocessing), joined through a fresh hosted store (see rendezvous)."""
+    def spawn(worker, world: int, *args):
+        from unittest import mock
+
+        import torch.multiprocessing as mp
+
+        env = rendezvous()
+        with mock.patch.dict(os.environ, env):  # the spawned ranks inherit it; this process gets its own back
+            mp.spawn(worker, args=(world, int(env["MASTER_PORT"]), *args), nprocs=world)
+
+    return spawn
+
+
+@pytest.fixture(scope="session")
+def run_ranks(spawn_ranks):
     """run(worker, world, paths, out): spawn `world` gloo ranks of worker(rank, world, port, paths, out)
     in-process (torch.multiprocessing), then load what rank 0 saved to `out`."""
     def run(worker, world: int, paths, out):
         import torch
-        import torch.multiprocessing as mp
 
-        from llara_dist.engine import _free_port
-
-        mp.spawn(worker, args=(world, _free_port(), paths, out), nprocs=world)
+        spawn_ranks(worker, world, paths, out)
         return torch.load(out, weights_only=False)
 
     return run

@@ -215,11 +215,10 @@ def test_cross_device_two_ranks_equal_one_rank(tmp_path, shared_data, tokenizer_
 
 
 def launch(run_dir: Path, shared_data, tokenizer_dir, tiny_llama_dir, *args) -> subprocess.Popen:
-    from llara_dist.engine import _free_port
-
     run_dir.mkdir(parents=True, exist_ok=True)
+    # one rank: MASTER_PORT=0, its store binds any free port itself
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+               MASTER_PORT="0", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "llara_dist", "finetune", f"run_dir={run_dir}", f"model.path={tiny_llama_dir}",
            "model.dtype=fp32", f"train.tokenizer={tokenizer_dir}", f"finetune.data={shared_data / TOY}",
            "train.global_batch=4", "train.micro_batch=2", "train.steps=12", "train.lr=1e-3", "train.warmup_steps=2",

@@ -75,6 +75,41 @@ def test_varlen_layout_indices():
     assert lay.q_index.tolist() == list(range(21))
 
 
+def _varlen_attn_210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, is_causal=False):
+    assert is_causal and key.shape[1] == query.shape[1]  # no scale, no GQA: the adapter handles both
+    return varlen.reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, None)
+
+
+def _varlen_attn_211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1)):
+    # torch 2.11 (the device image): is_causal = window_size == (-1, 0), a tuple; heads must match
+    assert window_size == (-1, 0) and isinstance(window_size, tuple) and key.shape[1] == query.shape[1]
+    return varlen.reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale)
+
+
+def _varlen_attn_213(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    assert window_size == (-1, 0) and enable_gqa == (key.shape[1] != query.shape[1])
+    return varlen.reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale)
+
+
+@pytest.mark.parametrize("fake", [_varlen_attn_210, _varlen_attn_211, _varlen_attn_213])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_torch_varlen_adapter_fits_each_signature(monkeypatch, fake, scale):
+    """The CUDA-only torch.nn.attention.varlen.varlen_attn call, checked on CPU: stand-ins with the
+    signatures of torch 2.10, 2.11 and 2.13 run the reference kernel; causal, scale and GQA must arrive."""
+    import torch.nn.attention.varlen as torch_varlen
+
+    monkeypatch.setattr(torch_varlen, "varlen_attn", fake)
+    b = packed([[5, 9], [12, 3, 4]])
+    q, k, v = qkv(*b.doc.shape)  # 4 query heads over 2 key/value heads
+    ref = sdpa.attend(q, k, v, sdpa.prepare(b.doc, b.segment), scale=scale)
+    out = varlen.attend(q, k, v, varlen.prepare(b.doc, b.segment), scale=scale, kernel=varlen._torch_varlen())
+    assert out.shape == ref.shape
+    real = (b.doc >= 0)[:, None, :, None].expand_as(ref)
+    assert (out - ref)[real].abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("rows", LAYOUTS)
 def test_flex_matches_dense(rows):
     b = packed(rows)
@@ -119,22 +154,56 @@ def test_config_accepts_exactly_the_kernel_paths():
     assert "attn: 'flash' is not one of" in ModelConfig(attn="flash").check()[0]
 
 
-def test_gpu_check_script_dry_run_on_cpu(tmp_path):
-    """bench/gpu_check.sh's plumbing (no install, doctor, microbenchmark) at tiny CPU shapes."""
+def gpu_check(tmp_path, **env):
+    """bench/gpu_check.sh at tiny CPU shapes under this interpreter; its results go to tmp_path/out."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "DEVICE": "cpu", "OUT": str(tmp_path), "PY": sys.executable}
-    run = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "DEVICE": "cpu", "OUT": str(tmp_path / "out"), "PY": sys.executable, **env}
+    return subprocess.run(["bash", "bench/gpu_check.sh"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=400)
+
+
+def test_gpu_check_script_dry_run_on_cpu(tmp_path):
+    """bench/gpu_check.sh's plumbing (no install, no wheels: DeepSpeed is here) at tiny CPU shapes."""
+    import json
+
+    (tmp_path / "no_wheels").mkdir()
+    run = gpu_check(tmp_path, WHEELS=str(tmp_path / "no_wheels"))
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "0 failed, 1 passed, 0 skipped" in (tmp_path / "doctor.txt").read_text()
-    rows = [line.split() for line in (tmp_path / "attn_bench.txt").read_text().splitlines()
+    out = tmp_path / "out"
+    assert not (out / "errors.txt").exists()
+    assert [ln.split()[0].rstrip(":") for ln in (out / "env.txt").read_text().splitlines()[1:]] == \
+        ["python", "triton", "tokenizers", "peft", "flash_attn", "deepspeed"]
+    # the training benchmark first, then the doctor and the microbenchmark
+    stages = [ln.split()[1] for ln in run.stdout.splitlines() if ln.startswith("== ") and "budget" in ln]
+    assert stages == ["train_bench", "doctor", "attn_bench"]
+    bench = json.loads((out / "train_bench" / "bench.json").read_text())
+    assert [w["docs"] for w in bench["workloads"]] == ["dpr", "chunks"]
+    assert "| dpr (" in (out / "train_bench.txt").read_text()
+    assert "0 failed, 1 passed, 0 skipped" in (out / "doctor.txt").read_text()
+    rows = [line.split() for line in (out / "attn_bench.txt").read_text().splitlines()
             if line[:8].strip() in ("5.0", "1.5")]
     assert sorted({r[1] for r in rows}) == ["causal", "flex", "sdpa", "two-pass", "varlen"]
     for r in rows:
         assert float(r[2]) > 0
         if r[1] != "causal":
             assert float(r[-1]) <= 1e-5, r  # every path's output equals the dense reference
+
+
+def test_gpu_check_without_deepspeed_fails_loudly(tmp_path):
+    """Neither an importable DeepSpeed nor its wheels: a named failure, not a silently missing benchmark."""
+    fake = tmp_path / "fake" / "deepspeed"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no deepspeed on this image (test)')\n")
+    (tmp_path / "no_wheels").mkdir()
+    run = gpu_check(tmp_path, PYTHONPATH=str(fake.parent), WHEELS=str(tmp_path / "no_wheels"), TOTAL_S="0")
+    assert run.returncode == 1
+    errors = (tmp_path / "out" / "errors.txt").read_text()
+    assert "NO DEEPSPEED, the training benchmark cannot run (ImportError: no deepspeed on this image (test))" in errors
+    assert "!! NO DEEPSPEED" in run.stdout
+    assert not (tmp_path / "out" / "train_bench.txt").exists()
+    assert "doctor: no time left" in errors  # TOTAL_S=0: every stage is refused, none hangs

@@ -1,8 +1,9 @@
-"""The deepspeed launcher wrappers (launch/train.sh, launch/train_multinode.sh) and hostfiles.
+"""The launcher wrappers (launch/train.sh, launch/train_multinode.sh, launch/torchrun.sh) and hostfiles.
 
 Real launches of 2 CPU ranks (DS_ACCELERATOR=cpu, gloo) running launch/probe.py: the
 single-node wrapper with a preemption signal, and the one-launcher-per-node form
-(`--no_ssh --node_rank`) with an `--include` filter over a hostfile.
+(`--no_ssh --node_rank`) with an `--include` filter over a hostfile. The torchrun wrapper
+runs the real trainer (tiny LLaMA): preempted, exit 42, resumed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train_resume import STEPS, metrics, setup, wait_for_step  # noqa: F401 (setup: the run config fixture)
+
+from llara_dist.preempt import PREEMPTED_EXIT, PREEMPTED_MARKER
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +28,11 @@ HOSTFILES = sorted((ROOT / "hostfiles").glob("*.txt"))
 
 
 def launch_env(**extra) -> dict:
-    from llara_dist.engine import _free_port
-
+    """The environment for a launch script; a real launch of several ranks takes the rendezvous
+    fixture's variables (MASTER_PORT of a store this process hosts) among `extra`."""
     # the scripts expect the virtualenv's tools (deepspeed, python) on PATH, as when it is active
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = dict(os.environ, PATH=path, DS_ACCELERATOR="cpu", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PATH=path, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -38,10 +42,10 @@ def probe_lines(text: str, key: str = "rank_sum") -> list[dict]:
     return [d for d in lines if key in d]
 
 
-def test_single_node_wrapper_forwards_preemption(tmp_path):
+def test_single_node_wrapper_forwards_preemption(tmp_path, rendezvous):
     """2 ranks via `deepspeed --num_gpus 2`; SIGTERM to the wrapper -> USR1 to the ranks -> exit 42."""
     log = tmp_path / "launch.log"
-    env = launch_env(GPUS=2, ENTRY=f"launch/probe.py --until-signal {tmp_path}")
+    env = launch_env(GPUS=2, ENTRY=f"launch/probe.py --until-signal {tmp_path}", **rendezvous())
     with open(log, "w") as out:
         proc = subprocess.Popen([str(ROOT / "launch" / "train.sh")], env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -65,10 +69,10 @@ def test_single_node_wrapper_forwards_preemption(tmp_path):
     assert (tmp_path / "preempted").exists()
 
 
-def test_one_launcher_per_node_with_include(tmp_path):
+def test_one_launcher_per_node_with_include(tmp_path, rendezvous):
     """Two `--no_ssh --node_rank` launchers over a 2-node hostfile, INCLUDE picks one slot on each."""
     env = launch_env(ENTRY="launch/probe.py", HOSTFILE="hostfiles/localhost-2x2.txt",
-                     INCLUDE="node-a:1@node-b:0", MASTER_ADDR="127.0.0.1")
+                     INCLUDE="node-a:1@node-b:0", **rendezvous())
     procs = [subprocess.Popen([str(ROOT / "launch" / "train_multinode.sh")], env=dict(env, NODE_RANK=str(n)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
     outs = []
@@ -128,9 +132,79 @@ def test_multinode_wrapper_builds_the_launcher_command():
 
 
 def test_preempted_status_matches_the_trainer():
-    """The launch scripts and the probe use the trainer's exit status for "preempted"."""
-    from llara_dist.preempt import PREEMPTED_EXIT
-
+    """The launch scripts and the probe use the trainer's exit status (and marker) for "preempted"."""
     sbatch = (ROOT / "launch" / "train.sbatch").read_text()
     assert f"PREEMPTED_EXIT={PREEMPTED_EXIT} " in sbatch
     assert f"PREEMPTED_EXIT = {PREEMPTED_EXIT} " in (ROOT / "launch" / "probe.py").read_text()
+    torchrun = (ROOT / "launch" / "torchrun.sh").read_text()
+    assert f"PREEMPTED_EXIT={PREEMPTED_EXIT} " in torchrun and f"PREEMPTED_MARKER={PREEMPTED_MARKER} " in torchrun
+
+
+def torchrun_cmd(root: Path, *args: str) -> list[str]:
+    return [str(ROOT / "launch" / "torchrun.sh"), "--config", str(root / "run.yaml"), *args]
+
+
+def test_torchrun_wrapper_turns_preemption_into_42_and_resumes(setup, tmp_path):
+    """2 trainer ranks under torchrun: SIGTERM to the wrapper -> USR1 to the ranks -> they save and
+    exit 42 -> torchrun says 1 -> RUN_DIR/PREEMPTED -> 42. The same command resumes and finishes."""
+    root, _ = setup
+    run, log = tmp_path / "run", tmp_path / "launch.log"
+    env = launch_env(GPUS=2, RUN_DIR=run)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(torchrun_cmd(root), env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_step(run, 2, [proc])
+        proc.send_signal(signal.SIGTERM)  # what a scheduler sends
+        status = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert status == PREEMPTED_EXIT, text
+    assert "[launch] torchrun exited 1;" in text  # what torchrun alone tells the caller
+    stopped = metrics(run)[-1]["step"]
+    assert 2 <= stopped < STEPS
+    assert (run / PREEMPTED_MARKER).read_text() == f"{stopped}\n"
+    assert (run / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
+
+    with open(log, "a") as out:
+        again = subprocess.run(torchrun_cmd(root), env=env, stdout=out, stderr=subprocess.STDOUT, timeout=240)
+    text = log.read_text()
+    assert again.returncode == 0, text
+    assert f"resumed from {run / 'checkpoints'}/step{stopped:08d} at step {stopped}" in text
+    assert not (run / PREEMPTED_MARKER).exists()
+    assert [m["step"] for m in metrics(run)] == list(range(1, STEPS + 1))
+
+
+def test_torchrun_wrapper_keeps_a_crash_a_crash(setup, tmp_path):
+    """A marker left from an earlier preemption is removed before the start: a run that then fails
+    (here a refused batch split, exit 2 under torchrun's 1) is not reported as preempted."""
+    root, _ = setup
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / PREEMPTED_MARKER).write_text("3\n")
+    res = subprocess.run(torchrun_cmd(root, "train.global_batch=6"), env=launch_env(GPUS=2, RUN_DIR=run),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert "micro_batch 2 x world 2 = 4 rows per pass" in res.stderr
+    assert not (run / PREEMPTED_MARKER).exists()
+
+
+def test_torchrun_wrapper_builds_the_command_and_refuses_bad_settings(tmp_path):
+    """DRY_RUN prints the torchrun command (standalone on one node, static rendezvous on many)."""
+    def wrapper(*args, **env):
+        return subprocess.run([str(ROOT / "launch" / "torchrun.sh"), *args], env=launch_env(DRY_RUN=1, **env),
+                              capture_output=True, text=True, timeout=30)
+
+    one = wrapper("--config", "run.yaml", "train.lr=2e-5", GPUS=2, RUN_DIR="runs/a")
+    assert one.returncode == 0, one.stderr
+    assert ("torchrun --standalone --nproc-per-node 2 --module llara_dist train --config run.yaml train.lr=2e-5 "
+            "run_dir=runs/a") in one.stderr
+    many = wrapper(GPUS=8, RUN_DIR="runs/a", NNODES=2, NODE_RANK=1, MASTER_ADDR="10.0.0.1")
+    assert many.returncode == 0, many.stderr
+    assert ("torchrun --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29500 --nproc-per-node 8 "
+            "--module llara_dist train run_dir=runs/a") in many.stderr
+    for bad, why in [(wrapper(GPUS=2), "set RUN_DIR"),
+                     (wrapper("run_dir=x", GPUS=2, RUN_DIR="a"), "give the run folder as RUN_DIR, not run_dir=x"),
+                     (wrapper(GPUS=2, RUN_DIR="a", NNODES=2), "NNODES=2 needs NODE_RANK and MASTER_ADDR")]:
+        assert bad.returncode != 0 and why in bad.stderr, bad.stderr

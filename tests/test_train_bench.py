@@ -13,21 +13,27 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench():
+def load_bench():
     spec = importlib.util.spec_from_file_location("train_bench", ROOT / "bench" / "train_bench.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass looks the module up
     spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    yield load_bench()
+    del sys.modules["train_bench"]
 
 
 def test_drawn_documents_form_articles(bench):
@@ -73,7 +79,9 @@ def test_tiny_run_reports_equal_work(tmp_path):
     n = 2 * (4 * 128 * 128 + 3 * 128 * 344) + 128 * 2016
     for w in report["workloads"]:
         rows = {r["config"]: r for r in w["results"]}
-        assert list(rows) == ["baseline", "sdpa", "two-pass"]  # flex/varlen cannot train on CPU
+        # flex/varlen cannot train on CPU; the fastest of ours again with activation checkpointing (first workload)
+        assert list(rows) == ["baseline", "sdpa", "two-pass"] + (["sdpa+ckpt"] if w["docs"] == "dpr" else [])
+        assert [r["checkpointing"] for r in rows.values()] == [False, False, False] + [True] * (w["docs"] == "dpr")
         base = rows["baseline"]
         assert base["rows"] == base["docs"] == w["documents"]  # one document per sequence
         assert rows["sdpa"]["rows"] == 4 and rows["sdpa"]["micro_batches"] == base["micro_batches"] == 2
@@ -89,13 +97,69 @@ def test_tiny_run_reports_equal_work(tmp_path):
         assert rows["sdpa"]["slots"] == 4 * 256 and rows["sdpa"]["fill"] > base["fill"] * 0.5
     md = (out / "bench.md").read_text().splitlines()
     table = [ln for ln in md if ln.startswith("| dpr") or ln.startswith("| chunks")]
-    assert len(table) == 6 and all(ln.count("|") == 11 for ln in table)
+    assert len(table) == 7 and all(ln.count("|") == 11 for ln in table)
     assert sum(ln.startswith("- ") and "x the baseline" in ln for ln in md) == 2
+    ckpt = report["workloads"][0]["results"][-1]
+    assert f"- dpr: activation checkpointing on sdpa: {ckpt['step_s'] / rows_of(report, 'dpr')['sdpa']['step_s']:.2f}x " \
+           "the step time, peak memory n/a (without: n/a)" in md
+
+
+def rows_of(report, docs):
+    return next({r["config"]: r for r in w["results"]} for w in report["workloads"] if w["docs"] == docs)
+
+
+def _checkpointing_worker(rank, world, port, paths, out):
+    """One micro-batch's loss and gradients on one ZeRO-3 engine: checkpointing off, on, off again."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    from deepspeed.utils import safe_get_full_grad
+
+    from llara_dist import objective
+    from llara_dist.modeling import set_attention
+    from llara_dist.prompts import PRESETS
+
+    bench = load_bench()
+    vocab = bench.SHAPES["tiny"]["vocab"]
+    args = SimpleNamespace(shape="tiny", layers=0, micro_batch=2, seq_len=256, seed=0)
+    engine = bench.build(args, torch.device("cpu"), torch.float32, 1, vocab)
+    batch = bench.make_workload("dpr", bench.drawn_docs("dpr", vocab, 0), bench.released_prompt(vocab), 256,
+                                rows=2, micro_batch=2).packed[0]
+    set_attention(engine, "sdpa", "cpu")
+    preset = PRESETS["released"]
+    # calls of the first layer's MLP: twice per step when its activations are recomputed (a pre-hook: the
+    # recomputation stops once it has what the backward needs, before a forward hook would run)
+    calls = []
+    engine.module.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    runs = []
+    for on in (False, True, False):
+        bench.set_checkpointing(engine, on)
+        calls.clear()
+        loss, _ = objective.combine(objective.loss_sums(engine, batch, preset),
+                                    objective.batch_counts(batch, preset), preset)
+        engine.backward(loss, scale_wrt_gas=False)
+        grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+        engine.optimizer.zero_grad()  # no step: the next run starts from the same weights
+        runs.append({"loss": float(loss.detach()), "calls": len(calls), "grads": grads})
+    torch.save(runs, out)
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_keeps_loss_and_gradients(run_ranks, tmp_path):
+    """The bench's checkpointed configuration computes what the plain one does (ZeRO-3, tiny shape, CPU)."""
+    plain, ckpt, plain_again = run_ranks(_checkpointing_worker, 1, None, tmp_path / "runs.pt")
+    assert [r["calls"] for r in (plain, ckpt, plain_again)] == [1, 2, 1]  # recomputed in backward only when on
+    assert plain["loss"] == ckpt["loss"] == plain_again["loss"]
+    assert len(plain["grads"]) > 10
+    for name, g in plain["grads"].items():
+        assert g.abs().max() > 0, name  # every parameter gets a gradient from this batch
+        torch.testing.assert_close(ckpt["grads"][name], g, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(plain_again["grads"][name], g, rtol=0, atol=0, msg=name)
 
 
 def test_markdown_keeps_a_failed_configuration_and_the_others(bench):
     ok = dict(docs=40, step_s=2.0, text_tokens_per_s=100.0, docs_per_s=20.0, speedup=1.0, fill=0.8,
-              peak_mem_gib=10.0, mfu_table=0.1, mfu_measured=0.2)
+              peak_mem_gib=10.0, mfu_table=0.1, mfu_measured=0.2, checkpointing=False)
     report = {"device": "H100", "torch": "2", "dtype": "bfloat16", "seq_len": 1024, "micro_batches": 4,
               "micro_batch": 8, "steps": 3, "matmul_peak_tflops": 800.0,
               "shape": {"layers": 2, "hidden": 4096, "vocab": 32016},
@@ -104,9 +168,12 @@ def test_markdown_keeps_a_failed_configuration_and_the_others(bench):
                   {"config": "flex", "path": "flex", "error": "RuntimeError: out of memory"},
                   {**ok, "config": "sdpa", "step_s": 0.5, "text_tokens_per_s": 400.0, "speedup": 4.0,
                    "mfu_table": 0.4},
-                  {**ok, "config": "two-pass", "step_s": 1.0, "speedup": 2.0}]}]}
+                  {**ok, "config": "two-pass", "step_s": 1.0, "speedup": 2.0},
+                  {**ok, "config": "sdpa+ckpt", "path": "sdpa", "step_s": 0.6, "text_tokens_per_s": 333.3,
+                   "speedup": 3.33, "peak_mem_gib": 4.0, "checkpointing": True}]}]}
     md = bench.markdown(report)
     assert "| dpr | flex | failed: RuntimeError: out of memory |" in md
     assert "| dpr (40) | sdpa | 0.500 | 400 | 20.0 | 4.00 | 0.80 | 10.0 | 40.0% | 20.0% |" in md
     assert "- dpr: best path sdpa 4.00x the baseline (target >= 4); joint prompt 2.00x two-pass " \
-           "(target >= 1.6); MFU 40.0% (target >= 50%)" in md
+           "(target >= 1.6); MFU 40.0% (target >= 50%)" in md  # not the checkpointed sdpa
+    assert "- dpr: activation checkpointing on sdpa: 1.20x the step time, peak memory 4.0 GiB (without: 10.0 GiB)" in md

@@ -45,14 +45,14 @@ def setup(tmp_path_factory, wiki_docs, write_test_shards, tokenizer_dir, tiny_ll
 
 
 def launch(root: Path, run_dir: Path, world: int, *args: str, env: dict | None = None) -> list[subprocess.Popen]:
-    from llara_dist.engine import _free_port
-
-    port = _free_port()
+    """`world` trainer processes; several ranks need `env` from the rendezvous fixture (the store they
+    join), a lone rank binds any free port itself (MASTER_PORT=0)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in range(world):
-        e = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env or {}))
+        e = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+             **(env or {})}
         log = open(run_dir / f"log-rank{rank}.txt", "a")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "llara_dist", "train", "--config", str(root / "run.yaml"),
@@ -106,13 +106,13 @@ def log_text(run_dir: Path, rank: int = 0) -> str:
     return (run_dir / f"log-rank{rank}.txt").read_text()
 
 
-def test_preempt_and_resume_equal_uninterrupted(setup, tmp_path):
+def test_preempt_and_resume_equal_uninterrupted(setup, tmp_path, rendezvous):
     root, keys = setup
     ref = tmp_path / "ref"
-    assert wait(launch(root, ref, 2, "--ledger")) == [0, 0], log_text(ref)
+    assert wait(launch(root, ref, 2, "--ledger", env=rendezvous())) == [0, 0], log_text(ref)
 
     run = tmp_path / "interrupted"
-    procs = launch(root, run, 2, "--ledger")
+    procs = launch(root, run, 2, "--ledger", env=rendezvous())
     wait_for_step(run, 2, procs)
     procs[1].send_signal(signal.SIGUSR1)  # one rank only: the all-reduce stops both
     time.sleep(0.3)
@@ -122,7 +122,7 @@ def test_preempt_and_resume_equal_uninterrupted(setup, tmp_path):
     assert 2 <= stopped < STEPS
     assert (run / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
 
-    assert wait(launch(root, run, 2, "--ledger")) == [0, 0], log_text(run)
+    assert wait(launch(root, run, 2, "--ledger", env=rendezvous())) == [0, 0], log_text(run)
     assert f"at step {stopped}" in log_text(run)
 
     got, want = metrics(run), metrics(ref)
@@ -151,10 +151,10 @@ def test_preempt_and_resume_equal_uninterrupted(setup, tmp_path):
     assert "start 2 rank(s)" in log_text(ref)
 
 
-def test_dead_rank_ends_the_job(setup, tmp_path):
+def test_dead_rank_ends_the_job(setup, tmp_path, rendezvous):
     root, _ = setup
     run = tmp_path / "dead"
-    procs = launch(root, run, 2, "train.steps=100000")
+    procs = launch(root, run, 2, "train.steps=100000", env=rendezvous())
     wait_for_step(run, 1, procs)
     procs[1].send_signal(signal.SIGKILL)
     start = time.monotonic()

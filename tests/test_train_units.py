@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import traceback
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llara_dist.batch import SEG_NEXT, SEG_PAD, SEG_SELF, build_batch
 from llara_dist.config import RunConfig, TrainConfig, load_config
@@ -42,11 +44,16 @@ def test_dist_env_from_launchers(environ, want):
 
 def test_dist_env_single_and_errors():
     e = dist_env({})
-    assert (e.rank, e.world, e.launcher, e.master_addr) == (0, 1, "single", "127.0.0.1") and e.master_port > 0
+    # port 0: the lone rank's store binds any free port itself, nothing to race for
+    assert (e.rank, e.world, e.launcher, e.master_addr, e.master_port) == (0, 1, "single", "127.0.0.1", 0)
     with pytest.raises(RuntimeError, match="MASTER_ADDR/MASTER_PORT are not set"):
         dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
     with pytest.raises(RuntimeError, match="rank 4 is outside world size 2"):
         dist_env({"RANK": "4", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+    with pytest.raises(RuntimeError, match="MASTER_PORT=0 with 2 ranks"):
+        dist_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "0"})
+    with pytest.raises(RuntimeError, match="MASTER_PORT='x' is not an integer"):
+        dist_env({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "x"})
 
 
 def test_batch_plan_arithmetic():
@@ -180,7 +187,225 @@ def _gloo_worker(rank, world, port, folder):
 
 
 @pytest.mark.slow
-def test_preemption_agreement_and_checkpoint_manager(tmp_path):
-    from llara_dist.engine import _free_port
+def test_preemption_agreement_and_checkpoint_manager(tmp_path, spawn_ranks):
+    spawn_ranks(_gloo_worker, 2, tmp_path / "ckpt")
 
-    mp.spawn(_gloo_worker, args=(2, _free_port(), tmp_path / "ckpt"), nprocs=2)
+
+def test_deepspeed_config_optimizer_per_device():
+    plan = batch_plan(8, 2, 1)
+
+    def adam(gpu, **train):
+        params = deepspeed_config(TrainConfig(**train), plan, torch.float32, gpu=gpu)["optimizer"]["params"]
+        return {k: params[k] for k in ("torch_adam", "fused") if k in params}
+
+    assert adam(False) == adam(False, offload_optimizer=True) == {"torch_adam": True}  # CPU: torch's AdamW
+    assert adam(True) == {"torch_adam": True, "fused": True}  # GPU default: torch's fused AdamW, no JIT build
+    assert adam(True, adam_impl="deepspeed") == {"torch_adam": False}  # DeepSpeed's FusedAdam
+    assert adam(True, offload_optimizer=True) == {"torch_adam": False}  # offloaded: DeepSpeed's CPU-Adam
+    ds = deepspeed_config(TrainConfig(offload_optimizer=True, offload_params=True), plan, torch.bfloat16, gpu=True)
+    assert ds["zero_optimization"]["offload_optimizer"] == ds["zero_optimization"]["offload_param"] == \
+        {"device": "cpu", "pin_memory": True}
+    with pytest.raises(ValueError, match="adam_impl: 'apex' is not one of torch, deepspeed"):
+        load_config(RunConfig, None, ["train.adam_impl=apex"])
+
+
+def test_deepspeed_overrides_merge_and_refusals(tmp_path):
+    from llara_dist.config import ConfigError
+
+    knobs = ["train.deepspeed.zero_optimization.stage3_prefetch_bucket_size=50000000",
+             "train.deepspeed.zero_optimization.overlap_comm=true", "train.deepspeed.optimizer.type=AdamW",
+             "train.deepspeed.zero_optimization.offload_optimizer.buffer_count=8"]
+    t = load_config(RunConfig, None, knobs + ["train.grad_clip=0.5"]).train
+    ds = deepspeed_config(t, batch_plan(256, 8, 4), torch.bfloat16)
+    zero = ds["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == 50_000_000 and zero["overlap_comm"] is True
+    assert zero["offload_optimizer"] == {"buffer_count": 8}  # no device: DeepSpeed's default, not offloaded
+    assert zero["stage"] == 3 and ds["gradient_clipping"] == 0.5 and ds["train_batch_size"] == 256  # kept
+    assert ds["optimizer"]["params"]["lr"] == t.lr
+    ds["zero_optimization"]["overlap_comm"] = False  # DeepSpeed edits its config: the run config stays
+    assert t.deepspeed["zero_optimization"]["overlap_comm"] is True
+    # what train.* sets is refused, every key at once, naming the field to use instead
+    with pytest.raises(ConfigError) as e:
+        load_config(RunConfig, None, ["train.deepspeed.gradient_clipping=2", "train.deepspeed.train_batch_size=64",
+                                      "train.deepspeed.zero_optimization.stage=2", "train.deepspeed.bf16=null",
+                                      "train.deepspeed.optimizer.type=Lamb", "train.deepspeed.optimizer.params.lr=1",
+                                      "train.deepspeed.zero_optimization.offload_param.device=nvme"])
+    assert e.value.problems == [
+        "train.deepspeed.gradient_clipping: set by the trainer (gradient_clipping); use train.grad_clip",
+        "train.deepspeed.train_batch_size: set by the trainer (train_batch_size); use train.global_batch",
+        "train.deepspeed.zero_optimization.stage: set by the trainer (zero_optimization.stage); "
+        "use nothing: the trainer is built on ZeRO-3",
+        "train.deepspeed.zero_optimization.offload_param.device: set by the trainer "
+        "(zero_optimization.offload_param.device); use train.offload_params",
+        "train.deepspeed.bf16: set by the trainer (bf16.enabled); use model.dtype",
+        "train.deepspeed.optimizer.type: 'Lamb': the trainer's optimizer is AdamW (train.adam_impl picks its kernel)",
+        "train.deepspeed.optimizer.params.lr: set by the trainer (optimizer.params.lr); use train.lr"]
+    with pytest.raises(ConfigError, match="train.deepspeed.fp16.enabled: set by the trainer"):  # built in code
+        deepspeed_config(TrainConfig(deepspeed={"fp16": {"enabled": True}}), batch_plan(8, 2, 1), torch.float32)
+    bad = tmp_path / "run.yaml"
+    bad.write_text("train:\n  deepspeed: 5\n")
+    with pytest.raises(ConfigError, match="train.deepspeed: expected a mapping"):
+        load_config(RunConfig, bad)
+
+
+def test_batch_carries_its_lm_targets():
+    from llara_dist.batch import lm_targets
+
+    b = _batch()
+    where = lm_targets(b).reshape(-1).nonzero().squeeze(1)
+    assert torch.equal(b.lm_index, where) and b.lm_index.dtype == torch.int64
+    # each text token is a target, predicted from the token before it (the last prefix token for the first)
+    assert b.lm_index.numel() == 5 + 9 + 3 + 20 + 1 + 1
+    assert torch.equal(b.lm_index[:5], torch.tensor([1, 2, 3, 4, 5]))  # row 0: prefix at 0-1, text at 2-6
+
+
+# --- host syncs: what would make the CPU wait for the GPU, seen on CPU -------------------
+
+class SyncWatch(TorchDispatchMode):
+    """Records the operations whose CUDA form makes the host wait for the device: a value read
+    back (item, float, int, bool, tolist, cpu, numpy) or an output size that depends on the data
+    (nonzero, unique, masked_select, boolean-mask indexing, repeat_interleave without output_size).
+
+    The CPU stand-in for torch.cuda.set_sync_debug_mode("error"): it sees the operations, not the
+    device, so a copy between host and device (.to) is not among them.
+    """
+
+    READ_BACK = {"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+                 "unique_consecutive", "is_nonzero", "equal"}
+    TO_HOST = {"tolist", "cpu", "numpy"}  # Tensor methods whose CPU form dispatches nothing
+
+    def __enter__(self):
+        self.events = []  # (operation, the Python functions on the stack, innermost last)
+        self._methods = _HostCopies(self)
+        self._methods.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._methods.__exit__(*exc)
+        return super().__exit__(*exc)
+
+    def record(self, name: str) -> None:
+        self.events.append((name, [f"{f.filename}:{f.name}" for f in traceback.extract_stack()[:-2]]))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[1]
+        if (name in self.READ_BACK
+                or (name == "repeat_interleave" and kwargs.get("output_size") is None)
+                or (name in ("index", "index_put", "index_put_")
+                    and any(i is not None and i.dtype == torch.bool for i in args[1]))):
+            self.record(name)
+        return func(*args, **kwargs)
+
+
+class _HostCopies(TorchFunctionMode):
+    def __init__(self, watch: SyncWatch):
+        super().__init__()
+        self.watch = watch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in SyncWatch.TO_HOST:
+            self.watch.record(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _micro_batches(tok, prompt, shared_data):
+    from test_parity import make_docs
+
+    docs = make_docs(tok, shared_data, [23, 9, 14, 5, 17, 7])
+    return [build_batch([row], prompt, 3 * prompt.overhead + 60, tok.pad_token_id) for row in (docs[:3], docs[3:])]
+
+
+@pytest.mark.parametrize("preset_name, attn, frozen_head", [("released", "sdpa", False), ("paper", "two-pass", False),
+                                                             ("released", "sdpa", True)])
+def test_micro_batch_path_reads_nothing_back(preset_name, attn, frozen_head, tokenizer_dir, tiny_llama_dir,
+                                             shared_data):
+    """Forward, loss and backward of a micro-batch: nothing that would wait for a GPU."""
+    from llara_dist.batch import lm_targets
+    from llara_dist.objective import batch_counts, combine, loss_sums
+    from test_parity import setup
+
+    tok, preset, model, prompt = setup(preset_name, tokenizer_dir, tiny_llama_dir, attn=attn)
+    model.train().lm_head.weight.requires_grad_(not frozen_head)  # frozen: LoRA's LM-loss path
+    b = _micro_batches(tok, prompt, shared_data)[0]
+    counts = batch_counts(b, preset)  # metadata, read on the CPU before the batch moves
+    with SyncWatch() as watch:
+        sums = loss_sums(model, b, preset, lm_chunk=16)  # several LM chunks
+        loss, parts = combine(sums, counts, preset, as_floats=False)
+        loss.backward()
+    assert watch.events == []
+    assert loss.requires_grad and all(p.ndim == 0 for p in parts.values())
+    # the watch sees what the step path used to do
+    with SyncWatch() as watch:
+        combine(sums, counts, preset)  # parts as floats: one read per term
+        lm_targets(b).reshape(-1).nonzero()
+        torch.repeat_interleave(torch.arange(2), torch.tensor([1, 2]))
+        b.input_ids[b.segment == 0]
+        loss.detach().tolist()
+    assert [name for name, _ in watch.events] == ["_local_scalar_dense"] * 3 + ["nonzero", "repeat_interleave",
+                                                                                "index", "tolist"]
+
+
+def _step_worker(rank, world, port, paths, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    from llara_dist import objective
+    from llara_dist.engine import build_engine, init_distributed, zero3_loading
+    from llara_dist.train import train_step
+    from test_parity import setup
+
+    init_distributed(dist_env(), timeout_s=60)
+    train = TrainConfig(global_batch=2, micro_batch=1, lr=1e-3, warmup_steps=0,
+                        deepspeed={"zero_optimization": {"stage3_prefetch_bucket_size": 12345}})
+    ds = deepspeed_config(train, batch_plan(2, 1, world), torch.float32)
+    tokenizer_dir, tiny_llama_dir, shared_data = paths
+    with zero3_loading(ds):
+        tok, preset, model, prompt = setup("released", tokenizer_dir, tiny_llama_dir)
+    engine = build_engine(model.train(), train, ds)
+    micro = _micro_batches(tok, prompt, shared_data)
+    with SyncWatch() as watch:
+        engine.module.register_forward_pre_hook(lambda *_: watch.events.append(("forward", [])))  # a marker
+        result = train_step(engine, micro, preset, world, objective, lm_chunk=16)
+    torch.save({"events": watch.events, "result": result, "prefetch": engine.zero_prefetch_bucket_size()}, out)
+
+
+@pytest.mark.slow
+def test_train_step_reads_back_before_and_after_the_gpu_work_only(tmp_path, run_ranks, tokenizer_dir,
+                                                                   tiny_llama_dir, shared_data):
+    """One step of the real ZeRO-3 engine (1 rank, gloo): our code reads the counts before the first
+    forward and the results after the last backward, nothing in between (DeepSpeed's reads are its own)."""
+    run = run_ranks(_step_worker, 1, (tokenizer_dir, tiny_llama_dir, shared_data), tmp_path / "run.pt")
+    assert run["prefetch"] == 12345  # train.deepspeed reached the engine
+    assert run["result"]["loss"] > 0 and run["result"]["docs"] == 6
+    ours = [(name, next((f.rsplit(":", 1)[1] for f in reversed(stack) if "/llara_dist/" in f), ""))
+            for name, stack in run["events"] if not any("/deepspeed/" in f for f in stack)]
+    forward = ("forward", "")  # the marker: each micro-batch's model call
+    first = ours.index(forward)
+    # before: the batches' counts (CPU tensors: the batches are still on the host), all-reduced and read
+    assert ours[:first] == [("_local_scalar_dense", "batch_counts")] * 4 + [("tolist", "all_reduce_sum")]
+    # from the first forward: nothing read until the last backward and step are queued; then the host
+    # batches' statistics (CPU again), the step's sums and their all-reduce
+    assert ours[first:] == [forward] * 2 + [("_local_scalar_dense", "real_tokens")] * 2 + \
+        [("_local_scalar_dense", "attention_pairs")] * 2 + [("tolist", "train_step"), ("tolist", "all_reduce_sum")]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_forward_hidden_is_the_decoders_final_output(lora, tokenizer_dir, tiny_llama_dir, shared_data):
+    """The decoder's output taken by a hook equals, bit for bit, the model's own last hidden state."""
+    from llara_dist import kernels
+    from llara_dist.engine import apply_lora
+    from llara_dist.modeling import forward_hidden
+    from test_parity import setup
+
+    tok, preset, model, prompt = setup("released", tokenizer_dir, tiny_llama_dir)
+    if lora:  # through peft's wrappers
+        model = apply_lora(model, TrainConfig(lora_r=4))
+    b = _micro_batches(tok, prompt, shared_data)[1]
+    with torch.no_grad():
+        h = forward_hidden(model, b)
+        mask = kernels.prepare("sdpa", b.doc, b.segment)
+        every = model(input_ids=b.input_ids, position_ids=b.position, llara_mask=mask, use_cache=False,
+                      logits_to_keep=1, output_hidden_states=True).hidden_states
+    assert h.shape == b.input_ids.shape + (model.config.hidden_size,) and torch.equal(h, every[-1])
+    assert not torch.equal(h, every[-2])  # the final norm's output, not the last layer's

@@ -108,7 +108,7 @@ def _as_is(x):
 
 class PackedLoader:
     def __init__(self, cfg: DataConfig, prompt: PromptTokens, *, micro_batch: int, rank: int, world: int,
-                 pad_id: int, drop_ids: tuple[int, ...] = ()):
+                 pad_id: int, drop_ids: tuple[int, ...] = (), pin_memory: bool | None = None):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in 0..{world - 1}")
         if micro_batch < 1:
@@ -120,6 +120,8 @@ class PackedLoader:
         self.shards.check_readers(world * self.workers, world, self.workers)
         self._cursors: list[dict | None] = [None] * self.workers  # per local reader, last consumed
         self._next = 0  # local reader whose batch comes next
+        # page-locked batches: a non_blocking copy to the GPU then leaves the host free (default: on CUDA)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
 
     def _setup(self) -> dict:
         """What a cursor is tied to."""
@@ -139,6 +141,8 @@ class PackedLoader:
             loader = torch.utils.data.DataLoader(readers, batch_size=None, num_workers=self.workers,
                                                  collate_fn=_as_is, prefetch_factor=2)
             source = (_convert(b, torch.from_numpy) for b in loader)
+        if self.pin_memory:
+            source = (_convert(b, torch.Tensor.pin_memory) for b in source)
         for batch in source:
             local = batch.reader - self.rank * self.workers
             self._cursors[local] = batch.cursor
