@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llara_dist.batch import SEG_NEXT, SEG_SELF, build_batch
+from llara_dist.batch import SEG_NEXT, build_batch
 from llara_dist.data.shards import Doc
 from llara_dist.kernels import flex, sdpa, varlen
+from llara_dist.modeling import pass_masks
 from llara_dist.prompts import PromptTokens
 
 PROMPT = PromptTokens(prefix=(5,) * 2, self_suffix=(6,) * 19, next_suffix=(7,) * 18, num_emb_tokens=8)
@@ -58,13 +59,14 @@ def timed(fn, device, iters: int) -> float:
     return statistics.median(times)
 
 
-def paths(doc, seg, device):
-    """name -> (prepare() -> state, attend(q, k, v, state) -> out)."""
+def paths(batch, device):
+    """name -> (prepare() -> state, attend(q, k, v, state) -> out). The masks and layouts are built
+    the way training builds them (modeling.pass_masks: the varlen layout from the batch's host copy)."""
+    seg = batch.segment
     kernel = None if device.type == "cuda" else varlen.reference
 
-    def two_pass_prep():
-        return (varlen.prepare(doc.masked_fill(seg == SEG_NEXT, -1), seg),
-                varlen.prepare(doc.masked_fill(seg == SEG_SELF, -1), seg))
+    def prep(name, two_pass=False):
+        return lambda: [m.payload for m in pass_masks(batch, name, two_pass)]
 
     def two_pass(q, k, v, layouts):
         a, b = (varlen.attend(q, k, v, lay, None, kernel=kernel) for lay in layouts)
@@ -77,10 +79,10 @@ def paths(doc, seg, device):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     return {
-        "sdpa": (lambda: sdpa.prepare(doc, seg), lambda q, k, v, m: sdpa.attend(q, k, v, m, None)),
-        "flex": (lambda: flex.prepare(doc, seg), lambda q, k, v, m: flex.attend(q, k, v, m, None)),
-        "varlen": (lambda: varlen.prepare(doc, seg), lambda q, k, v, m: varlen.attend(q, k, v, m, None, kernel=kernel)),
-        "two-pass": (two_pass_prep, two_pass),
+        "sdpa": (prep("sdpa"), lambda q, k, v, m: sdpa.attend(q, k, v, m[0], None)),
+        "flex": (prep("flex"), lambda q, k, v, m: flex.attend(q, k, v, m[0], None)),
+        "varlen": (prep("varlen"), lambda q, k, v, m: varlen.attend(q, k, v, m[0], None, kernel=kernel)),
+        "two-pass": (prep("varlen", two_pass=True), two_pass),
         "causal": (lambda: None, causal),
     }
 
@@ -96,7 +98,7 @@ def bench(args, docs_per_row: float, device, dtype) -> list[dict]:
         t.requires_grad_(backward)
     real = (batch.doc >= 0)[:, None, :, None]
     results, ref = [], None
-    for name, (prepare, attend) in paths(batch.doc, batch.segment, device).items():
+    for name, (prepare, attend) in paths(batch, device).items():
         state = prepare()
         with torch.no_grad():
             out = attend(q, k, v, state)

@@ -5,7 +5,8 @@
 #   2. llara-dist doctor on the GPU: every path, forward and backward in bf16 against fp32 sdpa
 #   3. bench/attn_bench.py: one LLaMA-2-7B attention layer (32 x 128), rows of 1024 with ~5 and
 #      ~1.5 documents: sdpa, flex, varlen, two-pass and the plain causal flash ceiling
-# Each stage has a time cap and tees its output to $OUT as it goes (the train bench also writes its
+# The device run brings back at most 8 files from $OUT, at most 2 folders down: keep it that way
+# (tests/test_kernels.py counts them). Each stage has a time cap and tees its output to $OUT as it goes (the train bench also writes its
 # JSON and table after every configuration), so a stage cut short keeps what it measured.
 #
 # From a session holding the device: the repo goes on PYTHONPATH (no install); DeepSpeed and what it
@@ -71,7 +72,7 @@ EOF
 } 2>&1 | tee "$OUT/env.txt"
 
 if [ "$DEVICE" = cpu ]; then  # the plumbing only: tiny shapes
-    TRAIN_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 2 --warmup 0 --steps 1)
+    TRAIN_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 2 --warmup 0 --steps 1 --profile)
     DOCTOR_ARGS=(--device cpu --seq-len 128 --attn sdpa)
     BENCH_ARGS=(--device cpu --rows 2 --seq-len 256 --heads 2 --head-dim 16 --iters 1)
 else

@@ -33,14 +33,19 @@ peak GPU memory (torch.cuda.max_memory_allocated, weights and optimizer states i
 n/a on CPU), MFU = model FLOPs of the real tokens (metrics.train_flops: 6N per token plus
 the attention pairs the joint mask allows) per second over the device's bf16 dense peak
 (989 TFLOP/s on H100; metrics.peak_flops) and over a matmul peak measured here, and each
-figure's ratio to the baseline. Before any step, every configuration's loss on the step's
+figure's ratio to the baseline, and the host syncs of one more, untimed step (count_syncs: the
+no-sync claim checked on the device; n/a on CPU). Before any step, every configuration's loss on the step's
 documents is evaluated at the same starting weights: they must agree (same documents, same
 objective), else the run fails. Last, the fastest of our paths on the first workload runs once
 more with activation checkpointing (non-reentrant, every decoder layer; config `<path>+ckpt`):
-its step time and peak memory against the same path without. Output: bench.json and bench.md in
+its step time and peak memory against the same path without. Then, on CUDA by default (on CPU with
+--compare-fused: compiling takes a while there), the same path with model.fused_ops (config
+`<path>+fused`: llara_dist.fused patched into the engine's modules, taken off again after): its
+loss with and without the fused ops at the same weights must agree (else that row fails), then its
+step time and peak memory, the first step compiling (a warm-up step). Output: bench.json and bench.md in
 --out, rewritten after every configuration (a run cut short keeps what it measured), the table
 on stdout; with --profile a torch.profiler top-25 operator table per configuration of the first
-workload (profile-*.txt).
+workload (all in profile.txt).
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from llara_dist import kernels, objective
+from llara_dist import fused, kernels, objective
 from llara_dist.batch import build_batch
 from llara_dist.config import TrainConfig
 from llara_dist.data.pack import Packer
@@ -246,10 +251,12 @@ def docs_hash(batches: list) -> str:
 
 
 def run_config(engine, name: str, path: str, micro: list, preset, objective, args, device,
-               profile: Path | None = None, checkpointing: bool = False) -> dict:
+               profile: Path | None = None, checkpointing: bool = False, fused_ops: bool = False) -> dict:
     """Warm-up steps, then --steps timed optimizer steps over the same micro-batches."""
     set_attention(engine, path, device)
     set_checkpointing(engine, checkpointing)
+    set_fused(engine, False)
+    fused_gap = fused_loss_gap(engine, micro, preset, objective, args.loss_rtol) if fused_ops else None
     for _ in range(args.warmup):
         train_step(engine, micro, preset, 1, objective)
     sync(device)
@@ -262,7 +269,8 @@ def run_config(engine, name: str, path: str, micro: list, preset, objective, arg
         sync(device)
         times.append(time.perf_counter() - t)
     if profile:
-        profile_step(engine, micro, preset, objective, device, profile)
+        profile_step(engine, micro, preset, objective, device, profile, name)
+    syncs = count_syncs(engine, micro, preset, objective, device)
     step_s = statistics.median(times)
     text = sum(b.text_tokens() for b in micro)
     real = sum(b.real_tokens() for b in micro)
@@ -274,7 +282,31 @@ def run_config(engine, name: str, path: str, micro: list, preset, objective, arg
         "text_tokens_per_s": text / step_s, "docs_per_s": sum(b.num_docs for b in micro) / step_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
         "loss": result["loss"], "checkpointing": checkpointing,
+        "fused_ops": fused_ops, "fused_loss_gap": fused_gap,
+        "syncs_per_step": None if syncs is None else sum(syncs.values()), "sync_sites": syncs,
     }
+
+
+def count_syncs(engine, micro, preset, objective, device) -> dict | None:
+    """One more (untimed) step under torch.cuda.set_sync_debug_mode("warn"): where the host waited for
+    the device, {"file:line" of the Python caller: count}; None on CPU. torch warns on reads back and
+    blocking copies (item, nonzero, .cpu(), ...), not on torch.cuda.synchronize(); DeepSpeed's count too."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every one, not once per call site
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_step(engine, micro, preset, 1, objective)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites: dict[str, int] = {}
+    for w in caught:
+        if "called a synchronizing CUDA operation" in str(w.message):
+            where = f"{w.filename}:{w.lineno}"
+            sites[where] = sites.get(where, 0) + 1
+    return sites
 
 
 def set_checkpointing(engine, on: bool) -> None:
@@ -290,8 +322,28 @@ def set_checkpointing(engine, on: bool) -> None:
         (getattr(core, "activation_checkpointing_disable", None) or core.gradient_checkpointing_disable)()
 
 
-def profile_step(engine, micro, preset, objective, device, path: Path) -> None:
-    """One more step under torch.profiler; the top operators by self time to `path`."""
+def set_fused(engine, on: bool) -> None:
+    """model.fused_ops switched on a built engine, like checkpointing: the fused forwards patched into
+    its modules (llara_dist.fused), or taken off."""
+    (fused.patch if on else fused.unpatch)(engine)
+
+
+def fused_loss_gap(engine, micro, preset, objective, rtol: float) -> float:
+    """Switch the fused ops on, checked: the step's loss with and without them at the current weights
+    (same documents) must agree within rtol. Returns their relative gap."""
+    eager = eval_loss(engine, micro, preset, objective)
+    set_fused(engine, True)
+    got = eval_loss(engine, micro, preset, objective)
+    gap = abs(got - eager) / abs(eager)
+    if not gap <= rtol:
+        raise RuntimeError(f"the fused ops changed the loss at the same weights: {got:.6f}, eager {eager:.6f} "
+                           f"(rtol {rtol})")
+    return gap
+
+
+def profile_step(engine, micro, preset, objective, device, path: Path, title: str) -> None:
+    """One more step under torch.profiler; the top operators by self time appended to `path` under
+    a `== title` line (one file for all configurations: the device run brings back 8 files at most)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -299,7 +351,8 @@ def profile_step(engine, micro, preset, objective, device, path: Path) -> None:
         train_step(engine, micro, preset, 1, objective)
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # both torch 2.11 and 2.13
-    path.write_text(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
+    with path.open("a") as f:
+        f.write(f"== {title}\n{prof.key_averages().table(sort_by=key, row_limit=25)}\n\n")
 
 
 def build(args, device, dtype, n_micro: int, vocab: int):
@@ -335,8 +388,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=0, help="timed steps per configuration (0: 3, tiny shape 2)")
     p.add_argument("--compare-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="run the fastest of our paths on the first workload once more with activation checkpointing")
+    p.add_argument("--compare-fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the fastest of our paths on the first workload once more with model.fused_ops "
+                        "(default: on CUDA only; on CPU compiling costs about a minute)")
     p.add_argument("--profile", action="store_true",
-                   help="profile one more step of each configuration of the first workload (profile-*.txt)")
+                   help="profile one more step of each configuration of the first workload (profile.txt)")
     p.add_argument("--loss-rtol", type=float, default=0.0, help="loss agreement bound (0: 1e-4 fp32, 2e-2 bf16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_out")
@@ -367,6 +423,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.txt").unlink(missing_ok=True)  # profile_step appends
     engine = build(args, device, dtype, n_micro, vocab)
     hf_config = engine.module.config
     matmul_peak = measure_matmul_peak(device, dtype)
@@ -374,7 +431,7 @@ def main(argv=None) -> int:
     objs = objectives()
     configs = [("baseline", "sdpa", "padded", objs["baseline"])]
     configs += [(path, path, "packed", objs["ours"]) for path in paths]
-    rtol = args.loss_rtol or (1e-4 if dtype == torch.float32 else 2e-2)
+    rtol = args.loss_rtol = args.loss_rtol or (1e-4 if dtype == torch.float32 else 2e-2)  # run_config: +fused
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": name, "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
               "shape": {**SHAPES[args.shape], "layers": hf_config.num_hidden_layers, "vocab": hf_config.vocab_size},
@@ -388,7 +445,7 @@ def main(argv=None) -> int:
         results = []
         report["workloads"].append({"docs": w.name, "documents": len(w.docs), "results": results})
         for cname, path, layout, obj in configs:
-            prof = out / f"profile-{w.name}-{cname}.txt" if args.profile and i == 0 else None
+            prof = out / "profile.txt" if args.profile and i == 0 else None
             results.append(measure(engine, w.name, cname, path, getattr(w, layout), preset, obj, args, device,
                                    starts[cname], prof))
             save(report, results, w.name, hf_config, table_peak, matmul_peak, out)
@@ -397,23 +454,30 @@ def main(argv=None) -> int:
         first.append(measure(engine, loads[0].name, f"{fastest['config']}+ckpt", fastest["path"], loads[0].packed,
                              preset, objs["ours"], args, device, fastest["loss_at_start"], checkpointing=True))
         save(report, first, loads[0].name, hf_config, table_peak, matmul_peak, out)
+    if (device.type == "cuda" if args.compare_fused is None else args.compare_fused) and fastest is not None:
+        first.append(measure(engine, loads[0].name, f"{fastest['config']}+fused", fastest["path"], loads[0].packed,
+                             preset, objs["ours"], args, device, fastest["loss_at_start"], fused_ops=True,
+                             profile=out / "profile.txt" if args.profile else None))
+        set_fused(engine, False)  # the engine as it was
+        save(report, first, loads[0].name, hf_config, table_peak, matmul_peak, out)
     failed = any("error" in r for w in report["workloads"] for r in w["results"])
     print(markdown(report))
     return 1 if failed else 0
 
 
 def measure(engine, docs: str, cname: str, path: str, micro: list, preset, obj, args, device, start,
-            profile: Path | None = None, checkpointing: bool = False) -> dict:
+            profile: Path | None = None, checkpointing: bool = False, fused_ops: bool = False) -> dict:
     """run_config's result, or {config, path, error} if it failed: one failing path must not lose the others'."""
     try:
         if isinstance(start, str):
             raise RuntimeError(start)
-        r = run_config(engine, cname, path, micro, preset, obj, args, device, profile, checkpointing)
+        r = run_config(engine, cname, path, micro, preset, obj, args, device, profile, checkpointing, fused_ops)
     except Exception as e:  # noqa: BLE001 - reported in the table
         traceback.print_exc()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return {"config": cname, "path": path, "checkpointing": checkpointing, "error": f"{type(e).__name__}: {e}"}
+        return {"config": cname, "path": path, "checkpointing": checkpointing, "fused_ops": fused_ops,
+                "error": f"{type(e).__name__}: {e}"}
     print(f"{docs} {cname}: {r['step_s']:.3f} s/step", file=sys.stderr, flush=True)
     return {**r, "loss_at_start": start}
 
@@ -426,8 +490,8 @@ def save(report: dict, results: list, name: str, hf_config, table_peak, matmul_p
 
 
 def fastest_ours(results: list) -> dict | None:
-    """The packed joint-prompt configuration (not baseline, two-pass or checkpointed) with most text tokens/s."""
-    ours = [r for r in results if "error" not in r and not r.get("checkpointing")
+    """The packed joint-prompt configuration (not baseline, two-pass, checkpointed or fused) with most text tokens/s."""
+    ours = [r for r in results if "error" not in r and not r.get("checkpointing") and not r.get("fused_ops")
             and r["config"] not in ("baseline", "two-pass")]
     return max(ours, key=lambda r: r["text_tokens_per_s"], default=None)
 
@@ -480,17 +544,18 @@ def markdown(report: dict) -> str:
              f"micro-batches of {report['micro_batch']} packed rows per step, median of {report['steps']} "
              f"steps; matmul peak measured {report['matmul_peak_tflops']:.1f} TFLOP/s", "",
              "| docs | config | step s | text tok/s | docs/s | x baseline | fill | peak GiB | MFU (table peak) "
-             "| MFU (measured peak) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| MFU (measured peak) | syncs/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in report["workloads"]:
         for r in w["results"]:
             if "error" in r:
-                lines.append(f"| {w['docs']} | {r['config']} | failed: {r['error'][:80]} |||||||| ")
+                lines.append(f"| {w['docs']} | {r['config']} | failed: {r['error'][:80]} ||||||||| ")
                 continue
             mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
             lines.append(f"| {w['docs']} ({r['docs']}) | {r['config']} | {r['step_s']:.3f} | "
                          f"{r['text_tokens_per_s']:,.0f} | {r['docs_per_s']:,.1f} | {r['speedup']:.2f} | "
-                         f"{r['fill']:.2f} | {mem} | {pct(r['mfu_table'])} | {pct(r['mfu_measured'])} |")
+                         f"{r['fill']:.2f} | {mem} | {pct(r['mfu_table'])} | {pct(r['mfu_measured'])} | "
+                         f"{'n/a' if r.get('syncs_per_step') is None else r['syncs_per_step']} |")
     lines.append("")
     for w in report["workloads"]:
         by = {r["config"]: r for r in w["results"] if "error" not in r}
@@ -506,12 +571,14 @@ def markdown(report: dict) -> str:
             line += f"; MFU {best['mfu_table']:.1%} (target >= 50%)"
         lines.append(line)
         for r in by.values():
-            plain = by.get(r["path"]) if r.get("checkpointing") else None
+            plain = by.get(r["path"]) if r.get("checkpointing") or r.get("fused_ops") else None
             if plain is not None:
                 gib = lambda x: "n/a" if x is None else f"{x:.1f} GiB"  # noqa: E731
-                lines.append(f"- {w['docs']}: activation checkpointing on {r['path']}: "
+                what = "activation checkpointing" if r.get("checkpointing") else "fused ops"
+                lines.append(f"- {w['docs']}: {what} on {r['path']}: "
                              f"{r['step_s'] / plain['step_s']:.2f}x the step time, peak memory "
-                             f"{gib(r['peak_mem_gib'])} (without: {gib(plain['peak_mem_gib'])})")
+                             f"{gib(r['peak_mem_gib'])} (without: {gib(plain['peak_mem_gib'])})"
+                             + (f"; loss {r['fused_loss_gap']:.1e} from eager's" if r.get("fused_ops") else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -68,9 +68,20 @@ def inner_kernel(path: str, device: torch.device | str, dtype: torch.dtype | Non
     return "varlen" if why_unavailable("varlen", device, dtype=dtype) is None else "sdpa"
 
 
-def prepare(kernel: str, doc: torch.Tensor, segment: torch.Tensor) -> LlaraMask:
-    """Build a micro-batch's mask once for all layers; doc/segment are [R, L] on the model's device."""
-    return LlaraMask(kernel, KERNELS[kernel].prepare(doc, segment))
+# kernels whose preparation reads the metadata's values (data-dependent sizes): on a GPU each read
+# would stall the host, so they take the batch's host copy (PackedBatch.host) instead
+HOST_METADATA = ("varlen",)
+
+
+def prepare(kernel: str, doc: torch.Tensor, segment: torch.Tensor,
+            device: torch.device | str | None = None) -> LlaraMask:
+    """Build a micro-batch's mask once for all layers from doc/segment [R, L]: on the model's device,
+    or on the host for the HOST_METADATA kernels, whose result is then copied to `device`
+    (non-blocking: nothing is read back)."""
+    payload = KERNELS[kernel].prepare(doc, segment)
+    if device is not None and doc.device != torch.device(device):
+        payload = payload.to(device, non_blocking=True)
+    return LlaraMask(kernel, payload)
 
 
 def hf_name(kernel: str) -> str:

@@ -10,6 +10,11 @@ row-major token order (A then B of each document are already contiguous there), 
 scattering the output back is one index_copy. Keys of B repeat the TEXT tokens.
 Padding tokens are in no sequence; their output is zero.
 
+The layout's sizes depend on the data (boolean-mask indexing, unique, the longest sequence):
+built from GPU tensors, each of its ~10 reads stalls the host until the device drains. So
+`kernels.prepare` builds it from the batch's host copy (kernels.HOST_METADATA) and copies it to
+the device without a read back (`Layout.to`).
+
 Kernels: `flash_attn.flash_attn_varlen_func` when the flash-attn package is installed,
 else `torch.nn.attention.varlen.varlen_attn` (CUDA). `reference` runs the same layout
 through per-sequence SDPA on any device: the CPU test of the layout.
@@ -36,6 +41,13 @@ class Layout:
     cu_k: torch.Tensor  # [S + 1] int32 key offsets
     max_q: int
     max_k: int
+
+    def to(self, device, non_blocking: bool = False) -> "Layout":
+        """The same layout on `device`; the lengths stay Python ints (nothing is read back). From the
+        CPU to CUDA without blocking, through page-locked memory: a pageable copy may wait for the device."""
+        pin = non_blocking and torch.device(device).type == "cuda" and not self.q_index.is_cuda
+        move = lambda t: (t.pin_memory() if pin else t).to(device, non_blocking=non_blocking)  # noqa: E731
+        return Layout(move(self.q_index), move(self.k_index), move(self.cu_q), move(self.cu_k), self.max_q, self.max_k)
 
 
 def prepare(doc: torch.Tensor, segment: torch.Tensor) -> Layout:

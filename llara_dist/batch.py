@@ -51,6 +51,15 @@ class PackedBatch:
     # set by the loader: which reader made this batch and its cursor after it
     reader: int = -1
     cursor: dict | None = None
+    _host = None  # not a field: the CPU batch that `to` copied this one from
+
+    @property
+    def host(self) -> "PackedBatch | None":
+        """This batch on the CPU (itself, or the one `to` copied it from; None if it never was there):
+        its metadata can be read without waiting for the device."""
+        if self._host is not None:
+            return self._host
+        return self if self.doc.device.type == "cpu" else None
 
     @property
     def rows(self) -> int:
@@ -77,7 +86,9 @@ class PackedBatch:
         for k, v in moved.items():
             if isinstance(v, torch.Tensor):
                 moved[k] = v.to(device, non_blocking=non_blocking)
-        return PackedBatch(**moved)
+        out = PackedBatch(**moved)
+        out._host = self.host
+        return out
 
 
 def build_batch(rows: list[list], prompt: PromptTokens, seq_len: int, pad_id: int,

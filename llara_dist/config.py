@@ -258,6 +258,8 @@ class ModelConfig:
     path: str = opt("", "local Hugging Face model folder (or a config.json to build a random model)")
     attn: str = opt("sdpa", "attention kernel path: sdpa, flex, varlen or two-pass")
     dtype: str = opt("auto", "parameter dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    fused_ops: bool = opt(False, "compiled fused RMSNorm, SwiGLU product and RoPE in the decoder layers "
+                                 "(llara_dist.fused; same math, compiles at the first step)")
 
     def check(self) -> list[str]:
         out = []

@@ -14,6 +14,8 @@ Errors are relative: max |x - ref| / max |ref| (forward), ||g - g_ref|| / ||g_re
 Bounds: fp32 1e-4 both. Low precision: the dense `sdpa` path in that dtype sets the baseline
 (its own bounds: 5e-2 forward, 1e-1 backward), and every other path must be within 2x the
 baseline's error (+1e-3). Exit status 1 if any check fails, 2 if --attn cannot run here.
+Each row is printed (flushed) as soon as it is measured and the summary last, so a run cut by a
+timeout (a cold flex compile in bench/gpu_check.sh) keeps the rows it measured.
 """
 
 from __future__ import annotations
@@ -133,8 +135,9 @@ def rel_norm(x, ref) -> float:
     return float((x - ref).norm() / ref.norm().clamp(min=1e-12))
 
 
-def run_checks(model, prompt, rows, device, dtype: torch.dtype, paths) -> list[Row]:
-    """Every check of every path; `model` is fp32 and is moved to `device`."""
+def run_checks(model, prompt, rows, device, dtype: torch.dtype, paths, report=None) -> list[Row]:
+    """Every check of every path; `model` is fp32 and is moved to `device`. `report` is called with
+    each row as soon as it is measured (a run killed by a timeout keeps what it printed)."""
     preset = resolve_preset(ObjectiveConfig(preset="released"))  # max-pooled BoW + LM loss: every part
     docs = [d for row in rows for d in row]
     seq_len = max(sum(len(d.ids) + prompt.overhead for d in row) for row in rows)
@@ -147,11 +150,17 @@ def run_checks(model, prompt, rows, device, dtype: torch.dtype, paths) -> list[R
     test_model = copy.deepcopy(ref).to(dtype) if low else ref
     dev, dt = torch.device(device).type, {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
     out: list[Row] = []
+
+    def add(row: Row) -> None:
+        out.append(row)
+        if report is not None:
+            report(row)
+
     baseline: dict[str, float] = {}
     for path in sorted(paths, key=lambda p: p != "sdpa"):  # the sdpa baseline first
         why = kernels.why_unavailable(path, device, dtype=dtype)
         if why is not None:
-            out.append(Row(path, dev, dt, "forward", note=f"skipped: {why}"))
+            add(Row(path, dev, dt, "forward", note=f"skipped: {why}"))
             continue
         set_attention(test_model, path, device)
         checks = [("forward", lambda: rel_max(joint_states(test_model, batch), ref_fwd))]
@@ -166,22 +175,24 @@ def run_checks(model, prompt, rows, device, dtype: torch.dtype, paths) -> list[R
                 bound, baseline[name] = LOW_BOUND[name], err
             else:
                 bound = 2 * baseline.get(name, LOW_BOUND[name] / 2) + 1e-3
-            out.append(Row(path, dev, dt, f"{name} vs fp32 {'separate passes' if name == 'forward' else 'sdpa'}",
-                           err, bound))
+            add(Row(path, dev, dt, f"{name} vs fp32 {'separate passes' if name == 'forward' else 'sdpa'}",
+                    err, bound))
         if why_bwd is not None:
-            out.append(Row(path, dev, dt, "backward", note=f"skipped: {why_bwd}"))
+            add(Row(path, dev, dt, "backward", note=f"skipped: {why_bwd}"))
     return out
 
 
-def print_table(rows: list[Row]) -> None:
+def print_header() -> None:
     head = f"{'path':9} {'device':6} {'dtype':8} {'check':34} {'rel err':>9} {'bound':>9}  result"
     print(head)
-    print("-" * len(head))
-    for r in rows:
-        err = f"{r.error:9.2e}" if r.error is not None else f"{'-':>9}"
-        bound = f"{r.bound:9.2e}" if r.bound is not None else f"{'-':>9}"
-        result = {True: "pass", False: "FAIL", None: r.note}[r.ok]
-        print(f"{r.path:9} {r.device:6} {r.dtype:8} {r.check:34} {err} {bound}  {result}")
+    print("-" * len(head), flush=True)
+
+
+def print_row(r: Row) -> None:
+    err = f"{r.error:9.2e}" if r.error is not None else f"{'-':>9}"
+    bound = f"{r.bound:9.2e}" if r.bound is not None else f"{'-':>9}"
+    result = {True: "pass", False: "FAIL", None: r.note}[r.ok]
+    print(f"{r.path:9} {r.device:6} {r.dtype:8} {r.check:34} {err} {bound}  {result}", flush=True)
 
 
 def run(args) -> int:
@@ -205,8 +216,9 @@ def run(args) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# {where}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{'model ' + args.model if args.model else 'tiny random LLaMA'}")
-    results = run_checks(model, prompt, rows, device, dtype, [args.attn] if args.attn else kernels.PATHS)
-    print_table(results)
+    print_header()  # then each row as it is measured: a cold flex compile may be cut by a timeout
+    results = run_checks(model, prompt, rows, device, dtype, [args.attn] if args.attn else kernels.PATHS,
+                         report=print_row)
     failed = [r for r in results if r.ok is False]
     print(f"\n{len(failed)} failed, {sum(r.ok is True for r in results)} passed, "
           f"{sum(r.ok is None for r in results)} skipped")

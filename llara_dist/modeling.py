@@ -57,6 +57,10 @@ def load_model(model_cfg, tokenizer, preset: Preset, device: torch.device | str 
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     set_attention(model, model_cfg.attn, device)
+    if model_cfg.fused_ops:
+        from llara_dist import fused
+
+        fused.patch(model)
     return model
 
 
@@ -81,8 +85,7 @@ def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
     kernel = core.config._attn_implementation.removeprefix("llara_")
     decoder = core.get_decoder()  # LLaMA, Mistral, Qwen2: the base model; through a peft wrapper too
 
-    def run(doc):  # doc [R, L]
-        mask = kernels.prepare(kernel, doc, batch.segment)
+    def run(mask):
         # through the top module, so a DeepSpeed engine's forward runs (calling the decoder
         # directly gave wrong ZeRO-3 gradients: tests/test_train_exact.py), logits only at the
         # last column; the decoder's output (after the final norm) is taken by a hook, not by
@@ -99,14 +102,24 @@ def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
                                "times in one forward, not once: cannot tell its final hidden states")
         return out[0]
 
-    if path != "two-pass":
-        return run(batch.doc)
-    # two-pass: [prefix TEXT SELF] with the NEXT tokens blanked out, then [prefix TEXT NEXT]
-    # with the SELF tokens blanked out; each pass needs only a document-causal mask
-    seg = batch.segment
-    h_self = run(batch.doc.masked_fill(seg == SEG_NEXT, -1))
-    h_next = run(batch.doc.masked_fill(seg == SEG_SELF, -1))
-    return torch.where((seg == SEG_NEXT)[..., None], h_next, h_self)
+    masks = pass_masks(batch, kernel, two_pass=path == "two-pass")
+    if len(masks) == 1:
+        return run(masks[0])
+    h_self, h_next = map(run, masks)
+    return torch.where((batch.segment == SEG_NEXT)[..., None], h_next, h_self)
+
+
+def pass_masks(batch: PackedBatch, kernel: str, two_pass: bool) -> list[kernels.LlaraMask]:
+    """The mask of each model call of forward_hidden, on the batch's device.
+
+    two-pass: [prefix TEXT SELF] with the NEXT tokens blanked out, then [prefix TEXT NEXT] with
+    the SELF tokens blanked out; each pass needs only a document-causal mask. A kernel that reads
+    the metadata (kernels.HOST_METADATA: varlen) gets the batch's host copy, blanking included,
+    so nothing is read back from the device."""
+    meta = batch.host if kernel in kernels.HOST_METADATA and batch.host is not None else batch
+    docs = [meta.doc.masked_fill(meta.segment == blank, -1) for blank in (SEG_NEXT, SEG_SELF)] if two_pass \
+        else [meta.doc]
+    return [kernels.prepare(kernel, doc, meta.segment, batch.input_ids.device) for doc in docs]
 
 
 def gather_states(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

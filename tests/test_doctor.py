@@ -39,6 +39,29 @@ def test_doctor_refuses_an_unavailable_path(capsys):
     assert "'varlen' is not available on cpu" in out and "sdpa, flex, two-pass" in out
 
 
+def test_doctor_killed_mid_run_keeps_the_rows_measured(tmp_path):
+    """bench/gpu_check.sh runs the doctor under `timeout`: each row is printed (flushed) when measured,
+    so a process killed in the middle (here: SIGKILL at the first flex attention call, no exit
+    handlers, no buffers flushed) has already written the header and the sdpa rows."""
+    import os
+    import subprocess
+    import sys
+
+    kill_at_flex = ("import os, signal\n"
+                    "from llara_dist.kernels import flex\n"
+                    "flex.attend = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+                    "from llara_dist import cli\n"
+                    "cli.main(['doctor', '--device', 'cpu', '--seq-len', '128'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe: block-buffered
+    run = subprocess.run([sys.executable, "-c", kill_at_flex], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert run.returncode == -9, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert lines[1].split()[:3] == ["path", "device", "dtype"]
+    assert [ln.split()[0] for ln in lines[3:]] == ["sdpa"] and lines[3].endswith("pass")  # fp32 sdpa: forward only
+    assert "passed" not in run.stdout  # the summary never came
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.sh runs it on the device)")
 def test_every_gpu_path_bf16_forward_and_backward_against_fp32_sdpa():
     """Bounds (doctor.py): bf16 dense sdpa within 5e-2 (forward) / 1e-1 (backward) of fp32; every

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llara_dist import kernels
 from llara_dist.batch import SEG_NEXT, SEG_SELF, build_batch
@@ -73,6 +74,82 @@ def test_varlen_layout_indices():
     assert lay.k_index[7:15].tolist() == [0, 1, 2, 3, 7, 8, 9, 10]
     assert (lay.max_q, lay.max_k) == (7, 8)
     assert lay.q_index.tolist() == list(range(21))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", LAYOUTS)
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_varlen_layout_from_the_host_equals_the_device_built(device, rows, two_pass):
+    """forward_hidden's masks (modeling.pass_masks) take varlen's layout from the batch's host copy:
+    the same layout as built from the device tensors, blanking of two-pass included."""
+    from llara_dist.modeling import pass_masks
+
+    b = packed(rows).to(device)
+    docs = [blanked(b, SEG_NEXT), blanked(b, SEG_SELF)] if two_pass else [b.doc]
+    masks = pass_masks(b, "varlen", two_pass)
+    assert len(masks) == len(docs)
+    for mask, doc in zip(masks, docs):
+        want, got = varlen.prepare(doc, b.segment), mask.payload
+        for name in ("q_index", "k_index", "cu_q", "cu_k"):
+            w, g = getattr(want, name), getattr(got, name)
+            assert g.device == w.device and g.dtype == w.dtype and torch.equal(g, w), name
+        assert (got.max_q, got.max_k) == (want.max_q, want.max_k) and type(got.max_q) is int
+
+
+def dense_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """The varlen kernels' contract without reading a value: each query attends the keys of its own
+    sequence, bottom-right causal (key j of m sees query i of n iff m - j >= n - i)."""
+    tq, tk = torch.arange(q.shape[0]), torch.arange(k.shape[0])
+    sq, sk = torch.searchsorted(cu_q, tq, right=True), torch.searchsorted(cu_k, tk, right=True)  # sequence + 1
+    allowed = (sq[:, None] == sk[None, :]) & (cu_k[sk] - tk >= (cu_q[sq] - tq)[:, None])  # [Tq, Tk]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed,
+                                         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(0, 1)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "flex", "varlen"])
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_mask_preparation_reads_nothing_from_the_device(kernel, two_pass):
+    """No host wait in the masks of a micro-batch. The batch on the meta device stands for the GPU:
+    any read of a meta tensor raises, so building every path's masks there proves none is read
+    (varlen: its layout comes from the host copy). SyncWatch (test_train_units) sees the operations:
+    sdpa and flex prepare on the device without one, and varlen's device side (the layout's copy,
+    the gather, a kernel that takes cu_seqlens on the device, the scatter) has none either."""
+    from llara_dist.modeling import pass_masks
+    from test_train_units import SyncWatch
+
+    b = packed([[5, 9], [12, 3, 4]])
+    on_meta = b.to("meta")
+    assert b.host is b and on_meta.host is b and on_meta.to("meta").host is b
+    masks = pass_masks(on_meta, kernel, two_pass)
+    assert len(masks) == 1 + two_pass
+    assert all(m.path == kernel and meta_device(m.payload) for m in masks)
+    if kernel != "varlen":
+        with SyncWatch() as watch:
+            pass_masks(b, kernel, two_pass)
+        assert watch.events == []
+        return
+    q, k, v = qkv(*b.doc.shape)
+    ref = sdpa.attend(q, k, v, sdpa.prepare(b.doc, b.segment), scale=None)
+    with SyncWatch() as watch:  # what the host copy spares the device: data-dependent sizes, reads
+        layout = varlen.prepare(b.doc, b.segment)
+    assert {"_unique2", "index", "_local_scalar_dense"} <= {name for name, _ in watch.events}
+    with SyncWatch() as watch:
+        out = varlen.attend(q, k, v, layout.to("cpu", non_blocking=True), scale=None, kernel=dense_varlen)
+    assert watch.events == []
+    real = (b.doc >= 0)[:, None, :, None].expand_as(ref)
+    assert (out - ref)[real].abs().max() <= 1e-5 and (out[~real] == 0).all()
+
+
+def meta_device(payload) -> bool:
+    """Every tensor of a mask payload (tensor, BlockMask, varlen.Layout) is on the meta device."""
+    if isinstance(payload, torch.Tensor):
+        return payload.is_meta
+    tensors = [t for t in vars(payload).values() if isinstance(t, torch.Tensor)]
+    return bool(tensors) and all(t.is_meta for t in tensors)
 
 
 def _varlen_attn_210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, is_causal=False):
@@ -185,6 +262,10 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert [w["docs"] for w in bench["workloads"]] == ["dpr", "chunks"]
     assert "| dpr (" in (out / "train_bench.txt").read_text()
     assert "0 failed, 1 passed, 0 skipped" in (out / "doctor.txt").read_text()
+    # what the device tool brings back: 8 files at most, none deeper than $OUT/a/b
+    files = [f.relative_to(out) for f in out.rglob("*") if f.is_file()]
+    assert len(files) <= 8 and all(len(f.parts) <= 3 for f in files), files
+    assert "== sdpa" in (out / "train_bench" / "profile.txt").read_text()
     rows = [line.split() for line in (out / "attn_bench.txt").read_text().splitlines()
             if line[:8].strip() in ("5.0", "1.5")]
     assert sorted({r[1] for r in rows}) == ["causal", "flex", "sdpa", "two-pass", "varlen"]

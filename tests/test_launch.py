@@ -153,7 +153,10 @@ def test_torchrun_wrapper_turns_preemption_into_42_and_resumes(setup, tmp_path):
     with open(log, "w") as out:
         proc = subprocess.Popen(torchrun_cmd(root), env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for_step(run, 2, [proc])
+        try:
+            wait_for_step(run, 2, [proc])
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the launch log:\n{log.read_text()[-4000:]}") from None
         proc.send_signal(signal.SIGTERM)  # what a scheduler sends
         status = proc.wait(timeout=120)
     finally:

@@ -68,7 +68,7 @@ def test_tiny_run_reports_equal_work(tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "bench" / "train_bench.py"), "--shape", "tiny", "--device", "cpu",
            "--seq-len", "256", "--rows", "4", "--micro-batch", "2", "--warmup", "0", "--steps", "1",
-           "--out", str(out)]
+           "--compare-fused", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
@@ -79,9 +79,12 @@ def test_tiny_run_reports_equal_work(tmp_path):
     n = 2 * (4 * 128 * 128 + 3 * 128 * 344) + 128 * 2016
     for w in report["workloads"]:
         rows = {r["config"]: r for r in w["results"]}
-        # flex/varlen cannot train on CPU; the fastest of ours again with activation checkpointing (first workload)
-        assert list(rows) == ["baseline", "sdpa", "two-pass"] + (["sdpa+ckpt"] if w["docs"] == "dpr" else [])
-        assert [r["checkpointing"] for r in rows.values()] == [False, False, False] + [True] * (w["docs"] == "dpr")
+        # flex/varlen cannot train on CPU; the fastest of ours again with activation checkpointing, then with
+        # fused ops (first workload)
+        first = w["docs"] == "dpr"
+        assert list(rows) == ["baseline", "sdpa", "two-pass"] + (["sdpa+ckpt", "sdpa+fused"] if first else [])
+        assert [r["checkpointing"] for r in rows.values()] == [False, False, False] + [True, False] * first
+        assert [r["fused_ops"] for r in rows.values()] == [False, False, False] + [False, True] * first
         base = rows["baseline"]
         assert base["rows"] == base["docs"] == w["documents"]  # one document per sequence
         assert rows["sdpa"]["rows"] == 4 and rows["sdpa"]["micro_batches"] == base["micro_batches"] == 2
@@ -94,12 +97,16 @@ def test_tiny_run_reports_equal_work(tmp_path):
             assert r["mfu_measured"] == pytest.approx(r["flops"] / r["step_s"] / (report["matmul_peak_tflops"] * 1e12))
             assert r["speedup"] == pytest.approx(base["step_s"] / r["step_s"])
             assert r["mfu_table"] is None and r["peak_mem_gib"] is None
+            assert r["syncs_per_step"] is None and r["sync_sites"] is None  # counted on CUDA only
         assert rows["sdpa"]["slots"] == 4 * 256 and rows["sdpa"]["fill"] > base["fill"] * 0.5
     md = (out / "bench.md").read_text().splitlines()
     table = [ln for ln in md if ln.startswith("| dpr") or ln.startswith("| chunks")]
-    assert len(table) == 7 and all(ln.count("|") == 11 for ln in table)
+    assert len(table) == 8 and all(ln.count("|") == 12 and ln.endswith("| n/a |") for ln in table)
     assert sum(ln.startswith("- ") and "x the baseline" in ln for ln in md) == 2
-    ckpt = report["workloads"][0]["results"][-1]
+    ckpt, fast = report["workloads"][0]["results"][-2:]
+    assert 0 <= fast["fused_loss_gap"] <= 1e-4  # the fused ops' loss against eager's at the same weights
+    assert f"- dpr: fused ops on sdpa: {fast['step_s'] / rows_of(report, 'dpr')['sdpa']['step_s']:.2f}x the step " \
+           f"time, peak memory n/a (without: n/a); loss {fast['fused_loss_gap']:.1e} from eager's" in md
     assert f"- dpr: activation checkpointing on sdpa: {ckpt['step_s'] / rows_of(report, 'dpr')['sdpa']['step_s']:.2f}x " \
            "the step time, peak memory n/a (without: n/a)" in md
 

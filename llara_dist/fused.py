@@ -1,0 +1,152 @@
+"""Fused elementwise ops for LLaMA-style decoder layers (`model.fused_ops`): compiled pure functions.
+
+    from llara_dist import fused
+    fused.patch(model)      # every RMSNorm, MLP activation product and rotary embedding; a model or an engine
+    fused.unpatch(model)    # back to the classes' own forwards
+
+Between the matmuls of a decoder layer, HF's eager code runs memory-bound elementwise work as
+separate kernels, each a full pass over the activations: RMSNorm (fp32 upcast, pow, mean, rsqrt,
+mul, cast, weight mul), SwiGLU's `act_fn(gate) * up`, RoPE's `rotate_half` (slices, cat, muls,
+adds over q and k). Here each becomes one torch.compile'd function of the same math, with the
+same dtypes and upcasts as HF's code, so results agree to rounding (a compiled reduction sums in
+another order; in bf16 a compiled kernel may keep an intermediate in fp32 that eager rounds).
+
+Why functions, not compiled modules: ZeRO-3 gathers a module's parameters in hooks around
+`Module.__call__`, and a compiled module would trace into them. Only the forward of each module
+instance is replaced; its `__call__`, hooks included, runs as before, and the compiled code sees
+activations and the already gathered weight, passed as an argument.
+
+What is recognised (anything else is refused, naming the module): a norm whose forward is
+LlamaRMSNorm's code, an MLP whose forward is LlamaMLP's code with a SiLU activation (Mistral and
+Qwen2 share both), and an attention whose forward calls its modeling module's
+`apply_rotary_pos_emb`. That function is compiled as it is; the attention runs a copy of its
+class's forward whose global of that name is the compiled one, so the module's global, and every
+other model in the process, keep HF's. Shapes are compiled static (`dynamic=False`): packed rows
+of seq_len have one shape; each new shape compiles again, up to torch's recompile limit, after
+which torch runs that shape eagerly.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import SiLUActivation
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+ROPE = "apply_rotary_pos_emb"  # the global that LLaMA/Mistral/Qwen2 attention forwards call
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm.forward as a function: statistics in fp32, the weight applied in the input's dtype."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's product: silu(gate) * up, one pass instead of two and no silu(gate) tensor in between."""
+    return F.silu(gate) * up
+
+
+@functools.cache
+def compiled(fn):
+    """One compiled version of `fn` per process, shared by every layer and model (compiles at first call)."""
+    return torch.compile(fn, dynamic=False)
+
+
+def _ours(fn):
+    fn.llara_fused = True  # what unpatch removes
+    return fn
+
+
+@_ours
+def _norm_forward(self, hidden_states):
+    return compiled(rms_norm)(hidden_states, self.weight, self.variance_epsilon)
+
+
+@_ours
+def _mlp_forward(self, x):
+    return self.down_proj(compiled(silu_mul)(self.gate_proj(x), self.up_proj(x)))
+
+
+@functools.cache
+def _attention_forward(cls):
+    """A copy of `cls.forward` (below its decorators: transformers 5.24 wraps it in a renamer of a
+    deprecated argument that its own decoder layer does not use) whose `apply_rotary_pos_emb` is compiled.
+    Its globals are a copy of its module's as they are now, that one name changed."""
+    fn = inspect.unwrap(cls.forward)
+    scope = {**fn.__globals__, ROPE: compiled(fn.__globals__[ROPE])}
+    copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return _ours(copy)
+
+
+def _same_code(a, b) -> bool:
+    a, b = inspect.unwrap(a).__code__, inspect.unwrap(b).__code__
+    return (a.co_code, a.co_names, a.co_consts) == (b.co_code, b.co_names, b.co_consts)
+
+
+KINDS = ("norm", "mlp", "attention")
+
+
+def _fused_forward(m):
+    """(kind, its fused forward, or why it has none) for a module of a kind patched here; None for others."""
+    cls = type(m)
+    if cls.__name__.endswith("RMSNorm"):
+        known = hasattr(m, "variance_epsilon") and _same_code(cls.forward, LlamaRMSNorm.forward)
+        return "norm", _norm_forward if known else "not LlamaRMSNorm's math (weight, variance_epsilon, forward)"
+    if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        known = _same_code(cls.forward, LlamaMLP.forward) and isinstance(m.act_fn, (SiLUActivation, torch.nn.SiLU))
+        return "mlp", _mlp_forward if known else (f"not LlamaMLP's down(act(gate(x)) * up(x)) with a SiLU "
+                                                  f"(act_fn {type(m.act_fn).__name__})")
+    if cls.__name__.endswith("Attention") and hasattr(m, "q_proj"):
+        fn = inspect.unwrap(cls.forward)
+        known = ROPE in fn.__code__.co_names and inspect.isfunction(fn.__globals__.get(ROPE))
+        return "attention", _attention_forward(cls) if known else f"its forward calls no module function {ROPE}"
+    return None
+
+
+def _plan(model) -> list:
+    """[(module, fused forward)] for every module to patch; refuses, naming each, what it does not know."""
+    plan, problems, seen = [], [], set()
+    for name, m in model.named_modules():
+        found = _fused_forward(m)
+        if found is None:
+            continue
+        kind, fn = found
+        seen.add(kind)
+        if isinstance(fn, str):
+            problems.append(f"{name} ({type(m).__name__}): {fn}")
+        else:
+            plan.append((m, fn))
+    missing = [kind for kind in KINDS if kind not in seen]
+    if missing:
+        problems.append(f"no {', no '.join(missing)} module found")
+    if problems:
+        raise ValueError(f"model.fused_ops: {type(model).__name__} is not a LLaMA-style decoder these fused ops "
+                         f"know: {'; '.join(problems)}")
+    return plan
+
+
+def patch(model) -> int:
+    """Replace the forwards of `model`'s norms, MLPs and attentions (a HF model, a peft model or a
+    DeepSpeed engine) by the fused ones; returns how many modules. Idempotent; all or nothing."""
+    plan = _plan(model)
+    for module, fn in plan:
+        module.forward = types.MethodType(fn, module)  # an instance attribute: the class stays HF's
+    return len(plan)
+
+
+def unpatch(model) -> int:
+    """Undo patch: the modules run their classes' forwards again; returns how many were patched."""
+    n = 0
+    for m in model.modules():
+        if getattr(getattr(m.__dict__.get("forward"), "__func__", None), "llara_fused", False):
+            del m.forward
+            n += 1
+    return n

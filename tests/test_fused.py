@@ -1,0 +1,180 @@
+"""model.fused_ops (llara_dist.fused): the compiled norms, SwiGLU product and RoPE compute HF's eager math.
+
+Tolerance, fp32 on CPU: the same operations in the same dtypes, but a compiled reduction (RMSNorm's
+mean) and fused multiply-adds round in another order, a few fp32 ulps (1 ulp = 1.2e-7 relative) per
+op. Over 2 layers, the loss and the backward the largest gap seen is 5.7e-7 of a tensor's largest
+value (a k_proj gradient); RTOL = 2e-6 leaves ~3x room, far below what wrong math does (a weight
+left out, the wrong halves rotated: order 1). The dtype flow (fp32 statistics, results in the
+input's dtype) only shows in bf16: the GPU bench checks that loss against eager's (rtol 2e-2).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from llara_dist import fused
+from llara_dist.config import ModelConfig
+from llara_dist.modeling import forward_hidden, load_model
+from llara_dist.objective import batch_counts, combine, loss_sums
+
+RTOL = 2e-6
+COMPILED = "Torch-Compiled Region"  # torch.profiler's event for each call of compiled code
+
+
+def _close(got, want, what):
+    gap = float((got.detach() - want.detach()).abs().max() / want.detach().abs().max().clamp_min(1e-30))
+    assert gap <= RTOL, f"{what}: relative gap {gap:.2e}"
+
+
+def _loss_and_grads(model, batch, preset):
+    model.zero_grad(set_to_none=True)
+    loss, _ = combine(loss_sums(model, batch, preset), batch_counts(batch, preset), preset, as_floats=False)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _setup(tokenizer_dir, tiny_llama_dir, fused_ops):
+    from llara_dist.config import ObjectiveConfig
+    from llara_dist.prompts import prompt_tokens, resolve_preset
+    from llara_dist.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    preset = resolve_preset(ObjectiveConfig(preset="released"))
+    torch.manual_seed(0)  # the preset's new token embeddings are drawn at random: the same ones each time
+    model = load_model(ModelConfig(path=str(tiny_llama_dir), dtype="fp32", fused_ops=fused_ops), tok, preset, "cpu")
+    return tok, preset, model.train(), prompt_tokens(tok, preset)
+
+
+def test_fused_model_computes_the_eager_math(tokenizer_dir, tiny_llama_dir, shared_data):
+    """Hidden states, loss and every gradient of a packed batch: load_model with fused_ops on vs off."""
+    from test_train_units import _micro_batches
+    from transformers.models.llama import modeling_llama
+
+    rope = modeling_llama.apply_rotary_pos_emb
+    tok, preset, eager, prompt = _setup(tokenizer_dir, tiny_llama_dir, False)
+    _, _, model, _ = _setup(tokenizer_dir, tiny_llama_dir, True)
+    batch = _micro_batches(tok, prompt, shared_data)[0]
+    with torch.profiler.profile() as prof:
+        got = forward_hidden(model, batch)
+    # 2 layers x (2 norms, 1 MLP product, 1 RoPE) + the final norm, each one compiled call
+    assert sum(e.name.startswith(COMPILED) for e in prof.events()) == 9
+    _close(got, forward_hidden(eager, batch), "hidden states")
+    want_loss, want_grads = _loss_and_grads(eager, batch, preset)
+    got_loss, got_grads = _loss_and_grads(model, batch, preset)
+    _close(got_loss, want_loss, "loss")
+    assert got_grads.keys() == want_grads.keys() and len(want_grads) > 10
+    for name, g in want_grads.items():
+        assert g.abs().max() > 0, name
+        _close(got_grads[name], g, name)
+    # per instance: the classes and the modeling module's global stay HF's, the eager model too
+    assert modeling_llama.apply_rotary_pos_emb is rope and "forward" not in vars(eager.model.layers[0].mlp)
+    assert fused.patch(model) == 9  # again: idempotent
+    assert fused.unpatch(model) == 9 and fused.unpatch(model) == 0
+    with torch.no_grad():  # back to the eager forwards: bit for bit
+        assert torch.equal(forward_hidden(model, batch), forward_hidden(eager, batch))
+
+
+def test_norm_function_keeps_hfs_dtype_flow_in_bf16():
+    """Uncompiled, rms_norm is LlamaRMSNorm bit for bit in bf16: fp32 statistics, the weight applied in bf16."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-5).to(torch.bfloat16)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 5, 64).mul(4).to(torch.bfloat16)
+    with torch.no_grad():
+        got, want = fused.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x)
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_other_llama_style_decoders_are_recognised():
+    """Qwen2 (biased q/k/v, its own rotary function) patched and equal in a forward."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert fused.patch(model) == 9
+        _close(model(input_ids=ids).logits, want, "Qwen2 logits")
+    fused.unpatch(model)
+
+
+def test_unknown_models_are_refused():
+    from transformers import GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel is not a LLaMA-style decoder.*"
+                                         r"no norm, no mlp, no attention module found"):
+        fused.patch(gpt2)
+    # Gemma: same attribute names, other math (a norm scaled by 1 + weight, a GELU MLP): refused, named,
+    # and nothing patched (all or nothing)
+    gemma = GemmaForCausalLM(GemmaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    with pytest.raises(ValueError, match="GemmaForCausalLM is not a LLaMA-style decoder") as refusal:
+        fused.patch(gemma)
+    for name in ("model.layers.0.input_layernorm (GemmaRMSNorm)", "model.norm (GemmaRMSNorm)",
+                 "model.layers.0.mlp (GemmaMLP)"):
+        assert name in str(refusal.value)
+    assert "no norm" not in str(refusal.value)  # they were found, and refused
+    assert fused.unpatch(gemma) == 0
+
+
+def _zero3_worker(rank, world, port, paths, out):
+    """One ZeRO-3 engine (world 1) over a model loaded with fused_ops: loss and gradients with the
+    fused ops taken off, then on, then a real training step with them on."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from test_train_units import _micro_batches
+
+    from llara_dist import objective
+    from llara_dist.config import TrainConfig
+    from llara_dist.engine import BatchPlan, build_engine, deepspeed_config, dist_env, init_distributed, zero3_loading
+    from llara_dist.train import train_step
+
+    init_distributed(dist_env(), timeout_s=60)
+    tokenizer_dir, tiny_llama_dir, shared_data = paths
+    train = TrainConfig(global_batch=2, micro_batch=1, lr=1e-3, warmup_steps=0)
+    ds = deepspeed_config(train, BatchPlan(2, 1, 2, 1), torch.float32)
+    with zero3_loading(ds):
+        tok, preset, model, prompt = _setup(tokenizer_dir, tiny_llama_dir, True)
+    engine = build_engine(model, train, ds)
+    micro = _micro_batches(tok, prompt, shared_data)
+    runs = {}
+    for name, on in (("eager", False), ("fused", True)):
+        (fused.patch if on else fused.unpatch)(engine)
+        loss, _ = combine(loss_sums(engine, micro[0], preset), batch_counts(micro[0], preset), preset,
+                          as_floats=False)
+        engine.backward(loss, scale_wrt_gas=False)
+        grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+        engine.optimizer.zero_grad()  # no step: the next run starts from the same weights
+        runs[name] = {"loss": float(loss.detach()), "grads": grads}
+    fused.unpatch(engine)  # the step's loss at these weights, eager: what train_step must report
+    counts = {t: sum(batch_counts(b, preset)[t] for b in micro) for t in objective.TERMS}
+    with torch.no_grad():
+        runs["eager_step_loss"] = sum(float(combine(loss_sums(engine, b, preset), counts, preset)[0]) for b in micro)
+    fused.patch(engine)
+    before = safe_get_full_fp32_param(engine.module.lm_head.weight).clone()
+    runs["step"] = train_step(engine, micro, preset, 1, objective)  # fused: both micro-batches, the AdamW step
+    runs["moved"] = float((safe_get_full_fp32_param(engine.module.lm_head.weight) - before).abs().max())
+    torch.save(runs, out)
+
+
+@pytest.mark.slow
+def test_zero3_training_step_with_fused_ops(run_ranks, tokenizer_dir, tiny_llama_dir, shared_data, tmp_path):
+    runs = run_ranks(_zero3_worker, 1, (tokenizer_dir, tiny_llama_dir, shared_data), tmp_path / "runs.pt")
+    eager, got = runs["eager"], runs["fused"]
+    assert got["loss"] == pytest.approx(eager["loss"], rel=RTOL)
+    assert len(eager["grads"]) > 10
+    for name, g in eager["grads"].items():
+        assert g.abs().max() > 0, name
+        _close(got["grads"][name], g, name)
+    assert runs["step"]["loss"] == pytest.approx(runs["eager_step_loss"], rel=RTOL)
+    assert runs["moved"] > 0  # the optimizer stepped
