@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 from dataclasses import fields
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from llara_dist.batch import PackedBatch
 from llara_dist.config import DataConfig, ObjectiveConfig
-from llara_dist.data.loader import PackedLoader, _jsonable
+from llara_dist.data.loader import PackedLoader, _InSlot, _jsonable, _Slots
 from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
 from llara_dist.tokenizer import load_tokenizer
 
@@ -79,6 +80,41 @@ def test_resume_gives_the_same_next_batches(folder, prompt, workers, world, rank
     assert fresh.stats["docs"] == sum(b.num_docs for b in expected)
     assert max(b.cursor["epoch"] for b in expected) >= 1
     assert {b.reader for b in expected} == {rank * max(workers, 1) + j for j in range(max(workers, 1))}
+
+
+@pytest.mark.parametrize("slots", ["shared", "too small", "no shared memory"])
+def test_worker_hand_over_changes_nothing(folder, prompt, monkeypatch, slots):
+    """One worker reads as reader 0 of 1, as the main process does with none: the same batches and
+    cursors, whether they come through the shared-memory slots or (slots too small, or none to be
+    had) the queue."""
+    if slots == "too small":
+        monkeypatch.setattr(PackedLoader, "_slot_bytes", lambda self: 64)
+    if slots == "no shared memory":
+        def full(self):
+            raise RuntimeError("unable to write to file </torch_1_2_3>: No space left on device (28)")
+        monkeypatch.setattr(torch.Tensor, "share_memory_", full)
+    in_process = take(make(folder, prompt, workers=0), K + M)
+    worker = make(folder, prompt, workers=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = take(worker, K + M)
+    assert any("no shared memory" in str(w.message) for w in caught) == (slots == "no shared memory")
+    for a, b in zip(got, in_process, strict=True):
+        assert_same(a, b)
+        assert all(a.cursor["buffer"][k].dtype == b.cursor["buffer"][k].dtype for k in ("ids", "next", "lens"))
+    assert max(b.cursor["epoch"] for b in in_process) >= 1
+
+
+def test_slot_reuse_beyond_the_prefetch_is_an_error(folder, prompt):
+    """A slot rewritten before the trainer copied it out (more batches in flight than the slots)
+    is refused, never read as a mix of two batches."""
+    batches = take(make(folder, prompt), _Slots.COUNT + 1)
+    slots = _Slots(1 << 16)
+    sent = [slots.put(b) for b in batches]  # the last one overwrites the first one's slot
+    assert all(isinstance(item, _InSlot) for item in sent)
+    assert_same(slots.take(sent[-1]), batches[-1])
+    with pytest.raises(RuntimeError, match=f"slot of batch 0 holds batch {_Slots.COUNT}.*prefetch_factor"):
+        slots.take(sent[0])
 
 
 def test_cursor_from_another_setup_refused(folder, prompt):

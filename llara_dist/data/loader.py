@@ -9,6 +9,7 @@
 Each rank runs W = max(num_workers, 1) readers (stream.Reader), one per DataLoader
 worker (or one in the main process when num_workers == 0); each reader feeds its
 own Packer and makes whole batches, which carry the reader's cursor after them.
+Workers hand their batches to the trainer process through shared-memory slots (_Slots).
 torch's DataLoader takes batches from its workers strictly round robin from worker 0,
 so the loader keeps, per reader, the cursor of the last batch it handed out, and
 which reader is next; on restore worker j becomes reader (j + next) % W and the
@@ -22,6 +23,7 @@ change on resume: no document is lost, the rows just differ from then on.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import fields
 from typing import Iterator
 
@@ -79,27 +81,118 @@ class ReaderBatches:
 
 
 class _WorkerReaders(torch.utils.data.IterableDataset):
-    """DataLoader worker j runs reader (j + first) % W of this rank."""
+    """DataLoader worker j runs reader (j + first) % W of this rank and hands its batches over
+    through that reader's shared-memory slots."""
 
-    def __init__(self, make, first: int, workers: int):
-        self.make, self.first, self.workers = make, first, workers
+    def __init__(self, make, first: int, workers: int, slots: list["_Slots"]):
+        self.make, self.first, self.workers, self.slots = make, first, workers, slots
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         j = info.id if info is not None else 0
-        for batch in self.make((j + self.first) % self.workers):
-            yield _convert(batch, lambda t: t.numpy())
+        local = (j + self.first) % self.workers
+        for batch in self.make(local):
+            yield self.slots[local].put(batch)
 
 
 def _convert(batch: PackedBatch, fn) -> PackedBatch:
-    """Apply fn to every array field. Workers send numpy arrays: pickled by value they cost a
-    memcpy, while torch ships each tensor through its own shared-memory file (~0.5 ms apiece)."""
+    """Apply fn to every array field."""
     return PackedBatch(**{name: fn(getattr(batch, name)) if name in _ARRAYS else getattr(batch, name)
                           for name in _FIELDS})
 
 
 _FIELDS = tuple(f.name for f in fields(PackedBatch))
 _ARRAYS = {f.name for f in fields(PackedBatch) if f.type in ("torch.Tensor", torch.Tensor)}
+_PREFETCH = 2  # DataLoader prefetch_factor: batches a worker may run ahead of the trainer
+
+
+class _Slots:
+    """Shared memory through which one DataLoader worker hands its batches' arrays to the trainer.
+
+    Through torch's queue a ~350 KB batch costs 0.4-0.7 ms of CPU more than its ~4 KB of
+    metadata (pickling, a pipe in 64 KB pieces, unpickling: docs/benchmarks.md); here the
+    worker copies batch n's arrays (the cursor's buffer included) into slot n % S, the queue
+    carries where they lie, and the trainer copies them out. The DataLoader sends a worker
+    the request for its batch n only after the trainer took its batch n - _PREFETCH, and the
+    trainer copies each batch out before it asks for the next: batch n - _PREFETCH - 1 is out
+    before n is written, so S = _PREFETCH + 1 slots need no lock. Each slot's header says which
+    batch it holds (-1 while written), and the trainer checks it before and after its copy,
+    so a reuse that breaks this reasoning is an error, never a silent mix. A batch larger
+    than a slot goes through the queue as numpy arrays instead (torch would ship each
+    tensor through a shared-memory file of its own, ~0.5 ms apiece).
+    """
+
+    COUNT, HEADER = _PREFETCH + 1, 8
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes  # per slot, header included; 0: none, every batch goes through the queue
+        self.mem = torch.zeros(self.COUNT * nbytes, dtype=torch.uint8).share_memory_() if nbytes else None
+        self.sent = 0  # batches put (worker side)
+
+    @classmethod
+    def for_workers(cls, workers: int, nbytes: int) -> list["_Slots"]:
+        try:
+            return [cls(nbytes) for _ in range(workers)]
+        except RuntimeError as e:  # /dev/shm full or small (containers default to 64 MB)
+            warnings.warn(f"loader: no shared memory for the batch hand-over ({e}); "
+                          "batches go through the DataLoader's queue, slower")
+            return [cls(0) for _ in range(workers)]
+
+    def _slot(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        mem = self.mem.numpy()[(n % self.COUNT) * self.nbytes:][:self.nbytes]
+        return mem[:self.HEADER].view(np.int64), mem[self.HEADER:]
+
+    def put(self, batch: PackedBatch):
+        """Worker side: the batch's arrays into the next slot; what the queue carries."""
+        arrays = {name: getattr(batch, name).numpy() for name in _ARRAYS}
+        buffer = batch.cursor["buffer"]
+        arrays.update({("buffer", k): v for k, v in buffer.items() if isinstance(v, np.ndarray)})
+        layout, at = [], 0
+        for key, a in arrays.items():
+            at = -(-at // 8) * 8  # every array 8-byte aligned
+            layout.append((key, a.dtype, a.shape, at, a.nbytes))
+            at += a.nbytes
+        if at > self.nbytes - self.HEADER:
+            return _convert(batch, torch.Tensor.numpy)
+        n, self.sent = self.sent, self.sent + 1
+        header, data = self._slot(n)
+        header[0] = -1
+        for (_, _, _, start, size), a in zip(layout, arrays.values()):
+            data[start:start + size] = a.reshape(-1).view(np.uint8)
+        header[0] = n
+        rest = {k: v for k, v in buffer.items() if not isinstance(v, np.ndarray)}
+        bare = PackedBatch(**{name: None if name in _ARRAYS else getattr(batch, name) for name in _FIELDS})
+        bare.cursor = {**batch.cursor, "buffer": rest}
+        return _InSlot(n, layout, bare)
+
+    def take(self, item) -> PackedBatch:
+        """Trainer side: the batch, as tensors that own their memory."""
+        if not isinstance(item, _InSlot):
+            return _convert(item, torch.from_numpy)
+        header, data = self._slot(item.n)
+        if header[0] != item.n:
+            raise RuntimeError(f"loader: shared-memory slot of batch {item.n} holds batch {header[0]}: "
+                               "the DataLoader ran further ahead than its prefetch_factor allows")
+        arrays = {key: data[start:start + size].view(dtype).reshape(shape).copy()
+                  for key, dtype, shape, start, size in item.layout}
+        if header[0] != item.n:
+            raise RuntimeError(f"loader: shared-memory slot of batch {item.n} was rewritten while read")
+        batch = item.batch
+        for name in _ARRAYS:
+            setattr(batch, name, torch.from_numpy(arrays.pop(name)))
+        batch.cursor["buffer"].update({k: v for (_, k), v in arrays.items()})
+        return batch
+
+
+class _InSlot:
+    """What the queue carries for a batch in a slot: its number, its arrays' layout, the rest."""
+
+    def __init__(self, n: int, layout: list, batch: PackedBatch):
+        self.n, self.layout, self.batch = n, layout, batch
+
+    @property
+    def reader(self) -> int:
+        return self.batch.reader
 
 
 def _as_is(x):
@@ -128,6 +221,12 @@ class PackedLoader:
         return {"world": self.world, "rank": self.rank, "num_workers": self.cfg.num_workers,
                 "seed": self.cfg.seed, "manifest": self.shards.fingerprint}
 
+    def _slot_bytes(self) -> int:
+        """Room for a batch of micro_batch x seq_len tokens with plenty to spare: its per-token
+        arrays take 29 bytes a token, its target sets and the packer's buffer usually less than
+        as much again. A larger batch goes through the queue instead."""
+        return 96 * self.micro_batch * self.cfg.seq_len
+
     def _reader_batches(self, local: int) -> ReaderBatches:
         return ReaderBatches(self.shards, self.cfg, self.prompt, micro_batch=self.micro_batch,
                              reader=self.rank * self.workers + local, num_readers=self.world * self.workers,
@@ -137,10 +236,11 @@ class PackedLoader:
         if self.cfg.num_workers == 0:
             source = iter(self._reader_batches(0))
         else:
-            readers = _WorkerReaders(self._reader_batches, self._next, self.workers)
+            slots = _Slots.for_workers(self.workers, self._slot_bytes())
+            readers = _WorkerReaders(self._reader_batches, self._next, self.workers, slots)
             loader = torch.utils.data.DataLoader(readers, batch_size=None, num_workers=self.workers,
-                                                 collate_fn=_as_is, prefetch_factor=2)
-            source = (_convert(b, torch.from_numpy) for b in loader)
+                                                 collate_fn=_as_is, prefetch_factor=_PREFETCH)
+            source = (slots[b.reader - self.rank * self.workers].take(b) for b in loader)
         if self.pin_memory:
             source = (_convert(b, torch.Tensor.pin_memory) for b in source)
         for batch in source:
