@@ -125,12 +125,13 @@ class GatherRows(torch.autograd.Function):
 def contrastive_sums(q: torch.Tensor, p: torch.Tensor, temperature: float, group_size: int, first_query: int):
     """q [M, H] queries, p [P, H] passages in group order; query i's positive is p[(first_query + i) x G].
 
-    Returns (sum of the M cross-entropies, number of queries whose positive scores highest).
+    Returns (sum of the M cross-entropies, number of queries whose positive scores highest), both
+    0-d tensors on q's device (a Python number would make the host wait for the GPU).
     """
     scores = q @ p.T / temperature  # [M, P]
     target = (first_query + torch.arange(q.shape[0], device=q.device)) * group_size  # [M]
     loss = F.cross_entropy(scores.float(), target, reduction="sum")
-    return loss, int((scores.argmax(1) == target).sum())
+    return loss, (scores.argmax(1) == target).sum()
 
 
 def finetune_step(engine, micro_batches: list, preset, world: int, temperature: float, cross_device: bool) -> dict:
@@ -151,10 +152,10 @@ def finetune_step(engine, micro_batches: list, preset, world: int, temperature: 
     rank = dist.get_rank() if gather else 0
     queries = sum(b.queries.num_docs for b in micro_batches)
     global_queries = queries * world  # every rank has the same micro_batch x grad_accum queries
-    loss_sum, hits = 0.0, 0
+    step_sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # [loss, hits], read after the step
     for b in micro_batches:
-        q = embed(engine, b.queries.to(engine.device), "query", preset)  # [M, H]
-        p = embed(engine, b.passages.to(engine.device), "passage", preset)  # [M x G, H]
+        q = embed(engine, b.queries.to(engine.device, non_blocking=True), "query", preset)  # [M, H]
+        p = embed(engine, b.passages.to(engine.device, non_blocking=True), "passage", preset)  # [M x G, H]
         group = b.passages.num_docs // b.queries.num_docs
         if gather:
             p = GatherRows.apply(p)  # [world x M x G, H]
@@ -162,13 +163,12 @@ def finetune_step(engine, micro_batches: list, preset, world: int, temperature: 
         loss = ce / global_queries
         engine.backward(loss * world, scale_wrt_gas=False)
         engine.step()  # the optimizer steps at the last micro-batch only
-        loss_sum += float(loss.detach())
-        hits += hit
+        step_sums += torch.stack([loss.detach(), hit]).double()
     parts = [(b.queries, b.passages) for b in micro_batches]
     stats = [sum(x.num_docs + y.num_docs for x, y in parts), sum(x.real_tokens() + y.real_tokens() for x, y in parts),
              sum(x.input_ids.numel() + y.input_ids.numel() for x, y in parts),
              sum(attention_pairs(x) + attention_pairs(y) for x, y in parts)]
-    total = all_reduce_sum([loss_sum, hits, *stats], engine.device)
+    total = all_reduce_sum(step_sums.tolist() + stats, engine.device)  # after every backward
     out = {"loss": total[0], "accuracy": total[1] / global_queries}
     out.update(zip(("docs", "real_tokens", "slots", "pairs"), total[2:]))
     return out

@@ -119,6 +119,18 @@ def rendezvous():
     stores.clear()
 
 
+def _leave_cleanly(rank: int, worker, *args) -> None:
+    """Run worker(rank, *args), then leave the process group together: a rank that exits while the
+    others still use the group can die in its C++ teardown ("terminate called without an active
+    exception", SIGABRT), which fails the launch although the work was done."""
+    import torch.distributed as dist
+
+    worker(rank, *args)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def spawn_ranks(rendezvous):
     """spawn(worker, world, *args): run worker(rank, world, port, *args) in `world` gloo ranks
@@ -130,7 +142,7 @@ def spawn_ranks(rendezvous):
 
         env = rendezvous()
         with mock.patch.dict(os.environ, env):  # the spawned ranks inherit it; this process gets its own back
-            mp.spawn(worker, args=(world, int(env["MASTER_PORT"]), *args), nprocs=world)
+            mp.spawn(_leave_cleanly, args=(worker, world, int(env["MASTER_PORT"]), *args), nprocs=world)
 
     return spawn
 
