@@ -70,14 +70,14 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from llara_dist import fused, kernels, objective
-from llara_dist.batch import build_batch
+from llara_dist.batch import build_batch, lm_targets
 from llara_dist.config import TrainConfig
 from llara_dist.data.pack import Packer
 from llara_dist.data.shards import Doc
 from llara_dist.engine import BatchPlan, build_engine, deepspeed_config, dist_env, init_distributed, zero3_loading
 from llara_dist.metrics import attention_pairs, peak_flops, train_flops
 from llara_dist.modeling import set_attention
-from llara_dist.objective import _set_nll_sum, lm_targets
+from llara_dist.objective import _set_nll_sum
 from llara_dist.prompts import PRESETS, PromptTokens
 from llara_dist.tiny import tiny_llama_config
 from llara_dist.train import train_step

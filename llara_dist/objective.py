@@ -23,15 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from llara_dist import batch as _batch
 from llara_dist.batch import PackedBatch
 from llara_dist.modeling import forward_hidden, gather_states, unwrap
 from llara_dist.prompts import Preset
 
 TERMS = ("ebae", "ebar", "lm")
 LM_CHUNK = 4096  # tokens per LM-loss chunk: [LM_CHUNK, vocab] fp32 logits live at a time
-# which positions the LM term scores; it lives with the batch, which finds them once, on the CPU
-lm_targets = _batch.lm_targets
 
 
 def _set_sizes(offsets: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from llara_dist import objective
-from llara_dist.batch import build_batch
+from llara_dist.batch import build_batch, lm_targets
 from llara_dist.config import TrainConfig
 from llara_dist.modeling import forward_hidden
 from test_parity import make_docs, setup
@@ -40,7 +40,7 @@ def micro_batches(tok, prompt, shared_data):
 def unchunked_sums(model, batch, preset) -> dict[str, torch.Tensor]:
     """The objective's BoW sums, and the LM sum from all [T, V] logits at once (no chunks, no checkpoint)."""
     sums = objective.loss_sums(model, batch, dataclasses.replace(preset, lm_weight=0.0))
-    where = objective.lm_targets(batch).reshape(-1).nonzero().squeeze(1)  # [T]
+    where = lm_targets(batch).reshape(-1).nonzero().squeeze(1)  # [T]
     hidden = forward_hidden(model, batch)
     logits = model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[where]).float()  # [T, V]
     sums["lm"] = F.cross_entropy(logits, batch.input_ids.reshape(-1)[where + 1], reduction="sum")
