@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issues 3 and 6): one H100, under 8 minutes, the most valuable figures first.
 #   1. bench/train_bench.py: end-to-end ZeRO-3 training steps, ours vs the released way, a profile of
-#      each configuration, activation checkpointing on the best path (issue 6)
-#   2. llara-dist doctor on the GPU: every path, forward and backward in bf16 against fp32 sdpa
-#   3. bench/attn_bench.py: one LLaMA-2-7B attention layer (32 x 128), rows of 1024 with ~5 and
+#      each configuration, activation checkpointing and fused ops on the best path (issue 6)
+#   2. the same at twice the micro-batch (dpr, sdpa): what a step costs the host per micro-batch
+#   3. the first stage's dpr with ZeRO-3 gathering by decoder layer (train.zero3_layer_gather)
+#   (train_bench_long, not run unless named in STAGES: 480-word chunks in rows of 4096)
+#   4. llara-dist doctor on the GPU: every path, forward and backward in bf16 against fp32 sdpa
+#   5. bench/attn_bench.py: one LLaMA-2-7B attention layer (32 x 128), rows of 1024 with ~5 and
 #      ~1.5 documents: sdpa, flex, varlen, two-pass and the plain causal flash ceiling
-# The device run brings back at most 8 files from $OUT, at most 2 folders down: keep it that way
-# (tests/test_kernels.py counts them). Each stage has a time cap and tees its output to $OUT as it goes (the train bench also writes its
+# STAGES picks some (default: all, in that order). check.txt holds the environment, each stage's
+# end and every failure. The device run brings back at most 8 files from $OUT, at most 2 folders
+# down: keep it that way (tests/test_kernels.py counts them). Each stage has a time cap and tees its output to $OUT as it goes (the train bench also writes its
 # JSON and table after every configuration), so a stage cut short keeps what it measured.
 #
 # From a session holding the device: the repo goes on PYTHONPATH (no install); DeepSpeed and what it
@@ -20,6 +24,7 @@ DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-bench_out}
 PY=${PY:-python3}
 TOTAL_S=${TOTAL_S:-470}  # every stage ends by then; the rest of 8 minutes is start-up and slack
+STAGES=${STAGES:-train_bench train_bench_mb16 train_bench_layer doctor attn_bench}
 WHEELS=${WHEELS:-.whl}  # carried wheels of what the device image lacks (deepspeed, pydantic, ...)
 mkdir -p "$OUT"
 
@@ -34,7 +39,9 @@ ln -s "$PWD/kernels" "$SITE/llara_dist/kernels"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 
 status=0
-fail() { echo "!! $*" | tee -a "$OUT/errors.txt"; status=1; }
+CHECK="$OUT/check.txt"
+: >"$CHECK"
+fail() { echo "!! $*" | tee -a "$CHECK"; status=1; }
 
 # DeepSpeed: the image's own, else the carried wheels unpacked into $SITE/whl (ahead of site-packages)
 if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)"; then
@@ -69,14 +76,20 @@ for name in ("triton", "tokenizers", "peft", "flash_attn"):
         print(f"{name}: {type(e).__name__}")
 EOF
     echo "$DS_LINE"
-} 2>&1 | tee "$OUT/env.txt"
+} 2>&1 | tee -a "$CHECK"
 
 if [ "$DEVICE" = cpu ]; then  # the plumbing only: tiny shapes
     TRAIN_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 2 --warmup 0 --steps 1 --profile)
+    MB_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 4 --warmup 0 --steps 1)
+    LONG_ARGS=(--shape tiny --device cpu --seq-len 512 --rows 2 --micro-batch 2 --warmup 0 --steps 1 --paths sdpa)
+    LAYER_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 2 --warmup 0 --steps 1)
     DOCTOR_ARGS=(--device cpu --seq-len 128 --attn sdpa)
     BENCH_ARGS=(--device cpu --rows 2 --seq-len 256 --heads 2 --head-dim 16 --iters 1)
 else
     TRAIN_ARGS=(--device cuda --profile)
+    MB_ARGS=(--device cuda --micro-batch 16)
+    LONG_ARGS=(--device cuda --seq-len 4096 --rows 8 --micro-batch 2 --paths sdpa flex varlen)
+    LAYER_ARGS=(--device cuda)
     DOCTOR_ARGS=(--device cuda --dtype bf16)
     BENCH_ARGS=(--device cuda)
 fi
@@ -91,16 +104,28 @@ stage() {
     timeout -k 10 "$budget" "$@" 2>&1 | tee "$OUT/$name.txt"  # SIGKILL 10 s after a SIGTERM it ignores
     local rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || fail "$name: exit status $rc$([ "$rc" -eq 124 ] && echo ", cut at ${budget}s")"
+    echo "$name: exit status $rc at ${SECONDS}s" >>"$CHECK"
     return "$rc"
 }
+wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 
-# 1. ~2.5 minutes on one H100 (docs/PERFORMANCE.md, "Time budget"): the figures issue 6 owes
+# 1-3. ~2 + 2 x 1 minutes on one H100 (docs/PERFORMANCE.md, "Time budget"): the figures issue 6 owes
 if [ $HAVE_DS = 1 ]; then
-    stage train_bench 300 "$PY" bench/train_bench.py "${TRAIN_ARGS[@]}" --out "$OUT/train_bench" \
-        || { echo "== train_bench table so far"; cat "$OUT/train_bench/bench.md" 2>/dev/null; }
+    if wanted train_bench && ! stage train_bench 300 "$PY" bench/train_bench.py "${TRAIN_ARGS[@]}" \
+            --out "$OUT/train_bench"; then  # cut short: the table so far, which its log ends without
+        { echo "== train_bench table so far"; cat "$OUT/train_bench/bench.md" 2>/dev/null; } | tee -a "$OUT/train_bench.txt"
+    fi
+    rm -f "$OUT/train_bench/bench.md"  # in its log (8 files come back)
+    # the tables are at the end of their logs; their JSON stays behind
+    wanted train_bench_mb16 && stage train_bench_mb16 150 "$PY" bench/train_bench.py "${MB_ARGS[@]}" --docs dpr \
+        --paths sdpa --no-compare-checkpointing --out "$SITE/mb16"
+    wanted train_bench_layer && stage train_bench_layer 150 "$PY" bench/train_bench.py "${LAYER_ARGS[@]}" --docs dpr \
+        --paths sdpa --zero3-layer-gather --no-compare-checkpointing --out "$SITE/layer"
+    wanted train_bench_long && stage train_bench_long 150 "$PY" bench/train_bench.py "${LONG_ARGS[@]}" \
+        --docs chunks --no-compare-checkpointing --no-compare-fused --out "$SITE/long"
 fi
-# 2-3. correctness of every path on the device, then the attention layer alone
-stage doctor 150 "$PY" -m llara_dist doctor "${DOCTOR_ARGS[@]}"
-stage attn_bench 150 "$PY" bench/attn_bench.py "${BENCH_ARGS[@]}"
-echo "== gpu_check status $status after ${SECONDS}s"
+# 3-4. correctness of every path on the device, then the attention layer alone
+wanted doctor && stage doctor 150 "$PY" -m llara_dist doctor "${DOCTOR_ARGS[@]}"
+wanted attn_bench && stage attn_bench 150 "$PY" bench/attn_bench.py "${BENCH_ARGS[@]}"
+echo "== gpu_check status $status after ${SECONDS}s" | tee -a "$CHECK"
 exit $status

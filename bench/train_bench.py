@@ -36,8 +36,9 @@ the attention pairs the joint mask allows) per second over the device's bf16 den
 figure's ratio to the baseline, and the host syncs of one more, untimed step (count_syncs: the
 no-sync claim checked on the device; n/a on CPU). Before any step, every configuration's loss on the step's
 documents is evaluated at the same starting weights: they must agree (same documents, same
-objective), else the run fails. Last, the fastest of our paths on the first workload runs once
-more with activation checkpointing (non-reentrant, every decoder layer; config `<path>+ckpt`):
+objective), else the run fails. Last, the fastest of our paths on the first workload runs again:
+on CUDA with DeepSpeed's own host wait at each one-rank gather (`<path>+dswait`: what
+engine.skip_local_gather_syncs saves), then with activation checkpointing (non-reentrant, every decoder layer; config `<path>+ckpt`):
 its step time and peak memory against the same path without. Then, on CUDA by default (on CPU with
 --compare-fused: compiling takes a while there), the same path with model.fused_ops (config
 `<path>+fused`: llara_dist.fused patched into the engine's modules, taken off again after): its
@@ -45,12 +46,14 @@ loss with and without the fused ops at the same weights must agree (else that ro
 step time and peak memory, the first step compiling (a warm-up step). Output: bench.json and bench.md in
 --out, rewritten after every configuration (a run cut short keeps what it measured), the table
 on stdout; with --profile a torch.profiler top-25 operator table per configuration of the first
-workload (all in profile.txt).
+workload (all in profile.txt), each headed by the profiled step's wall time and the device's
+busy time in it (kernels and copies).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -289,24 +292,53 @@ def run_config(engine, name: str, path: str, micro: list, preset, objective, arg
 
 def count_syncs(engine, micro, preset, objective, device) -> dict | None:
     """One more (untimed) step under torch.cuda.set_sync_debug_mode("warn"): where the host waited for
-    the device, {"file:line" of the Python caller: count}; None on CPU. torch warns on reads back and
-    blocking copies (item, nonzero, .cpu(), ...), not on torch.cuda.synchronize(); DeepSpeed's count too."""
+    the device, {"folder/file:line" of the first caller outside torch: count}; None on CPU. torch warns
+    on reads back, blocking copies and stream waits (item, .cpu(), Stream.synchronize, ...), not on
+    torch.cuda.synchronize(); DeepSpeed's count too."""
     if device.type != "cuda":
         return None
     sync(device)
-    with warnings.catch_warnings(record=True) as caught:
+    sites: dict[str, int] = {}
+
+    def note(message, *_args, **_kwargs):
+        if "called a synchronizing CUDA operation" in str(message):
+            where = sync_caller(traceback.extract_stack()[:-1])
+            sites[where] = sites.get(where, 0) + 1
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")  # every one, not once per call site
+        warnings.showwarning = note  # catch_warnings puts the original back
         torch.cuda.set_sync_debug_mode("warn")
         try:
             train_step(engine, micro, preset, 1, objective)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    sites: dict[str, int] = {}
-    for w in caught:
-        if "called a synchronizing CUDA operation" in str(w.message):
-            where = f"{w.filename}:{w.lineno}"
-            sites[where] = sites.get(where, 0) + 1
     return sites
+
+
+def sync_caller(stack) -> str:
+    """The innermost frame of `stack` outside torch and warnings, as folder/file:line."""
+    torch_dir = Path(torch.__file__).parent
+    for frame in reversed(stack):
+        path = Path(frame.filename)
+        if not path.is_relative_to(torch_dir) and path.name != "warnings.py":
+            return f"{path.parent.name}/{path.name}:{frame.lineno}"
+    return "?"
+
+
+@contextlib.contextmanager
+def deepspeed_gather_waits():
+    """DeepSpeed's own waits in its one-rank gathers (a host sync each), instead of ours."""
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    ours = {cls: cls.wait for cls in (pp.NoGatherHandle, pp.NoGatherCoalescedHandle)}
+    try:
+        for cls, wait in ours.items():
+            cls.wait = wait.original
+        yield
+    finally:
+        for cls, wait in ours.items():
+            cls.wait = wait
 
 
 def set_checkpointing(engine, on: bool) -> None:
@@ -344,15 +376,25 @@ def fused_loss_gap(engine, micro, preset, objective, rtol: float) -> float:
 def profile_step(engine, micro, preset, objective, device, path: Path, title: str) -> None:
     """One more step under torch.profiler; the top operators by self time appended to `path` under
     a `== title` line (one file for all configurations: the device run brings back 8 files at most)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
+        start = time.perf_counter()
         train_step(engine, micro, preset, 1, objective)
         sync(device)
+        wall_ms = (time.perf_counter() - start) * 1e3
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # both torch 2.11 and 2.13
+    ops = prof.key_averages()
+    # device busy: kernel and copy time over the profiled step's wall time (the profiler slows the host)
+    busy = sum(e.self_device_time_total for e in ops if e.device_type != DeviceType.CPU  # as the table's total
+               and not getattr(e, "is_user_annotation", False)) / 1e3 if device.type == "cuda" else None
+    head = f"profiled step {wall_ms:.1f} ms" + (f", device busy {busy:.1f} ms ({busy / wall_ms:.0%})" if busy else "")
     with path.open("a") as f:
-        f.write(f"== {title}\n{prof.key_averages().table(sort_by=key, row_limit=25)}\n\n")
+        f.write(f"== {title}: {head}\n{ops.table(sort_by=key, row_limit=25)}\n\n")
+        if busy:  # where the host's time goes when the device waits for it
+            f.write(f"== {title}: host side\n{ops.table(sort_by='self_cpu_time_total', row_limit=15)}\n\n")
 
 
 def build(args, device, dtype, n_micro: int, vocab: int):
@@ -360,7 +402,7 @@ def build(args, device, dtype, n_micro: int, vocab: int):
     init_distributed(dist_env())
     shape = SHAPES[args.shape]
     train = TrainConfig(global_batch=args.micro_batch * n_micro, micro_batch=args.micro_batch, lr=1e-5,
-                        warmup_steps=0, decay="constant")
+                        warmup_steps=0, decay="constant", zero3_layer_gather=args.zero3_layer_gather)
     ds = deepspeed_config(train, BatchPlan(train.global_batch, args.micro_batch, n_micro, 1), dtype)
     config = tiny_llama_config(vocab + NEW_TOKENS, hidden=shape["hidden"], layers=args.layers or shape["layers"],
                                heads=shape["heads"], intermediate=shape["intermediate"],
@@ -394,6 +436,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="profile one more step of each configuration of the first workload (profile.txt)")
     p.add_argument("--loss-rtol", type=float, default=0.0, help="loss agreement bound (0: 1e-4 fp32, 2e-2 bf16)")
+    p.add_argument("--zero3-layer-gather", action="store_true",
+                   help="train.zero3_layer_gather: ZeRO-3 gathers each decoder layer at once (every configuration)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
@@ -436,6 +480,7 @@ def main(argv=None) -> int:
     report = {"device": name, "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
               "shape": {**SHAPES[args.shape], "layers": hf_config.num_hidden_layers, "vocab": hf_config.vocab_size},
               "seq_len": args.seq_len, "micro_batch": args.micro_batch, "micro_batches": n_micro,
+              "zero3_layer_gather": args.zero3_layer_gather,
               "warmup": args.warmup, "steps": args.steps, "matmul_peak_tflops": matmul_peak / 1e12,
               "table_peak_tflops": table_peak / 1e12 if table_peak else None,
               "workloads": []}
@@ -450,6 +495,11 @@ def main(argv=None) -> int:
                                    starts[cname], prof))
             save(report, results, w.name, hf_config, table_peak, matmul_peak, out)
     first, fastest = report["workloads"][0]["results"], fastest_ours(report["workloads"][0]["results"])
+    if device.type == "cuda" and fastest is not None:  # what engine.skip_local_gather_syncs saves
+        with deepspeed_gather_waits():
+            first.append(measure(engine, loads[0].name, f"{fastest['config']}+dswait", fastest["path"],
+                                 loads[0].packed, preset, objs["ours"], args, device, fastest["loss_at_start"]))
+        save(report, first, loads[0].name, hf_config, table_peak, matmul_peak, out)
     if args.compare_checkpointing and fastest is not None:  # last: what it costs comes after every other figure
         first.append(measure(engine, loads[0].name, f"{fastest['config']}+ckpt", fastest["path"], loads[0].packed,
                              preset, objs["ours"], args, device, fastest["loss_at_start"], checkpointing=True))
@@ -478,7 +528,9 @@ def measure(engine, docs: str, cname: str, path: str, micro: list, preset, obj, 
             torch.cuda.empty_cache()
         return {"config": cname, "path": path, "checkpointing": checkpointing, "fused_ops": fused_ops,
                 "error": f"{type(e).__name__}: {e}"}
-    print(f"{docs} {cname}: {r['step_s']:.3f} s/step", file=sys.stderr, flush=True)
+    sites = sorted((r["sync_sites"] or {}).items(), key=lambda kv: -kv[1])
+    print(f"{docs} {cname}: {r['step_s']:.3f} s/step" + (f"; host syncs {dict(sites)}" if sites else ""),
+          file=sys.stderr, flush=True)
     return {**r, "loss_at_start": start}
 
 
@@ -489,9 +541,13 @@ def save(report: dict, results: list, name: str, hf_config, table_peak, matmul_p
     (out / "bench.md").write_text(markdown(report))
 
 
+VARIANTS = {"ckpt": "activation checkpointing", "fused": "fused ops",  # <path>+variant rows
+            "dswait": "DeepSpeed's host wait at each gather"}
+
+
 def fastest_ours(results: list) -> dict | None:
-    """The packed joint-prompt configuration (not baseline, two-pass, checkpointed or fused) with most text tokens/s."""
-    ours = [r for r in results if "error" not in r and not r.get("checkpointing") and not r.get("fused_ops")
+    """The packed joint-prompt configuration (not baseline, two-pass or a <path>+variant) with most text tokens/s."""
+    ours = [r for r in results if "error" not in r and "+" not in r["config"]
             and r["config"] not in ("baseline", "two-pass")]
     return max(ours, key=lambda r: r["text_tokens_per_s"], default=None)
 
@@ -542,7 +598,8 @@ def markdown(report: dict) -> str:
              f"{report['shape']['layers']} layers of hidden {report['shape']['hidden']} "
              f"(vocab {report['shape']['vocab']}), rows of {report['seq_len']}, {report['micro_batches']} "
              f"micro-batches of {report['micro_batch']} packed rows per step, median of {report['steps']} "
-             f"steps; matmul peak measured {report['matmul_peak_tflops']:.1f} TFLOP/s", "",
+             f"steps{'; ZeRO-3 gathers by decoder layer' if report.get('zero3_layer_gather') else ''}; "
+             f"matmul peak measured {report['matmul_peak_tflops']:.1f} TFLOP/s", "",
              "| docs | config | step s | text tok/s | docs/s | x baseline | fill | peak GiB | MFU (table peak) "
              "| MFU (measured peak) | syncs/step |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -571,10 +628,10 @@ def markdown(report: dict) -> str:
             line += f"; MFU {best['mfu_table']:.1%} (target >= 50%)"
         lines.append(line)
         for r in by.values():
-            plain = by.get(r["path"]) if r.get("checkpointing") or r.get("fused_ops") else None
+            plain = by.get(r["path"]) if "+" in r["config"] else None
             if plain is not None:
                 gib = lambda x: "n/a" if x is None else f"{x:.1f} GiB"  # noqa: E731
-                what = "activation checkpointing" if r.get("checkpointing") else "fused ops"
+                what = VARIANTS[r["config"].split("+", 1)[1]]
                 lines.append(f"- {w['docs']}: {what} on {r['path']}: "
                              f"{r['step_s'] / plain['step_s']:.2f}x the step time, peak memory "
                              f"{gib(r['peak_mem_gib'])} (without: {gib(plain['peak_mem_gib'])})"

@@ -258,8 +258,9 @@ class ModelConfig:
     path: str = opt("", "local Hugging Face model folder (or a config.json to build a random model)")
     attn: str = opt("sdpa", "attention kernel path: sdpa, flex, varlen or two-pass")
     dtype: str = opt("auto", "parameter dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
-    fused_ops: bool = opt(False, "compiled fused RMSNorm, SwiGLU product and RoPE in the decoder layers "
-                                 "(llara_dist.fused; same math, compiles at the first step)")
+    fused_ops: bool | None = opt(None, "compiled fused RMSNorm, SwiGLU product and RoPE in the decoder layers "
+                                       "(llara_dist.fused; same math, compiles at the first step); "
+                                       "default: on for a GPU, off on the CPU (compiling costs more than it saves)")
 
     def check(self) -> list[str]:
         out = []
@@ -287,6 +288,8 @@ class TrainConfig:
     adam_eps: float = opt(1e-8, "AdamW epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
     activation_checkpointing: bool = opt(False, "recompute layer activations in backward (less memory, ~30% more compute)")
+    zero3_layer_gather: bool = opt(False, "ZeRO-3: gather each decoder layer's parameters at once (one hook pair "
+                                          "per layer instead of one per linear and norm: less host work per step)")
     offload_optimizer: bool = opt(False, "ZeRO-3: keep optimizer states in CPU memory")
     offload_params: bool = opt(False, "ZeRO-3: keep parameters in CPU memory")
     lora_r: int = opt(0, "LoRA rank (0: train all weights)")

@@ -53,7 +53,8 @@ def load_encoder(model_dir: str | Path, attn: str = "sdpa", dtype: str = "auto",
     p = resolve_preset(objective)
     tokenizer = load_tokenizer(model_dir)
     device = default_device()
-    model = load_model(ModelConfig(path=str(model_dir), attn=attn, dtype=dtype), tokenizer, p, device)
+    # no fused ops: batches of changing shapes would compile again and again
+    model = load_model(ModelConfig(path=str(model_dir), attn=attn, dtype=dtype, fused_ops=False), tokenizer, p, device)
     return model.to(device).eval(), tokenizer, p
 
 

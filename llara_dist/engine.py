@@ -262,14 +262,71 @@ def build_engine(model, train, ds_config: dict):
         model.config.use_cache = False
     if train.lora_r:
         model = apply_lora(model, train)
+    if train.zero3_layer_gather:
+        gather_by_layer(model)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
 
+    skip_local_gather_syncs()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
                                            lr_scheduler=scheduler)
     return engine
+
+
+def gather_by_layer(model) -> list:
+    """ZeRO-3 leaf modules at the model's decoder layers (its `_no_split_modules`, the unit FSDP wraps):
+    DeepSpeed then gathers and releases a layer's parameters in one hook pair at the layer instead of
+    one per linear and norm inside it (on the H200 bench those per-module backward hooks took ~55 ms
+    of a ~350 ms profiled step on the host, which the GPU waited for). Call before
+    deepspeed.initialize, which installs the hooks. Returns the flagged layers."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    names = next((m._no_split_modules for m in model.modules() if getattr(m, "_no_split_modules", None)), None)
+    if not names:
+        raise ValueError(f"train.zero3_layer_gather: {type(model).__name__} names no decoder layer class "
+                         f"(_no_split_modules)")
+    return set_z3_leaf_modules(model, list(names))
+
+
+def skip_local_gather_syncs() -> None:
+    """No host sync when ZeRO-3 'gathers' a parameter that is whole on this device already.
+
+    With partitions of one rank (one GPU), DeepSpeed's gather is a view of the rank's own partition,
+    yet its NoGather handles wait on the host for the current stream: on the H100 bench about 25
+    syncs per micro-batch, the GPU idle while the host catches up. That wait guards a copy from an
+    offloaded (CPU) partition; where the partition is on the parameter's device no copy was made, so
+    the handle completes without it (DeepSpeed's own wait, told the device orders the data). Idempotent."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    for cls, attr in ((pp.NoGatherHandle, "_NoGatherHandle__param"),
+                      (pp.NoGatherCoalescedHandle, "_NoGatherCoalescedHandle__params")):
+        original = cls.wait
+        if getattr(original, "skips_local_sync", False):
+            continue
+
+        def wait(self, *args, _original=original, _attr=attr, **kwargs):
+            params = getattr(self, _attr, None)
+            params = [params] if isinstance(params, torch.nn.Parameter) else params
+            local = bool(params) and all(getattr(p, "ds_tensor", None) is not None
+                                         and p.ds_tensor.device == p.data.device for p in params)
+            if not local:  # a copy crossed devices (offload), or a DeepSpeed we do not know: its wait
+                return _original(self, *args, **kwargs)
+            accelerator = get_accelerator()
+            shadowed = accelerator.__dict__.get("resolves_data_dependency")
+            accelerator.resolves_data_dependency = lambda: True  # for this call only
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                if shadowed is None:
+                    del accelerator.resolves_data_dependency
+                else:
+                    accelerator.resolves_data_dependency = shadowed
+
+        wait.skips_local_sync, wait.original = True, original
+        cls.wait = wait
 
 
 def full_state_dict(module) -> dict[str, torch.Tensor]:

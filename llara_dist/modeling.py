@@ -11,6 +11,7 @@ layer, whatever the documents of the batch.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -57,11 +58,27 @@ def load_model(model_cfg, tokenizer, preset: Preset, device: torch.device | str 
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     set_attention(model, model_cfg.attn, device)
-    if model_cfg.fused_ops:
-        from llara_dist import fused
-
-        fused.patch(model)
+    apply_fused_ops(model, model_cfg.fused_ops, device)
     return model
+
+
+def apply_fused_ops(model, requested: bool | None, device: torch.device) -> bool:
+    """`model.fused_ops`: true patches (a model llara_dist.fused does not know is an error); unset
+    patches on a GPU (4-13% faster steps, docs/PERFORMANCE.md), where a model it does not know keeps
+    HF's ops, said on stderr; false, or unset on a CPU (compiling costs more than it saves), does not.
+    Whether the model was patched."""
+    if not (requested or (requested is None and torch.device(device).type == "cuda")):
+        return False
+    from llara_dist import fused
+
+    try:
+        fused.patch(model)
+    except ValueError as e:
+        if requested:
+            raise
+        print(f"{e}; running HF's own ops (model.fused_ops=false silences this)", file=sys.stderr)
+        return False
+    return True
 
 
 def set_attention(model, path: str, device: torch.device | str) -> None:

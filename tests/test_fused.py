@@ -105,6 +105,26 @@ def test_other_llama_style_decoders_are_recognised():
     fused.unpatch(model)
 
 
+def test_fused_ops_default_on_a_gpu_only(capsys):
+    """model.fused_ops unset: patched for a GPU, not on a CPU; a model the fused ops do not know keeps
+    HF's ops with a line on stderr when unset, and is an error when asked for."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from llara_dist.modeling import apply_fused_ops
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    assert not apply_fused_ops(llama, None, torch.device("cpu")) and fused.unpatch(llama) == 0
+    assert not apply_fused_ops(llama, False, torch.device("cuda"))
+    assert apply_fused_ops(llama, None, torch.device("cuda")) and fused.unpatch(llama) == 5  # 3 norms, mlp, attention
+    assert apply_fused_ops(llama, True, torch.device("cpu")) and fused.unpatch(llama) == 5
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2))
+    assert not apply_fused_ops(gpt2, None, torch.device("cuda"))
+    assert "GPT2LMHeadModel is not a LLaMA-style decoder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not a LLaMA-style decoder"):
+        apply_fused_ops(gpt2, True, torch.device("cpu"))
+
+
 def test_unknown_models_are_refused():
     from transformers import GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel
 

@@ -252,15 +252,21 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     run = gpu_check(tmp_path, WHEELS=str(tmp_path / "no_wheels"))
     assert run.returncode == 0, run.stdout + run.stderr
     out = tmp_path / "out"
-    assert not (out / "errors.txt").exists()
-    assert [ln.split()[0].rstrip(":") for ln in (out / "env.txt").read_text().splitlines()[1:]] == \
+    check = (out / "check.txt").read_text()
+    assert "!!" not in check
+    # the environment, then each stage's end: the training benchmarks, the doctor, the microbenchmark
+    assert [ln.split()[0].rstrip(":") for ln in check.splitlines()[1:7]] == \
         ["python", "triton", "tokenizers", "peft", "flash_attn", "deepspeed"]
-    # the training benchmark first, then the doctor and the microbenchmark
     stages = [ln.split()[1] for ln in run.stdout.splitlines() if ln.startswith("== ") and "budget" in ln]
-    assert stages == ["train_bench", "doctor", "attn_bench"]
+    assert stages == ["train_bench", "train_bench_mb16", "train_bench_layer", "doctor", "attn_bench"]
+    assert [ln.split(":")[0] for ln in check.splitlines() if "exit status 0" in ln] == stages
     bench = json.loads((out / "train_bench" / "bench.json").read_text())
     assert [w["docs"] for w in bench["workloads"]] == ["dpr", "chunks"]
     assert "| dpr (" in (out / "train_bench.txt").read_text()
+    mb = (out / "train_bench_mb16.txt").read_text()  # one micro-batch of 4 rows, ours on sdpa only
+    assert "1 micro-batches of 4 packed rows" in mb and "| dpr (5) | sdpa |" in mb and "| flex |" not in mb
+    layer = (out / "train_bench_layer.txt").read_text()
+    assert "ZeRO-3 gathers by decoder layer" in layer and "| dpr (" in layer
     assert "0 failed, 1 passed, 0 skipped" in (out / "doctor.txt").read_text()
     # what the device tool brings back: 8 files at most, none deeper than $OUT/a/b
     files = [f.relative_to(out) for f in out.rglob("*") if f.is_file()]
@@ -283,7 +289,7 @@ def test_gpu_check_without_deepspeed_fails_loudly(tmp_path):
     (tmp_path / "no_wheels").mkdir()
     run = gpu_check(tmp_path, PYTHONPATH=str(fake.parent), WHEELS=str(tmp_path / "no_wheels"), TOTAL_S="0")
     assert run.returncode == 1
-    errors = (tmp_path / "out" / "errors.txt").read_text()
+    errors = (tmp_path / "out" / "check.txt").read_text()
     assert "NO DEEPSPEED, the training benchmark cannot run (ImportError: no deepspeed on this image (test))" in errors
     assert "!! NO DEEPSPEED" in run.stdout
     assert not (tmp_path / "out" / "train_bench.txt").exists()

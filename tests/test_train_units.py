@@ -186,6 +186,56 @@ def _gloo_worker(rank, world, port, folder):
     dist.barrier()
 
 
+def _gather_sync_worker(rank, world, port, paths, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    from llara_dist.engine import build_engine, init_distributed
+
+    init_distributed(dist_env(), timeout_s=60)
+    t = TrainConfig(global_batch=1, micro_batch=1, lr=0.1, warmup_steps=0)
+    torch.manual_seed(0)
+    engine = build_engine(torch.nn.Sequential(torch.nn.Linear(400, 300), torch.nn.Linear(300, 400)), t,
+                          deepspeed_config(t, batch_plan(1, 1, 1), torch.float32))
+
+    class Stream:  # the host's waits on the device's stream, counted
+        syncs = 0
+
+        def synchronize(self):
+            Stream.syncs += 1
+
+        def wait_stream(self, other):  # device-side ordering: no host wait
+            pass
+
+    accelerator = get_accelerator()  # pretend to be a GPU: data on a stream must be waited for
+    accelerator.resolves_data_dependency, accelerator.current_stream = (lambda: False), Stream
+
+    # 120k weights per Linear: over DeepSpeed's persistence threshold (1e5), so gathered at each forward
+    def forward() -> tuple[int, torch.Tensor]:
+        before = Stream.syncs
+        with torch.no_grad():
+            y = engine(torch.ones(2, 400))
+        return Stream.syncs - before, y
+
+    patched = forward()
+    for cls in (pp.NoGatherHandle, pp.NoGatherCoalescedHandle):
+        cls.wait = cls.wait.original  # DeepSpeed's own waits
+    torch.save({"patched": patched, "deepspeed": forward(),
+                "shadow_kept": not accelerator.resolves_data_dependency()}, out)
+
+
+def test_single_rank_gathers_do_not_wait_on_the_host(tmp_path, run_ranks):
+    """ZeRO-3 on one rank: DeepSpeed's 'gather' of a parameter already on its device waits on the host
+    for the stream (a sync per module on a GPU); ours completes the handle without it, same outputs."""
+    run = run_ranks(_gather_sync_worker, 1, None, tmp_path / "run.pt")
+    (ours, y_ours), (theirs, y_theirs) = run["patched"], run["deepspeed"]
+    assert ours == 0 and theirs >= 1, (ours, theirs)  # DeepSpeed waits for each (coalesced) gather
+    assert torch.equal(y_ours, y_theirs)
+    assert run["shadow_kept"]  # our wait restores whatever the accelerator said before
+
+
 @pytest.mark.slow
 def test_preemption_agreement_and_checkpoint_manager(tmp_path, spawn_ranks):
     spawn_ranks(_gloo_worker, 2, tmp_path / "ckpt")
@@ -368,6 +418,60 @@ def _step_worker(rank, world, port, paths, out):
         engine.module.register_forward_pre_hook(lambda *_: watch.events.append(("forward", [])))  # a marker
         result = train_step(engine, micro, preset, world, objective, lm_chunk=16)
     torch.save({"events": watch.events, "result": result, "prefetch": engine.zero_prefetch_bucket_size()}, out)
+
+
+def _layer_gather_worker(rank, world, port, paths, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    from deepspeed.utils import z3_leaf_module
+
+    from llara_dist import objective
+    from llara_dist.engine import build_engine, init_distributed, zero3_loading
+    from llara_dist.train import train_step
+    from test_parity import setup
+
+    init_distributed(dist_env(), timeout_s=60)
+    tokenizer_dir, tiny_llama_dir, shared_data = paths
+    got = {}
+    for by_layer in (False, True):
+        train = TrainConfig(global_batch=2, micro_batch=1, lr=1e-3, warmup_steps=0, zero3_layer_gather=by_layer)
+        ds = deepspeed_config(train, batch_plan(2, 1, world), torch.float32)
+        torch.manual_seed(0)
+        with zero3_loading(ds):
+            tok, preset, model, prompt = setup("released", tokenizer_dir, tiny_llama_dir)
+        engine = build_engine(model.train(), train, ds)
+        micro = _micro_batches(tok, prompt, shared_data)
+        layers = engine.module.model.layers
+        got[by_layer] = {"losses": [train_step(engine, micro, preset, world, objective, lm_chunk=16)["loss"]
+                                    for _ in range(3)],
+                         "leaves": [z3_leaf_module(m) for m in layers],
+                         "hooked_linears": sum(bool(m._forward_pre_hooks) for m in layers.modules()
+                                               if isinstance(m, torch.nn.Linear))}
+    torch.save(got, out)
+
+
+@pytest.mark.slow
+def test_layer_gather_trains_the_same_with_fewer_hooks(tmp_path, run_ranks, tokenizer_dir, tiny_llama_dir,
+                                                       shared_data):
+    """train.zero3_layer_gather: ZeRO-3 gathers each decoder layer at once (no hooks on the linears inside),
+    and three optimizer steps give the losses of DeepSpeed's per-module gathering (the first bit for bit;
+    then to fp32 rounding: the gradients reach their buckets in another grouping, so the norm sums
+    in another order)."""
+    run = run_ranks(_layer_gather_worker, 1, (tokenizer_dir, tiny_llama_dir, shared_data), tmp_path / "run.pt")
+    per_module, per_layer = run[False], run[True]
+    assert per_module["leaves"] == [False] * len(per_module["leaves"]) and per_module["hooked_linears"] > 0
+    assert per_layer["leaves"] == [True] * len(per_layer["leaves"]) and per_layer["hooked_linears"] == 0
+    assert per_layer["losses"][0] == per_module["losses"][0]
+    assert per_layer["losses"] == pytest.approx(per_module["losses"], rel=1e-6, abs=0)
+    assert per_module["losses"][2] < per_module["losses"][0]  # and it trains
+
+
+def test_layer_gather_refuses_a_model_without_layer_classes():
+    from llara_dist.engine import gather_by_layer
+
+    with pytest.raises(ValueError, match="train.zero3_layer_gather: Sequential names no decoder layer class"):
+        gather_by_layer(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 @pytest.mark.slow
