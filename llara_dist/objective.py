@@ -17,11 +17,9 @@ all ranks gives the exact mean over all documents of the global batch.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from llara_dist.batch import PackedBatch
 from llara_dist.modeling import forward_hidden, gather_states, unwrap
@@ -59,33 +57,55 @@ def _set_nll_sum(logp: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, u
     return (per_doc * use).sum()
 
 
-def _lm_chunk_nll(head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), targets, reduction="sum")  # [chunk, V] fp32 logits inside
-
-
-class _FrozenHeadNLL(torch.autograd.Function):
-    """_lm_chunk_nll through a head that does not train (LoRA): forward also computes the
-    gradient w.r.t. h, backward only scales it; no logits are kept, nothing is recomputed.
-
-    Checkpointing cannot be used here under ZeRO-3: torch's recompute keeps a parameter that
-    does not require grad as the parameter itself (not a detached alias of its gathered data),
-    and ZeRO-3 releases it to shape [0] right after the head's forward (CheckpointError).
-    The head is still called as a module, so ZeRO-3 gathers it (and again for the local backward).
-    """
+class _HeadNLL(torch.autograd.Function):
+    """Sum over the rows of h of -log softmax(h W^T + b)[target], with its gradients w.r.t. h and,
+    where they train, W and b, all in the forward, [chunk, V] fp32 logits at a time. No logits are
+    kept and none recomputed: 3 matmuls a chunk, where checkpointed chunks took 4. backward only
+    scales the gradients. The logits are those of head(h).float() (the head's dtype, then fp32)."""
 
     @staticmethod
-    def forward(ctx, h, head, targets):  # h [chunk, H], targets [chunk]
-        with torch.enable_grad():
-            h = h.detach().requires_grad_()
-            nll = _lm_chunk_nll(head, h, targets)
-            (grad_h,) = torch.autograd.grad(nll, h)  # [chunk, H]
-        ctx.save_for_backward(grad_h)
-        return nll.detach()
+    def forward(ctx, h, weight, bias, targets, chunk):  # h [T, H], weight [V, H], targets [T]
+        trains_w, trains_b = weight.requires_grad, bias is not None and bias.requires_grad
+        grad_h = torch.empty_like(h)
+        acc = torch.promote_types(weight.dtype, torch.float32)  # the head's gradient summed over chunks
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if trains_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if trains_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk, None]
+            logp = torch.log_softmax(F.linear(hc, weight, bias).float(), -1)  # [c, V]
+            total -= logp.gather(1, tc).sum()
+            g = logp.exp_().scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=tc.device))  # softmax - onehot
+            g_low = g.to(h.dtype)  # as autograd casts it back through .float()
+            grad_h[s:s + chunk] = g_low @ weight
+            if trains_w:
+                grad_w += (g_low.t() @ hc).to(acc)
+            if trains_b:
+                grad_b += g.sum(0).to(acc)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
+        return total
 
     @staticmethod
-    def backward(ctx, grad_nll):
-        (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_nll, None, None
+    def backward(ctx, grad_total):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (grad_h * grad_total, None if grad_w is None else (grad_w * grad_total).to(w_dtype),
+                None if grad_b is None else (grad_b * grad_total).to(b_dtype), None, None)
+
+
+def head_nll(head, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """_HeadNLL through the head MODULE, so that ZeRO-3 gathers its weight for the forward (and again
+    for the backward, where the weight's gradient goes to it as from any module), a frozen head (LoRA)
+    included; one call a micro-batch, so every rank calls the head equally often."""
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(f"objective: the LM loss needs a plain Linear LM head, not {type(head).__name__} "
+                         f"(is lm_head in train.lora_targets?)")
+    head.forward = lambda x: _HeadNLL.apply(x, head.weight, head.bias, targets, chunk)  # this call only
+    try:
+        return head(h)
+    finally:
+        del head.forward
 
 
 def loss_sums(model, batch: PackedBatch, preset: Preset, lm_chunk: int = LM_CHUNK) -> dict[str, torch.Tensor]:
@@ -107,20 +127,9 @@ def loss_sums(model, batch: PackedBatch, preset: Preset, lm_chunk: int = LM_CHUN
         "lm": anchor.clone(),
     }
     if preset.lm_weight:
-        # a FIXED number of chunks per micro-batch (from R x L, not from the real tokens), so that
-        # every ZeRO-3 rank calls the head equally often; each chunk recomputes its logits in backward
-        # (checkpoint), or, when the head does not train (LoRA), computes its gradient at once
         where = batch.lm_index  # [T], found on the CPU by build_batch
-        flat = hidden.reshape(-1, hidden.shape[-1])
         targets = batch.input_ids.reshape(-1)[where + 1]
-        n_chunks = math.ceil(batch.input_ids.numel() / lm_chunk)
-        frozen = torch.is_grad_enabled() and not any(p.requires_grad for p in head.parameters())
-        for w, t in zip(torch.tensor_split(where, n_chunks), torch.tensor_split(targets, n_chunks)):
-            if frozen:  # keeps [chunk, H] gradients instead: [T, H] in all, like the hidden states
-                nll = _FrozenHeadNLL.apply(flat[w], head, t)
-            else:
-                nll = checkpoint(_lm_chunk_nll, head, flat[w], t, use_reentrant=False)
-            sums["lm"] = sums["lm"] + nll
+        sums["lm"] = sums["lm"] + head_nll(head, hidden.reshape(-1, hidden.shape[-1])[where], targets, lm_chunk)
     return sums
 
 

@@ -2,7 +2,8 @@
 
 Regression: the LM-loss chunks used torch.utils.checkpoint, whose recompute keeps a frozen
 parameter by reference; ZeRO-3 had released the head's weight by then (CheckpointError,
-recomputed shape [0]). The objective now computes a frozen head's chunk gradient in forward.
+recomputed shape [0]). The objective now computes the head's gradients in its forward
+(objective.head_nll), frozen or not.
 Two optimizer steps of 1 ZeRO-3 rank (gloo, fp32, CPU) are compared to plain PyTorch on the
 unchunked loss (all [T, V] logits at once, one autograd graph).
 """
@@ -121,8 +122,9 @@ def test_lora_released_trains_under_zero3_like_the_unchunked_loss(tmp_path, toke
         assert torch.equal(ref, run["before"][name]) == ("lora_" not in name), name  # only the adapters moved
 
 
-def test_frozen_head_chunks_equal_checkpointed_chunks(tokenizer_dir, tiny_llama_dir, shared_data):
-    """Plain PyTorch: the frozen-head path gives the checkpointed path's LM sum and gradients."""
+def test_frozen_head_gives_the_trainable_heads_sum_and_gradients(tokenizer_dir, tiny_llama_dir, shared_data):
+    """Plain PyTorch: the LM sum and every other parameter's gradient are the same whether the head
+    trains or not (head_nll computes W's gradient only where it trains)."""
     tok, preset, model, prompt = setup("released", tokenizer_dir, tiny_llama_dir)
     batch = micro_batches(tok, prompt, shared_data)[0]
     grads = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llara_dist.batch import build_batch
 from llara_dist.objective import batch_counts, combine, loss_sums
@@ -79,9 +80,9 @@ def test_lm_chunks_are_fixed_per_batch_shape_and_exact(tokenizer_dir, tiny_llama
         sums[name] = loss_sums(model, b, preset, lm_chunk=10)
         sums[name]["calls"] = len(calls)
     hook.remove()
-    # same R x L, same number of head calls (ZeRO-3 ranks must agree): the model's own last-column
-    # logits, 1 BoW call, ceil(R*L/10) LM chunks
-    assert sums["full"]["calls"] == sums["sparse"]["calls"] == 2 + -(-2 * seq_len // 10)
+    # the same number of head calls whatever the batch (ZeRO-3 ranks must agree): the model's own
+    # last-column logits, 1 BoW call, 1 LM call (its chunks inside)
+    assert sums["full"]["calls"] == sums["sparse"]["calls"] == 3
     # chunking changes nothing, forward or backward
     model.zero_grad()
     sums["full"]["lm"].backward()
@@ -106,3 +107,53 @@ def test_zero_count_term_contributes_nothing(tokenizer_dir, tiny_llama_dir, shar
     assert terms["ebar"] == 0.0 and torch.allclose(loss, want)
     loss.backward()  # on the graph, finite
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("dtype, bias, frozen", [(torch.float64, True, False), (torch.float64, False, True),
+                                                 (torch.bfloat16, False, False)])
+def test_head_nll_is_cross_entropy_of_the_heads_logits(dtype, bias, frozen):
+    """objective.head_nll (gradients in the forward, chunk by chunk) against eager cross-entropy of
+    head(h).float(): the sum and the gradients of h, W and b; chunk sizes that do and do not divide T;
+    a frozen head; no rows at all."""
+    from llara_dist.objective import head_nll
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 50, bias=bias).to(dtype)
+    head.weight.requires_grad_(not frozen)
+    h = torch.randn(13, 24, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, 50, (13,))
+    # the logits are fp32 in both (head(h).float()), so fp64 agrees to fp32 rounding, not to fp64's
+    tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-9)
+
+    def grads():
+        out = {"h": h.grad}
+        out.update({n: p.grad for n, p in head.named_parameters() if p.requires_grad})
+        return out
+
+    want = F.cross_entropy(head(h).float(), t, reduction="sum")
+    (want * 0.5).backward()
+    ref = {k: v.clone() for k, v in grads().items()}
+    for chunk in (4, 13, 100):
+        h.grad = None
+        head.zero_grad()
+        got = head_nll(head, h, t, chunk)
+        (got * 0.5).backward()
+        torch.testing.assert_close(got, want.detach(), **tol)
+        for name, g in grads().items():
+            assert g is not None and g.dtype == dtype, name
+            torch.testing.assert_close(g, ref[name], **tol, msg=name)
+        assert "forward" not in head.__dict__  # the module's own forward is back
+    assert (head.weight.grad is None) == frozen
+    empty = head_nll(head, h[:0], t[:0], 4)
+    assert empty.item() == 0.0
+    torch.testing.assert_close(head(h), F.linear(h, head.weight, head.bias))  # the head still a head
+
+
+def test_head_nll_refuses_a_wrapped_head():
+    from llara_dist.objective import head_nll
+
+    class Adapted(torch.nn.Linear):
+        pass
+
+    with pytest.raises(ValueError, match="plain Linear LM head, not Adapted"):
+        head_nll(Adapted(4, 5), torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), 4)

@@ -287,7 +287,7 @@ class Chunker:
             if b - a <= self.SECTION_CHARS:
                 out.append((a, b))
                 continue
-            start = None
+            start = last = None
             for s, e in words(text, a, b):
                 if start is None:
                     start = s
