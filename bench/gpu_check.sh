@@ -4,7 +4,8 @@
 #      each configuration, activation checkpointing and fused ops on the best path (issue 6)
 #   2. the same at twice the micro-batch (dpr, sdpa): what a step costs the host per micro-batch
 #   3. the first stage's dpr with ZeRO-3 gathering by decoder layer (train.zero3_layer_gather)
-#   (train_bench_long, not run unless named in STAGES: 480-word chunks in rows of 4096)
+#   (not run unless named in STAGES: train_bench_long, 480-word chunks in rows of 4096;
+#    train_bench_deep, dpr through 8 layers, sdpa against flex: attention's share nearer a full 7B's)
 #   4. llara-dist doctor on the GPU: every path, forward and backward in bf16 against fp32 sdpa
 #   5. bench/attn_bench.py: one LLaMA-2-7B attention layer (32 x 128), rows of 1024 with ~5 and
 #      ~1.5 documents: sdpa, flex, varlen, two-pass and the plain causal flash ceiling
@@ -83,6 +84,7 @@ if [ "$DEVICE" = cpu ]; then  # the plumbing only: tiny shapes
     MB_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 4 --warmup 0 --steps 1)
     LONG_ARGS=(--shape tiny --device cpu --seq-len 512 --rows 2 --micro-batch 2 --warmup 0 --steps 1 --paths sdpa)
     LAYER_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 2 --warmup 0 --steps 1)
+    DEEP_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 2 --warmup 0 --steps 1 --layers 4 --paths sdpa)
     DOCTOR_ARGS=(--device cpu --seq-len 128 --attn sdpa)
     BENCH_ARGS=(--device cpu --rows 2 --seq-len 256 --heads 2 --head-dim 16 --iters 1)
 else
@@ -90,6 +92,7 @@ else
     MB_ARGS=(--device cuda --micro-batch 16)
     LONG_ARGS=(--device cuda --seq-len 4096 --rows 8 --micro-batch 2 --paths sdpa flex varlen)
     LAYER_ARGS=(--device cuda)
+    DEEP_ARGS=(--device cuda --layers 8 --paths sdpa flex)
     DOCTOR_ARGS=(--device cuda --dtype bf16)
     BENCH_ARGS=(--device cuda)
 fi
@@ -123,6 +126,8 @@ if [ $HAVE_DS = 1 ]; then
         --paths sdpa --zero3-layer-gather --no-compare-checkpointing --out "$SITE/layer"
     wanted train_bench_long && stage train_bench_long 150 "$PY" bench/train_bench.py "${LONG_ARGS[@]}" \
         --docs chunks --no-compare-checkpointing --no-compare-fused --out "$SITE/long"
+    wanted train_bench_deep && stage train_bench_deep 200 "$PY" bench/train_bench.py "${DEEP_ARGS[@]}" \
+        --docs dpr --no-compare-checkpointing --out "$SITE/deep"
 fi
 # 3-4. correctness of every path on the device, then the attention layer alone
 wanted doctor && stage doctor 150 "$PY" -m llara_dist doctor "${DOCTOR_ARGS[@]}"

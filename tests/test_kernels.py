@@ -281,6 +281,18 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
             assert float(r[-1]) <= 1e-5, r  # every path's output equals the dense reference
 
 
+def test_gpu_check_optional_stages_dry_run_on_cpu(tmp_path):
+    """The stages run only when named: long rows, and more layers (sdpa against flex on the device)."""
+    (tmp_path / "no_wheels").mkdir()
+    run = gpu_check(tmp_path, WHEELS=str(tmp_path / "no_wheels"), STAGES="train_bench_long train_bench_deep")
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = tmp_path / "out"
+    assert sorted(f.name for f in out.iterdir()) == ["check.txt", "train_bench_deep.txt", "train_bench_long.txt"]
+    assert "rows of 512, 1 micro-batches of 2 packed rows" in (out / "train_bench_long.txt").read_text()
+    deep = (out / "train_bench_deep.txt").read_text()
+    assert "4 layers of hidden 128" in deep and "| dpr (" in deep
+
+
 def test_gpu_check_without_deepspeed_fails_loudly(tmp_path):
     """Neither an importable DeepSpeed nor its wheels: a named failure, not a silently missing benchmark."""
     fake = tmp_path / "fake" / "deepspeed"
