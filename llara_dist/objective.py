@@ -17,7 +17,6 @@ all ranks gives the exact mean over all documents of the global batch.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
@@ -61,7 +60,9 @@ class _HeadNLL(torch.autograd.Function):
     """Sum over the rows of h of -log softmax(h W^T + b)[target], with its gradients w.r.t. h and,
     where they train, W and b, all in the forward, [chunk, V] fp32 logits at a time. No logits are
     kept and none recomputed: 3 matmuls a chunk, where checkpointed chunks took 4. backward only
-    scales the gradients. The logits are those of head(h).float() (the head's dtype, then fp32)."""
+    scales the gradients. The logits are those of head(h).float() (the head's dtype, then fp32).
+    (Not torch's checkpoint either way: under ZeRO-3 its recompute finds a frozen head, kept by
+    reference, already released to shape [0].)"""
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk):  # h [T, H], weight [V, H], targets [T]
