@@ -21,9 +21,10 @@ LlamaRMSNorm's code, an MLP whose forward is LlamaMLP's code with a SiLU activat
 Qwen2 share both), and an attention whose forward calls its modeling module's
 `apply_rotary_pos_emb`. That function is compiled as it is; the attention runs a copy of its
 class's forward whose global of that name is the compiled one, so the module's global, and every
-other model in the process, keep HF's. Shapes are compiled static (`dynamic=False`): packed rows
-of seq_len have one shape; each new shape compiles again, up to torch's recompile limit, after
-which torch runs that shape eagerly.
+other model in the process, keep HF's. Shapes compile as torch does by default (`dynamic=None`):
+static at first, which suits packed rows of seq_len (one shape); at a second shape once more with
+the sizes symbolic, and then never again. Fine-tuning's batches, as long as their longest text,
+change shape at every step, and would otherwise compile at each one up to torch's recompile limit.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def compiled(fn):
     """One compiled version of `fn` per process, shared by every layer and model (compiles at first call)."""
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=None)  # see the module docstring
 
 
 def _ours(fn):

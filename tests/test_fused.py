@@ -125,6 +125,21 @@ def test_fused_ops_default_on_a_gpu_only(capsys):
         apply_fused_ops(gpt2, True, torch.device("cpu"))
 
 
+def test_changing_shapes_compile_twice_at_most():
+    """Fine-tuning's batches change length every step: a second shape compiles once more (sizes
+    symbolic), later shapes none; the results stay HF's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    norm = fused.compiled(fused.rms_norm)
+    weight = torch.randn(16)
+    for length in (5, 7, 9, 12, 30):
+        x = torch.randn(2, length, 16)
+        _close(norm(x, weight, 1e-6), fused.rms_norm(x, weight, 1e-6), f"length {length}")
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
 def test_unknown_models_are_refused():
     from transformers import GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel
 
