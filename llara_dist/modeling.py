@@ -64,7 +64,7 @@ def load_model(model_cfg, tokenizer, preset: Preset, device: torch.device | str 
 
 def apply_fused_ops(model, requested: bool | None, device: torch.device) -> bool:
     """`model.fused_ops`: true patches (a model llara_dist.fused does not know is an error); unset
-    patches on a GPU (4-13% faster steps, docs/PERFORMANCE.md), where a model it does not know keeps
+    patches on a GPU (2-13% faster steps, docs/PERFORMANCE.md), where a model it does not know keeps
     HF's ops, said on stderr; false, or unset on a CPU (compiling costs more than it saves), does not.
     Whether the model was patched."""
     if not (requested or (requested is None and torch.device(device).type == "cuda")):

@@ -76,7 +76,8 @@ class _HeadNLL(torch.autograd.Function):
             hc, tc = h[s:s + chunk], targets[s:s + chunk, None]
             logp = torch.log_softmax(F.linear(hc, weight, bias).float(), -1)  # [c, V]
             total -= logp.gather(1, tc).sum()
-            g = logp.exp_().scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=tc.device))  # softmax - onehot
+            g = logp.exp_()  # softmax, then minus the one-hot target: d nll / d logits
+            g.scatter_add_(1, tc, g.new_full(tc.shape, -1.0))
             g_low = g.to(h.dtype)  # as autograd casts it back through .float()
             grad_h[s:s + chunk] = g_low @ weight
             if trains_w:
