@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from llara_dist.batch import SEG_NEXT, build_batch
 from llara_dist.data.shards import Doc
 from llara_dist.kernels import flex, sdpa, varlen
-from llara_dist.modeling import pass_masks
+from llara_dist.modeling import pass_mask
 from llara_dist.prompts import PromptTokens
 
 PROMPT = PromptTokens(prefix=(5,) * 2, self_suffix=(6,) * 19, next_suffix=(7,) * 18, num_emb_tokens=8)
@@ -61,15 +61,16 @@ def timed(fn, device, iters: int) -> float:
 
 def paths(batch, device):
     """name -> (prepare() -> state, attend(q, k, v, state) -> out). The masks and layouts are built
-    the way training builds them (modeling.pass_masks: the varlen layout from the batch's host copy)."""
+    the way training builds them (modeling.pass_mask: the varlen layout from the batch's host copy;
+    two-pass: both passes as one call over the rows twice)."""
     seg = batch.segment
     kernel = None if device.type == "cuda" else varlen.reference
 
     def prep(name, two_pass=False):
-        return lambda: [m.payload for m in pass_masks(batch, name, two_pass)]
+        return lambda: pass_mask(batch, name, two_pass).payload
 
-    def two_pass(q, k, v, layouts):
-        a, b = (varlen.attend(q, k, v, lay, None, kernel=kernel) for lay in layouts)
+    def two_pass(q, k, v, layout):
+        a, b = varlen.attend(*(torch.cat([t, t]) for t in (q, k, v)), layout, None, kernel=kernel).chunk(2)
         return torch.where((seg == SEG_NEXT)[:, None, :, None], b, a)
 
     def causal(q, k, v, _):
@@ -79,9 +80,9 @@ def paths(batch, device):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     return {
-        "sdpa": (prep("sdpa"), lambda q, k, v, m: sdpa.attend(q, k, v, m[0], None)),
-        "flex": (prep("flex"), lambda q, k, v, m: flex.attend(q, k, v, m[0], None)),
-        "varlen": (prep("varlen"), lambda q, k, v, m: varlen.attend(q, k, v, m[0], None, kernel=kernel)),
+        "sdpa": (prep("sdpa"), lambda q, k, v, m: sdpa.attend(q, k, v, m, None)),
+        "flex": (prep("flex"), lambda q, k, v, m: flex.attend(q, k, v, m, None)),
+        "varlen": (prep("varlen"), lambda q, k, v, m: varlen.attend(q, k, v, m, None, kernel=kernel)),
         "two-pass": (prep("varlen", two_pass=True), two_pass),
         "causal": (lambda: None, causal),
     }

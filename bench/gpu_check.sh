@@ -3,13 +3,16 @@
 #   1. bench/train_bench.py: end-to-end ZeRO-3 training steps, ours vs the released way, a profile of
 #      each configuration, activation checkpointing and fused ops on the best path (issue 6)
 #   2. the same at twice the micro-batch (dpr, sdpa): what a step costs the host per micro-batch
-#   3. the first stage's dpr with ZeRO-3 gathering by decoder layer (train.zero3_layer_gather)
+#   3. the first stage's dpr with DeepSpeed's ZeRO-3 gathering per module, not per decoder layer
+#      (train.zero3_layer_gather=false): what gathering by layer saves
+#   4. the same with ZeRO-2 (train.zero_stage=2): weights whole, nothing gathered
+#   5. llara-dist doctor on the GPU: every path, forward and backward in bf16 against fp32 sdpa
 #   (not run unless named in STAGES: train_bench_long, 480-word chunks in rows of 4096;
-#    train_bench_deep, dpr through 8 layers, sdpa against flex: attention's share nearer a full 7B's)
-#   4. llara-dist doctor on the GPU: every path, forward and backward in bf16 against fp32 sdpa
-#   5. bench/attn_bench.py: one LLaMA-2-7B attention layer (32 x 128), rows of 1024 with ~5 and
-#      ~1.5 documents: sdpa, flex, varlen, two-pass and the plain causal flash ceiling
-# STAGES picks some (default: all, in that order). check.txt holds the environment, each stage's
+#    train_bench_deep, dpr through 8 layers, sdpa against flex: attention's share nearer a full 7B's;
+#    host_overhead, bench/host_overhead.py: the host's time per decoder layer, by gathering;
+#    attn_bench, bench/attn_bench.py: one LLaMA-2-7B attention layer (32 x 128), rows of 1024 with
+#    ~5 and ~1.5 documents: sdpa, flex, varlen, two-pass and the plain causal flash ceiling)
+# STAGES picks some (default: 1-5, in that order). check.txt holds the environment, each stage's
 # end and every failure. The device run brings back at most 8 files from $OUT, at most 2 folders
 # down: keep it that way (tests/test_kernels.py counts them). Each stage has a time cap and tees its output to $OUT as it goes (the train bench also writes its
 # JSON and table after every configuration), so a stage cut short keeps what it measured.
@@ -25,7 +28,7 @@ DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-bench_out}
 PY=${PY:-python3}
 TOTAL_S=${TOTAL_S:-470}  # every stage ends by then; the rest of 8 minutes is start-up and slack
-STAGES=${STAGES:-train_bench train_bench_mb16 train_bench_layer doctor attn_bench}
+STAGES=${STAGES:-train_bench train_bench_mb16 train_bench_module train_bench_zero2 doctor}
 WHEELS=${WHEELS:-.whl}  # carried wheels of what the device image lacks (deepspeed, pydantic, ...)
 mkdir -p "$OUT"
 
@@ -83,16 +86,18 @@ if [ "$DEVICE" = cpu ]; then  # the plumbing only: tiny shapes
     TRAIN_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 2 --warmup 0 --steps 1 --profile)
     MB_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 4 --warmup 0 --steps 1)
     LONG_ARGS=(--shape tiny --device cpu --seq-len 512 --rows 2 --micro-batch 2 --warmup 0 --steps 1 --paths sdpa)
-    LAYER_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 2 --warmup 0 --steps 1)
+    MODULE_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 2 --warmup 0 --steps 1)
     DEEP_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 2 --warmup 0 --steps 1 --layers 4 --paths sdpa)
+    HOST_ARGS=(--device cpu --depths 1 2 --rounds 1 --steps 1)
     DOCTOR_ARGS=(--device cpu --seq-len 128 --attn sdpa)
     BENCH_ARGS=(--device cpu --rows 2 --seq-len 256 --heads 2 --head-dim 16 --iters 1)
 else
     TRAIN_ARGS=(--device cuda --profile)
     MB_ARGS=(--device cuda --micro-batch 16)
     LONG_ARGS=(--device cuda --seq-len 4096 --rows 8 --micro-batch 2 --paths sdpa flex varlen)
-    LAYER_ARGS=(--device cuda)
+    MODULE_ARGS=(--device cuda)
     DEEP_ARGS=(--device cuda --layers 8 --paths sdpa flex)
+    HOST_ARGS=(--device cuda --rounds 1)
     DOCTOR_ARGS=(--device cuda --dtype bf16)
     BENCH_ARGS=(--device cuda)
 fi
@@ -112,7 +117,7 @@ stage() {
 }
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 
-# 1-3. ~2 + 2 x 1 minutes on one H100 (docs/PERFORMANCE.md, "Time budget"): the figures issue 6 owes
+# 1-4. ~2 + 3 x 1 minutes on one H100 (docs/PERFORMANCE.md, "Time budget"): the figures issue 6 owes
 if [ $HAVE_DS = 1 ]; then
     if wanted train_bench && ! stage train_bench 300 "$PY" bench/train_bench.py "${TRAIN_ARGS[@]}" \
             --out "$OUT/train_bench"; then  # cut short: the table so far, which its log ends without
@@ -122,14 +127,17 @@ if [ $HAVE_DS = 1 ]; then
     # the tables are at the end of their logs; their JSON stays behind
     wanted train_bench_mb16 && stage train_bench_mb16 150 "$PY" bench/train_bench.py "${MB_ARGS[@]}" --docs dpr \
         --paths sdpa --no-compare-checkpointing --out "$SITE/mb16"
-    wanted train_bench_layer && stage train_bench_layer 150 "$PY" bench/train_bench.py "${LAYER_ARGS[@]}" --docs dpr \
-        --paths sdpa --zero3-layer-gather --no-compare-checkpointing --out "$SITE/layer"
+    wanted train_bench_module && stage train_bench_module 150 "$PY" bench/train_bench.py "${MODULE_ARGS[@]}" --docs dpr \
+        --paths sdpa --no-zero3-layer-gather --no-compare-checkpointing --out "$SITE/module"
+    wanted train_bench_zero2 && stage train_bench_zero2 150 "$PY" bench/train_bench.py "${MODULE_ARGS[@]}" --docs dpr \
+        --paths sdpa --zero-stage 2 --no-compare-checkpointing --out "$SITE/zero2"
     wanted train_bench_long && stage train_bench_long 150 "$PY" bench/train_bench.py "${LONG_ARGS[@]}" \
         --docs chunks --no-compare-checkpointing --no-compare-fused --out "$SITE/long"
     wanted train_bench_deep && stage train_bench_deep 200 "$PY" bench/train_bench.py "${DEEP_ARGS[@]}" \
         --docs dpr --no-compare-checkpointing --out "$SITE/deep"
+    wanted host_overhead && stage host_overhead 150 "$PY" bench/host_overhead.py "${HOST_ARGS[@]}" --out "$SITE/host"
 fi
-# 3-4. correctness of every path on the device, then the attention layer alone
+# 5. correctness of every path on the device; then, if named, the attention layer alone
 wanted doctor && stage doctor 150 "$PY" -m llara_dist doctor "${DOCTOR_ARGS[@]}"
 wanted attn_bench && stage attn_bench 150 "$PY" bench/attn_bench.py "${BENCH_ARGS[@]}"
 echo "== gpu_check status $status after ${SECONDS}s" | tee -a "$CHECK"

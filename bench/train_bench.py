@@ -18,7 +18,7 @@ documents in the same number of micro-batches, so each step is equal work:
   sdpa / flex / varlen   ours: documents packed into rows of --seq-len by the real packer
             (data.pack.Packer + batch.build_batch), the LM head only where a loss needs it,
             each attention path that can train on the device
-  two-pass  ours, packed, without the joint prompt: two passes per micro-batch
+  two-pass  ours, packed, without the joint prompt: each row twice (SELF pass, NEXT pass), one call
 
 Documents (`--docs`): `dpr`, 100-word passages with titles, token lengths ~ Normal(150, 25)
 clipped to [40, 400]; `chunks`, 480-word chunks, ~ Normal(650, 60) clipped to [200, 1000];
@@ -85,10 +85,12 @@ from llara_dist.prompts import PRESETS, PromptTokens
 from llara_dist.tiny import tiny_llama_config
 from llara_dist.train import train_step
 
-# model shapes: LLaMA-2-7B's layers cut to a few; tiny for CPU runs
+# model shapes: LLaMA-2-7B's layers cut to a few; tiny for CPU runs; host: the same modules with
+# next to no arithmetic, so a step's time is the host's own work (bench/host_overhead.py)
 SHAPES = {
     "7b": dict(hidden=4096, heads=32, intermediate=11008, vocab=32000, layers=2),
     "tiny": dict(hidden=128, heads=4, intermediate=344, vocab=2000, layers=2),
+    "host": dict(hidden=32, heads=2, intermediate=64, vocab=2000, layers=2),
 }
 NEW_TOKENS = 16  # <s1>..<s16> of the released preset
 DOC_LENGTHS = {  # name -> (mean, std, low, high) tokens per document
@@ -401,8 +403,12 @@ def build(args, device, dtype, n_micro: int, vocab: int):
     """One ZeRO-3 engine (world 1) over a random-init LLaMA of the chosen shape, for every configuration."""
     init_distributed(dist_env())
     shape = SHAPES[args.shape]
+    # small shapes: ZeRO-3 partitions what it partitions at 7B (every matrix; vectors stay whole), not
+    # everything under its default persistence threshold of 1e5 elements, which is every tiny matrix
+    small = {} if args.shape == "7b" else {"zero_optimization": {"stage3_param_persistence_threshold": shape["hidden"]}}
     train = TrainConfig(global_batch=args.micro_batch * n_micro, micro_batch=args.micro_batch, lr=1e-5,
-                        warmup_steps=0, decay="constant", zero3_layer_gather=args.zero3_layer_gather)
+                        warmup_steps=0, decay="constant", zero_stage=args.zero_stage,
+                        zero3_layer_gather=args.zero3_layer_gather, deepspeed=small)
     ds = deepspeed_config(train, BatchPlan(train.global_batch, args.micro_batch, n_micro, 1), dtype)
     config = tiny_llama_config(vocab + NEW_TOKENS, hidden=shape["hidden"], layers=args.layers or shape["layers"],
                                heads=shape["heads"], intermediate=shape["intermediate"],
@@ -436,8 +442,11 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="profile one more step of each configuration of the first workload (profile.txt)")
     p.add_argument("--loss-rtol", type=float, default=0.0, help="loss agreement bound (0: 1e-4 fp32, 2e-2 bf16)")
-    p.add_argument("--zero3-layer-gather", action="store_true",
-                   help="train.zero3_layer_gather: ZeRO-3 gathers each decoder layer at once (every configuration)")
+    p.add_argument("--zero3-layer-gather", action=argparse.BooleanOptionalAction, default=True,
+                   help="train.zero3_layer_gather (the trainer's default): ZeRO-3 gathers each decoder layer at "
+                        "once; --no-zero3-layer-gather: DeepSpeed's gathering per module (every configuration)")
+    p.add_argument("--zero-stage", type=int, choices=(2, 3), default=3,
+                   help="train.zero_stage: 2 keeps the weights whole on every rank and gathers nothing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
@@ -480,7 +489,7 @@ def main(argv=None) -> int:
     report = {"device": name, "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
               "shape": {**SHAPES[args.shape], "layers": hf_config.num_hidden_layers, "vocab": hf_config.vocab_size},
               "seq_len": args.seq_len, "micro_batch": args.micro_batch, "micro_batches": n_micro,
-              "zero3_layer_gather": args.zero3_layer_gather,
+              "zero_stage": args.zero_stage, "zero3_layer_gather": args.zero3_layer_gather and args.zero_stage == 3,
               "warmup": args.warmup, "steps": args.steps, "matmul_peak_tflops": matmul_peak / 1e12,
               "table_peak_tflops": table_peak / 1e12 if table_peak else None,
               "workloads": []}
@@ -591,6 +600,12 @@ def finish(results: list, name: str, hf_config, table_peak: float | None, matmul
         r["fill"] = r["real_tokens"] / r["slots"]
 
 
+def gathering(report: dict) -> str:
+    if report.get("zero_stage", 3) != 3:
+        return f"ZeRO-{report['zero_stage']} (nothing gathered)"
+    return f"ZeRO-3 gathers by {'decoder layer' if report.get('zero3_layer_gather') else 'module'}"
+
+
 def markdown(report: dict) -> str:
     """The report as a Markdown table, one row per (documents, configuration), and the targets."""
     pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
@@ -598,7 +613,7 @@ def markdown(report: dict) -> str:
              f"{report['shape']['layers']} layers of hidden {report['shape']['hidden']} "
              f"(vocab {report['shape']['vocab']}), rows of {report['seq_len']}, {report['micro_batches']} "
              f"micro-batches of {report['micro_batch']} packed rows per step, median of {report['steps']} "
-             f"steps{'; ZeRO-3 gathers by decoder layer' if report.get('zero3_layer_gather') else ''}; "
+             f"steps; {gathering(report)}; "
              f"matmul peak measured {report['matmul_peak_tflops']:.1f} TFLOP/s", "",
              "| docs | config | step s | text tok/s | docs/s | x baseline | fill | peak GiB | MFU (table peak) "
              "| MFU (measured peak) | syncs/step |",

@@ -3,7 +3,7 @@
     sdpa      dense boolean mask into scaled_dot_product_attention (the reference; any device)
     flex      FlexAttention BlockMask, fully masked blocks skipped (CUDA; CPU forward only)
     varlen    two plain-causal sequences per document through varlen flash attention (CUDA)
-    two-pass  no joint mask: the model runs twice, over [prefix TEXT SELF] and over
+    two-pass  no joint mask: the model runs over [prefix TEXT SELF] and over
               [prefix TEXT NEXT] (a baseline and an independent check; see modeling.py)
 
 Each kernel is registered with transformers' AttentionInterface as `llara_<path>`, so any

@@ -15,7 +15,7 @@ COMMANDS = {
     "prep": ("llara_dist.data.prep", "tokenize a raw corpus into webdataset shards + manifest"),
     "bench-data": ("llara_dist.data.bench", "measure shard-to-packed-row throughput and fill"),
     "demo": ("llara_dist.demo", "run the whole pipeline on an embedded tiny default (CPU)"),
-    "train": ("llara_dist.train", "train with DeepSpeed ZeRO-3 (resumes from the run folder's latest checkpoint)"),
+    "train": ("llara_dist.train", "train with DeepSpeed ZeRO-3 or 2 (resumes from the run folder's latest checkpoint)"),
     "finetune": ("llara_dist.finetune", "contrastive fine-tuning (query/passage groups, LoRA) on the trainer's machinery"),
     "doctor": ("llara_dist.doctor", "check the attention kernel paths' parity on this machine (table, exit 1 on failure)"),
     "export": ("llara_dist.export", "write a Hugging Face model folder from a run's checkpoint"),
@@ -39,5 +39,5 @@ def main(argv: list[str] | None = None) -> None:
     cmd = argparse.ArgumentParser(prog=f"llara-dist {name}", description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     module.configure(cmd)
-    args = cmd.parse_args(argv[1:])
+    args = cmd.parse_intermixed_args(argv[1:])  # key=value overrides before and after --flags
     sys.exit(module.run(args) or 0)

@@ -288,9 +288,14 @@ class TrainConfig:
     adam_eps: float = opt(1e-8, "AdamW epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
     activation_checkpointing: bool = opt(False, "recompute layer activations in backward (less memory, ~30% more compute)")
-    zero3_layer_gather: bool = opt(False, "ZeRO-3: gather each decoder layer's parameters at once (one hook pair "
-                                          "per layer instead of one per linear and norm: less host work per step)")
-    offload_optimizer: bool = opt(False, "ZeRO-3: keep optimizer states in CPU memory")
+    zero_stage: int = opt(3, "DeepSpeed ZeRO stage: 3 partitions weights, gradients and optimizer states over the "
+                             "ranks; 2 keeps a whole copy of the weights on every rank (2 bytes a weight more in "
+                             "bf16) and so gathers nothing: less host time per layer and less traffic")
+    zero3_layer_gather: bool | None = opt(None, "ZeRO-3: gather each decoder layer's parameters at once (one hook "
+                                                "pair per layer instead of one per linear and norm: less host work "
+                                                "per step). Unset: on, but off in finetune, which runs each layer "
+                                                "twice per backward; false: DeepSpeed's per-module gathering")
+    offload_optimizer: bool = opt(False, "keep optimizer states in CPU memory")
     offload_params: bool = opt(False, "ZeRO-3: keep parameters in CPU memory")
     lora_r: int = opt(0, "LoRA rank (0: train all weights)")
     lora_alpha: float = opt(16.0, "LoRA alpha")
@@ -333,6 +338,10 @@ class TrainConfig:
             out.append(f"adam_betas: expected two numbers, got {self.adam_betas}")
         if self.collective_timeout_s < 5:
             out.append(f"collective_timeout_s: {self.collective_timeout_s} is too short (at least 5)")
+        if self.zero_stage not in (2, 3):
+            out.append(f"zero_stage: {self.zero_stage} is not 2 or 3")
+        elif self.zero_stage == 2 and self.offload_params:
+            out.append("offload_params: needs zero_stage 3 (ZeRO-2 keeps the weights whole on every rank's device)")
         if self.adam_impl not in ("torch", "deepspeed"):
             out.append(f"adam_impl: {self.adam_impl!r} is not one of torch, deepspeed")
         if isinstance(self.deepspeed, dict) and self.deepspeed:  # engine imports torch: only when there is one
@@ -401,6 +410,10 @@ class FinetuneRunConfig:
     finetune: FinetuneConfig = opt(FinetuneConfig(), "data, contrastive loss, LoRA")
 
     def check(self) -> list[str]:
+        out = []
         if isinstance(self.train.lora_r, int) and self.train.lora_r:
-            return ["train.lora_r: fine-tuning takes its LoRA settings from finetune.lora_* (leave train.lora_r 0)"]
-        return []
+            out.append("train.lora_r: fine-tuning takes its LoRA settings from finetune.lora_* (leave train.lora_r 0)")
+        if self.train.zero3_layer_gather is True:  # DeepSpeed reduces a leaf module's gradients at its first backward
+            out.append("train.zero3_layer_gather: fine-tuning runs each decoder layer twice per backward (queries, "
+                       "then passages), which ZeRO-3's gathering by layer cannot reduce; leave it unset or false")
+        return out

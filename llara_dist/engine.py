@@ -1,4 +1,4 @@
-"""Distribution: ranks from the launcher's environment, batch arithmetic, the DeepSpeed ZeRO-3 engine.
+"""Distribution: ranks from the launcher's environment, batch arithmetic, the DeepSpeed ZeRO-3 (or 2) engine.
 
 This module knows DeepSpeed and torch.distributed, nothing of prompts or losses:
 
@@ -135,7 +135,9 @@ def deepspeed_config(train, plan: BatchPlan, dtype: torch.dtype, gpu: bool | Non
     problems = deepspeed_override_problems(train.deepspeed)
     if problems:
         raise ConfigError([f"train.{p}" for p in problems])
-    zero: dict = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}
+    zero: dict = {"stage": train.zero_stage}
+    if train.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
     if train.offload_params:
@@ -173,7 +175,7 @@ TRAINER_OWNED = {
     "gradient_clipping": "train.grad_clip",
     "bf16.enabled": "model.dtype",
     "fp16.enabled": "model.dtype (bf16 or fp32)",
-    "zero_optimization.stage": "nothing: the trainer is built on ZeRO-3",
+    "zero_optimization.stage": "train.zero_stage",
     "zero_optimization.offload_optimizer.device": "train.offload_optimizer",
     "zero_optimization.offload_param.device": "train.offload_params",
     "optimizer.params.lr": "train.lr",
@@ -228,7 +230,7 @@ _hf_ds_config = None  # transformers holds only a weak reference: keep the objec
 
 @contextlib.contextmanager
 def zero3_loading(ds_config: dict):
-    """Make transformers build and load models under deepspeed.zero.Init.
+    """Make transformers build and load models under deepspeed.zero.Init (ZeRO-3; other stages: plainly).
 
     With an HfDeepSpeedConfig alive, `from_pretrained`/`from_config` enter zero.Init
     themselves (after their imports: an import under zero.Init's patched tensor
@@ -239,8 +241,9 @@ def zero3_loading(ds_config: dict):
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 
     global _hf_ds_config
-    _hf_ds_config = HfDeepSpeedConfig(ds_config)
-    assert is_deepspeed_zero3_enabled()
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    _hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
+    assert is_deepspeed_zero3_enabled() == zero3
     yield
 
 
@@ -254,7 +257,7 @@ def apply_lora(model, train):
 
 
 def build_engine(model, train, ds_config: dict):
-    """The DeepSpeed engine: ZeRO-3, AdamW, warm-up then decay; optional activation checkpointing, LoRA."""
+    """The DeepSpeed engine: ZeRO-3 (or 2), AdamW, warm-up then decay; optional activation checkpointing, LoRA."""
     import deepspeed
 
     if train.activation_checkpointing:
@@ -262,8 +265,8 @@ def build_engine(model, train, ds_config: dict):
         model.config.use_cache = False
     if train.lora_r:
         model = apply_lora(model, train)
-    if train.zero3_layer_gather:
-        gather_by_layer(model)
+    if train.zero3_layer_gather is not False and train.zero_stage == 3:  # unset: on (the task may turn it off)
+        gather_by_layer(model, required=train.zero3_layer_gather is True)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def scheduler(optimizer):
@@ -275,16 +278,20 @@ def build_engine(model, train, ds_config: dict):
     return engine
 
 
-def gather_by_layer(model) -> list:
+def gather_by_layer(model, required: bool = True) -> list:
     """ZeRO-3 leaf modules at the model's decoder layers (its `_no_split_modules`, the unit FSDP wraps):
     DeepSpeed then gathers and releases a layer's parameters in one hook pair at the layer instead of
     one per linear and norm inside it (on the H200 bench those per-module backward hooks took ~55 ms
-    of a ~350 ms profiled step on the host, which the GPU waited for). Call before
-    deepspeed.initialize, which installs the hooks. Returns the flagged layers."""
+    of a ~350 ms profiled step on the host, which the GPU waited for). Each layer must run once per
+    backward: DeepSpeed reduces a leaf module's gradients when its backward ends (finetune runs the
+    layers twice and gathers per module). Call before deepspeed.initialize, which installs the hooks. Returns the flagged layers: none, for a model that
+    names no layer class, unless `required` (then that is an error)."""
     from deepspeed.utils import set_z3_leaf_modules
 
     names = next((m._no_split_modules for m in model.modules() if getattr(m, "_no_split_modules", None)), None)
     if not names:
+        if not required:
+            return []
         raise ValueError(f"train.zero3_layer_gather: {type(model).__name__} names no decoder layer class "
                          f"(_no_split_modules)")
     return set_z3_leaf_modules(model, list(names))

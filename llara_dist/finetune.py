@@ -87,7 +87,8 @@ def engine_train_config(cfg: FinetuneRunConfig):
 
     ft = cfg.finetune
     return dataclasses.replace(cfg.train, lora_r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
-                               lora_targets=list(ft.lora_targets))
+                               lora_targets=list(ft.lora_targets),
+                               zero3_layer_gather=False)  # each layer runs twice per backward (FinetuneRunConfig)
 
 
 def embed(model, batch, kind: str, preset) -> torch.Tensor:

@@ -102,41 +102,43 @@ def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
     kernel = core.config._attn_implementation.removeprefix("llara_")
     decoder = core.get_decoder()  # LLaMA, Mistral, Qwen2: the base model; through a peft wrapper too
 
-    def run(mask):
-        # through the top module, so a DeepSpeed engine's forward runs (calling the decoder
-        # directly gave wrong ZeRO-3 gradients: tests/test_train_exact.py), logits only at the
-        # last column; the decoder's output (after the final norm) is taken by a hook, not by
-        # output_hidden_states, which would keep every layer's output alive (no_grad: L x the memory)
-        out = []
-        hook = decoder.register_forward_hook(lambda module, args, result: out.append(result.last_hidden_state))
-        try:
-            model(input_ids=batch.input_ids, position_ids=batch.position, llara_mask=mask,
-                  use_cache=False, logits_to_keep=1)
-        finally:
-            hook.remove()
-        if len(out) != 1:
-            raise RuntimeError(f"{type(core).__name__}.get_decoder() ({type(decoder).__name__}) ran {len(out)} "
-                               "times in one forward, not once: cannot tell its final hidden states")
+    # two-pass: both passes in one call, as 2R rows (the SELF pass's, then the NEXT pass's), so each
+    # module runs once per backward, as ZeRO-3's gathering by layer needs (train.zero3_layer_gather)
+    two_pass = path == "two-pass"
+    ids, position = (torch.cat([t, t]) if two_pass else t for t in (batch.input_ids, batch.position))
+    mask = pass_mask(batch, kernel, two_pass)
+    # through the top module, so a DeepSpeed engine's forward runs (calling the decoder directly
+    # gave wrong ZeRO-3 gradients: tests/test_train_exact.py), logits only at the last column; the
+    # decoder's output (after the final norm) is taken by a hook, not by output_hidden_states, which
+    # would keep every layer's output alive (no_grad: L x the memory)
+    out = []
+    hook = decoder.register_forward_hook(lambda module, args, result: out.append(result.last_hidden_state))
+    try:
+        model(input_ids=ids, position_ids=position, llara_mask=mask, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    if len(out) != 1:
+        raise RuntimeError(f"{type(core).__name__}.get_decoder() ({type(decoder).__name__}) ran {len(out)} "
+                           "times in one forward, not once: cannot tell its final hidden states")
+    if not two_pass:
         return out[0]
-
-    masks = pass_masks(batch, kernel, two_pass=path == "two-pass")
-    if len(masks) == 1:
-        return run(masks[0])
-    h_self, h_next = map(run, masks)
+    h_self, h_next = out[0].chunk(2)
     return torch.where((batch.segment == SEG_NEXT)[..., None], h_next, h_self)
 
 
-def pass_masks(batch: PackedBatch, kernel: str, two_pass: bool) -> list[kernels.LlaraMask]:
-    """The mask of each model call of forward_hidden, on the batch's device.
+def pass_mask(batch: PackedBatch, kernel: str, two_pass: bool) -> kernels.LlaraMask:
+    """The mask of forward_hidden's model call, on the batch's device.
 
-    two-pass: [prefix TEXT SELF] with the NEXT tokens blanked out, then [prefix TEXT NEXT] with
-    the SELF tokens blanked out; each pass needs only a document-causal mask. A kernel that reads
-    the metadata (kernels.HOST_METADATA: varlen) gets the batch's host copy, blanking included,
-    so nothing is read back from the device."""
+    two-pass: over 2R rows, the batch's rows twice: [prefix TEXT SELF] with the NEXT tokens blanked
+    out, then [prefix TEXT NEXT] with the SELF tokens blanked out; each needs only a document-causal
+    mask. A kernel that reads the metadata (kernels.HOST_METADATA: varlen) gets the batch's host
+    copy, blanking included, so nothing is read back from the device."""
     meta = batch.host if kernel in kernels.HOST_METADATA and batch.host is not None else batch
-    docs = [meta.doc.masked_fill(meta.segment == blank, -1) for blank in (SEG_NEXT, SEG_SELF)] if two_pass \
-        else [meta.doc]
-    return [kernels.prepare(kernel, doc, meta.segment, batch.input_ids.device) for doc in docs]
+    doc, segment = meta.doc, meta.segment
+    if two_pass:
+        doc = torch.cat([doc.masked_fill(segment == blank, -1) for blank in (SEG_NEXT, SEG_SELF)])
+        segment = torch.cat([segment, segment])
+    return kernels.prepare(kernel, doc, segment, batch.input_ids.device)
 
 
 def gather_states(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -80,12 +80,18 @@ def checkpoints(cfg: RunConfig, rank: int = 0):
 
 
 def check_resume(cfg: RunConfig, plan: BatchPlan) -> None:
-    """Refuse to resume a checkpoint written with another world size or global batch."""
+    """Refuse to resume a checkpoint written with another world size, global batch or ZeRO stage."""
     manager = checkpoints(cfg)
     tag = manager.latest()
     if tag is None:
         return
-    saved = manager.read_loop_state(tag, rank=0)["plan"]
+    loop = manager.read_loop_state(tag, rank=0)
+    stage = loop["config"]["train"].get("zero_stage", 3)  # checkpoints from before train.zero_stage: ZeRO-3
+    if stage != cfg.train.zero_stage:
+        raise ValueError(f"{manager.folder / tag}: written with train.zero_stage={stage}, and this start has "
+                         f"train.zero_stage={cfg.train.zero_stage}: DeepSpeed lays out its shards differently "
+                         f"per stage, so it is refused. Start with train.zero_stage={stage}, or use a new run_dir")
+    saved = loop["plan"]
     if (saved["world"], saved["global_batch"]) != (plan.world, plan.global_batch):
         raise ValueError(
             f"{manager.folder / tag}: written by {saved['world']} rank(s) with global batch "

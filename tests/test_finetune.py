@@ -63,6 +63,11 @@ def test_bad_lines_name_file_and_line(tmp_path):
     assert len(read_examples(path, group_size=1)) == 2  # no negatives needed for a group of 1
     with pytest.raises(ConfigError, match="finetune.lora_"):
         load_config(FinetuneRunConfig, None, ["finetune.data=x", "train.lora_r=8"])
+    with pytest.raises(ConfigError, match="train.zero3_layer_gather: fine-tuning runs each decoder layer twice"):
+        load_config(FinetuneRunConfig, None, ["finetune.data=x", "train.zero3_layer_gather=true"])
+    from llara_dist.finetune import engine_train_config
+
+    assert engine_train_config(load_config(FinetuneRunConfig, None, ["finetune.data=x"])).zero3_layer_gather is False
 
 
 def test_groups_are_deterministic_split_by_rank_and_resume(shared_data, tokenizer_dir):

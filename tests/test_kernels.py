@@ -83,20 +83,20 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("rows", LAYOUTS)
 @pytest.mark.parametrize("two_pass", [False, True])
 def test_varlen_layout_from_the_host_equals_the_device_built(device, rows, two_pass):
-    """forward_hidden's masks (modeling.pass_masks) take varlen's layout from the batch's host copy:
-    the same layout as built from the device tensors, blanking of two-pass included."""
-    from llara_dist.modeling import pass_masks
+    """forward_hidden's mask (modeling.pass_mask) takes varlen's layout from the batch's host copy:
+    the same layout as built from the device tensors; two-pass: both passes' rows, blanked, stacked."""
+    from llara_dist.modeling import pass_mask
 
     b = packed(rows).to(device)
-    docs = [blanked(b, SEG_NEXT), blanked(b, SEG_SELF)] if two_pass else [b.doc]
-    masks = pass_masks(b, "varlen", two_pass)
-    assert len(masks) == len(docs)
-    for mask, doc in zip(masks, docs):
-        want, got = varlen.prepare(doc, b.segment), mask.payload
-        for name in ("q_index", "k_index", "cu_q", "cu_k"):
-            w, g = getattr(want, name), getattr(got, name)
-            assert g.device == w.device and g.dtype == w.dtype and torch.equal(g, w), name
-        assert (got.max_q, got.max_k) == (want.max_q, want.max_k) and type(got.max_q) is int
+    if two_pass:
+        doc, seg = torch.cat([blanked(b, SEG_NEXT), blanked(b, SEG_SELF)]), torch.cat([b.segment, b.segment])
+    else:
+        doc, seg = b.doc, b.segment
+    want, got = varlen.prepare(doc, seg), pass_mask(b, "varlen", two_pass).payload
+    for name in ("q_index", "k_index", "cu_q", "cu_k"):
+        w, g = getattr(want, name), getattr(got, name)
+        assert g.device == w.device and g.dtype == w.dtype and torch.equal(g, w), name
+    assert (got.max_q, got.max_k) == (want.max_q, want.max_k) and type(got.max_q) is int
 
 
 def dense_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
@@ -118,18 +118,17 @@ def test_mask_preparation_reads_nothing_from_the_device(kernel, two_pass):
     (varlen: its layout comes from the host copy). SyncWatch (test_train_units) sees the operations:
     sdpa and flex prepare on the device without one, and varlen's device side (the layout's copy,
     the gather, a kernel that takes cu_seqlens on the device, the scatter) has none either."""
-    from llara_dist.modeling import pass_masks
+    from llara_dist.modeling import pass_mask
     from test_train_units import SyncWatch
 
     b = packed([[5, 9], [12, 3, 4]])
     on_meta = b.to("meta")
     assert b.host is b and on_meta.host is b and on_meta.to("meta").host is b
-    masks = pass_masks(on_meta, kernel, two_pass)
-    assert len(masks) == 1 + two_pass
-    assert all(m.path == kernel and meta_device(m.payload) for m in masks)
+    mask = pass_mask(on_meta, kernel, two_pass)
+    assert mask.path == kernel and meta_device(mask.payload)
     if kernel != "varlen":
         with SyncWatch() as watch:
-            pass_masks(b, kernel, two_pass)
+            pass_mask(b, kernel, two_pass)
         assert watch.events == []
         return
     q, k, v = qkv(*b.doc.shape)
@@ -258,20 +257,35 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert [ln.split()[0].rstrip(":") for ln in check.splitlines()[1:7]] == \
         ["python", "triton", "tokenizers", "peft", "flash_attn", "deepspeed"]
     stages = [ln.split()[1] for ln in run.stdout.splitlines() if ln.startswith("== ") and "budget" in ln]
-    assert stages == ["train_bench", "train_bench_mb16", "train_bench_layer", "doctor", "attn_bench"]
+    assert stages == ["train_bench", "train_bench_mb16", "train_bench_module", "train_bench_zero2", "doctor"]
     assert [ln.split(":")[0] for ln in check.splitlines() if "exit status 0" in ln] == stages
     bench = json.loads((out / "train_bench" / "bench.json").read_text())
     assert [w["docs"] for w in bench["workloads"]] == ["dpr", "chunks"]
     assert "| dpr (" in (out / "train_bench.txt").read_text()
     mb = (out / "train_bench_mb16.txt").read_text()  # one micro-batch of 4 rows, ours on sdpa only
     assert "1 micro-batches of 4 packed rows" in mb and "| dpr (5) | sdpa |" in mb and "| flex |" not in mb
-    layer = (out / "train_bench_layer.txt").read_text()
-    assert "ZeRO-3 gathers by decoder layer" in layer and "| dpr (" in layer
+    assert "ZeRO-3 gathers by decoder layer" in (out / "train_bench.txt").read_text()  # the trainer's default
+    module = (out / "train_bench_module.txt").read_text()
+    assert "ZeRO-3 gathers by module" in module and "| dpr (" in module
+    zero2 = (out / "train_bench_zero2.txt").read_text()
+    assert "ZeRO-2 (nothing gathered)" in zero2 and "| dpr (" in zero2
     assert "0 failed, 1 passed, 0 skipped" in (out / "doctor.txt").read_text()
     # what the device tool brings back: 8 files at most, none deeper than $OUT/a/b
     files = [f.relative_to(out) for f in out.rglob("*") if f.is_file()]
     assert len(files) <= 8 and all(len(f.parts) <= 3 for f in files), files
     assert "== sdpa" in (out / "train_bench" / "profile.txt").read_text()
+
+
+def test_gpu_check_optional_stages_dry_run_on_cpu(tmp_path):
+    """The stages run only when named: long rows, more layers (sdpa against flex on the device), the
+    host's time per layer, and the attention layer alone."""
+    (tmp_path / "no_wheels").mkdir()
+    run = gpu_check(tmp_path, WHEELS=str(tmp_path / "no_wheels"),
+                    STAGES="train_bench_long train_bench_deep host_overhead attn_bench")
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = tmp_path / "out"
+    assert sorted(f.name for f in out.iterdir()) == ["attn_bench.txt", "check.txt", "host_overhead.txt",
+                                                     "train_bench_deep.txt", "train_bench_long.txt"]
     rows = [line.split() for line in (out / "attn_bench.txt").read_text().splitlines()
             if line[:8].strip() in ("5.0", "1.5")]
     assert sorted({r[1] for r in rows}) == ["causal", "flex", "sdpa", "two-pass", "varlen"]
@@ -279,15 +293,10 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
         assert float(r[2]) > 0
         if r[1] != "causal":
             assert float(r[-1]) <= 1e-5, r  # every path's output equals the dense reference
-
-
-def test_gpu_check_optional_stages_dry_run_on_cpu(tmp_path):
-    """The stages run only when named: long rows, and more layers (sdpa against flex on the device)."""
-    (tmp_path / "no_wheels").mkdir()
-    run = gpu_check(tmp_path, WHEELS=str(tmp_path / "no_wheels"), STAGES="train_bench_long train_bench_deep")
-    assert run.returncode == 0, run.stdout + run.stderr
-    out = tmp_path / "out"
-    assert sorted(f.name for f in out.iterdir()) == ["check.txt", "train_bench_deep.txt", "train_bench_long.txt"]
+    host = (out / "host_overhead.txt").read_text()
+    rows = [ln.split("|")[1:3] for ln in host.splitlines() if ln.startswith("| ")][1:]  # below the header
+    assert [(v.strip(), c.strip()) for v, c in rows if not v.startswith("-")] == \
+        [(v, c) for v in ("module", "layer", "zero2") for c in ("sdpa", "baseline")]
     assert "rows of 512, 1 micro-batches of 2 packed rows" in (out / "train_bench_long.txt").read_text()
     deep = (out / "train_bench_deep.txt").read_text()
     assert "4 layers of hidden 128" in deep and "| dpr (" in deep

@@ -128,7 +128,8 @@ def _checkpointing_worker(rank, world, port, paths, out):
 
     bench = load_bench()
     vocab = bench.SHAPES["tiny"]["vocab"]
-    args = SimpleNamespace(shape="tiny", layers=0, micro_batch=2, seq_len=256, seed=0, zero3_layer_gather=False)
+    args = SimpleNamespace(shape="tiny", layers=0, micro_batch=2, seq_len=256, seed=0, zero3_layer_gather=True,
+                           zero_stage=3)
     engine = bench.build(args, torch.device("cpu"), torch.float32, 1, vocab)
     batch = bench.make_workload("dpr", bench.drawn_docs("dpr", vocab, 0), bench.released_prompt(vocab), 256,
                                 rows=2, micro_batch=2).packed[0]

@@ -106,13 +106,15 @@ def log_text(run_dir: Path, rank: int = 0) -> str:
     return (run_dir / f"log-rank{rank}.txt").read_text()
 
 
-def test_preempt_and_resume_equal_uninterrupted(setup, tmp_path, rendezvous):
+@pytest.mark.parametrize("stage", [3, 2])
+def test_preempt_and_resume_equal_uninterrupted(setup, tmp_path, rendezvous, stage):
     root, keys = setup
     ref = tmp_path / "ref"
-    assert wait(launch(root, ref, 2, "--ledger", env=rendezvous())) == [0, 0], log_text(ref)
+    zero = f"train.zero_stage={stage}"
+    assert wait(launch(root, ref, 2, "--ledger", zero, env=rendezvous())) == [0, 0], log_text(ref)
 
     run = tmp_path / "interrupted"
-    procs = launch(root, run, 2, "--ledger", env=rendezvous())
+    procs = launch(root, run, 2, "--ledger", zero, env=rendezvous())
     wait_for_step(run, 2, procs)
     procs[1].send_signal(signal.SIGUSR1)  # one rank only: the all-reduce stops both
     time.sleep(0.3)
@@ -122,7 +124,7 @@ def test_preempt_and_resume_equal_uninterrupted(setup, tmp_path, rendezvous):
     assert 2 <= stopped < STEPS
     assert (run / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
 
-    assert wait(launch(root, run, 2, "--ledger", env=rendezvous())) == [0, 0], log_text(run)
+    assert wait(launch(root, run, 2, "--ledger", zero, env=rendezvous())) == [0, 0], log_text(run)
     assert f"at step {stopped}" in log_text(run)
 
     got, want = metrics(run), metrics(ref)
@@ -145,10 +147,14 @@ def test_preempt_and_resume_equal_uninterrupted(setup, tmp_path, rendezvous):
     assert names == [f"step{STEPS - 3:08d}", f"step{STEPS:08d}"]
 
     # another world size on this checkpoint: refused with what would be needed
-    refused = launch(root, ref, 1, f"train.steps={STEPS + 4}")
+    refused = launch(root, ref, 1, zero, f"train.steps={STEPS + 4}")
     assert wait(refused) == [2]
     assert "written by 2 rank(s) with global batch 8" in log_text(ref)
     assert "start 2 rank(s)" in log_text(ref)
+    # and the other ZeRO stage: its shards are laid out differently
+    refused = launch(root, ref, 2, f"train.zero_stage={5 - stage}", f"train.steps={STEPS + 4}", env=rendezvous())
+    assert wait(refused) == [2, 2]
+    assert f"written with train.zero_stage={stage}, and this start has train.zero_stage={5 - stage}" in log_text(ref)
 
 
 def test_dead_rank_ends_the_job(setup, tmp_path, rendezvous):

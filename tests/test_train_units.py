@@ -102,6 +102,18 @@ def test_deepspeed_config_from_train_config():
     assert "offload_param" not in ds["zero_optimization"]
     assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["weight_decay"] == 0.1
+    two = deepspeed_config(TrainConfig(zero_stage=2), batch_plan(256, 8, 4), torch.bfloat16)["zero_optimization"]
+    assert two == {"stage": 2}  # no ZeRO-3 entries
+
+
+def test_zero_stage_choices_are_checked():
+    from llara_dist.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(RunConfig, None, ["train.zero_stage=1"])
+    assert e.value.problems == ["train.zero_stage: 1 is not 2 or 3"]
+    with pytest.raises(ConfigError, match="train.offload_params: needs zero_stage 3"):
+        load_config(RunConfig, None, ["train.zero_stage=2", "train.offload_params=true"])
 
 
 def _batch():
@@ -284,7 +296,7 @@ def test_deepspeed_overrides_merge_and_refusals(tmp_path):
         "train.deepspeed.gradient_clipping: set by the trainer (gradient_clipping); use train.grad_clip",
         "train.deepspeed.train_batch_size: set by the trainer (train_batch_size); use train.global_batch",
         "train.deepspeed.zero_optimization.stage: set by the trainer (zero_optimization.stage); "
-        "use nothing: the trainer is built on ZeRO-3",
+        "use train.zero_stage",
         "train.deepspeed.zero_optimization.offload_param.device: set by the trainer "
         "(zero_optimization.offload_param.device); use train.offload_params",
         "train.deepspeed.bf16: set by the trainer (bf16.enabled); use model.dtype",
@@ -420,7 +432,12 @@ def _step_worker(rank, world, port, paths, out):
     torch.save({"events": watch.events, "result": result, "prefetch": engine.zero_prefetch_bucket_size()}, out)
 
 
-def _layer_gather_worker(rank, world, port, paths, out):
+# how the engine holds the weights: ZeRO-3 gathering per module (DeepSpeed's way), per decoder layer
+# (train.zero3_layer_gather, the default), and ZeRO-2 (train.zero_stage=2: whole on every rank)
+GATHERINGS = {"module": (3, False), "layer": (3, True), "zero2": (2, True)}
+
+
+def _gathering_worker(rank, world, port, paths, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -434,37 +451,44 @@ def _layer_gather_worker(rank, world, port, paths, out):
     init_distributed(dist_env(), timeout_s=60)
     tokenizer_dir, tiny_llama_dir, shared_data = paths
     got = {}
-    for by_layer in (False, True):
-        train = TrainConfig(global_batch=2, micro_batch=1, lr=1e-3, warmup_steps=0, zero3_layer_gather=by_layer)
-        ds = deepspeed_config(train, batch_plan(2, 1, world), torch.float32)
+    for name, (stage, by_layer) in GATHERINGS.items():
+        # every weight partitioned, however small (DeepSpeed keeps those under 1e5 elements whole)
+        small = {"zero_optimization": {"stage3_param_persistence_threshold": 0}} if stage == 3 else {}
+        train = TrainConfig(global_batch=2 * world, micro_batch=1, lr=1e-3, warmup_steps=0, zero_stage=stage,
+                            zero3_layer_gather=by_layer, deepspeed=small)
+        ds = deepspeed_config(train, batch_plan(2 * world, 1, world), torch.float32)
         torch.manual_seed(0)
         with zero3_loading(ds):
             tok, preset, model, prompt = setup("released", tokenizer_dir, tiny_llama_dir)
         engine = build_engine(model.train(), train, ds)
         micro = _micro_batches(tok, prompt, shared_data)
         layers = engine.module.model.layers
-        got[by_layer] = {"losses": [train_step(engine, micro, preset, world, objective, lm_chunk=16)["loss"]
-                                    for _ in range(3)],
-                         "leaves": [z3_leaf_module(m) for m in layers],
-                         "hooked_linears": sum(bool(m._forward_pre_hooks) for m in layers.modules()
-                                               if isinstance(m, torch.nn.Linear))}
+        got[name] = {"losses": [train_step(engine, micro, preset, world, objective, lm_chunk=16)["loss"]
+                                for _ in range(3)],
+                     "leaves": [z3_leaf_module(m) for m in layers],
+                     "partitioned": sum(hasattr(p, "ds_id") for p in engine.module.parameters()),
+                     "hooked_linears": sum(bool(m._forward_pre_hooks) for m in layers.modules()
+                                           if isinstance(m, torch.nn.Linear))}
     torch.save(got, out)
 
 
 @pytest.mark.slow
-def test_layer_gather_trains_the_same_with_fewer_hooks(tmp_path, run_ranks, tokenizer_dir, tiny_llama_dir,
-                                                       shared_data):
-    """train.zero3_layer_gather: ZeRO-3 gathers each decoder layer at once (no hooks on the linears inside),
-    and three optimizer steps give the losses of DeepSpeed's per-module gathering (the first bit for bit;
-    then to fp32 rounding: the gradients reach their buckets in another grouping, so the norm sums
-    in another order)."""
-    run = run_ranks(_layer_gather_worker, 1, (tokenizer_dir, tiny_llama_dir, shared_data), tmp_path / "run.pt")
-    per_module, per_layer = run[False], run[True]
-    assert per_module["leaves"] == [False] * len(per_module["leaves"]) and per_module["hooked_linears"] > 0
-    assert per_layer["leaves"] == [True] * len(per_layer["leaves"]) and per_layer["hooked_linears"] == 0
-    assert per_layer["losses"][0] == per_module["losses"][0]
-    assert per_layer["losses"] == pytest.approx(per_module["losses"], rel=1e-6, abs=0)
-    assert per_module["losses"][2] < per_module["losses"][0]  # and it trains
+def test_gathering_by_layer_or_zero2_trains_the_same(tmp_path, run_ranks, tokenizer_dir, tiny_llama_dir,
+                                                     shared_data):
+    """Two ranks. train.zero3_layer_gather: ZeRO-3 gathers each decoder layer at once (no hooks on the
+    linears inside); train.zero_stage=2: nothing is partitioned nor hooked. Three optimizer steps give the
+    losses of DeepSpeed's per-module gathering (the first bit for bit; then to fp32 rounding: the
+    gradients reach their buckets in another grouping, so the norm sums in another order)."""
+    run = run_ranks(_gathering_worker, 2, (tokenizer_dir, tiny_llama_dir, shared_data), tmp_path / "run.pt")
+    module, layer, zero2 = (run[name] for name in GATHERINGS)
+    assert module["leaves"] == [False] * len(module["leaves"]) and module["hooked_linears"] > 0
+    assert layer["leaves"] == [True] * len(layer["leaves"]) and layer["hooked_linears"] == 0
+    assert module["partitioned"] == layer["partitioned"] > 0 and zero2["partitioned"] == 0
+    assert zero2["hooked_linears"] == 0 and not any(zero2["leaves"])
+    for other in (layer, zero2):
+        assert other["losses"][0] == module["losses"][0]
+        assert other["losses"] == pytest.approx(module["losses"], rel=1e-6, abs=0)
+    assert module["losses"][2] < module["losses"][0]  # and it trains
 
 
 def test_layer_gather_refuses_a_model_without_layer_classes():
@@ -472,6 +496,7 @@ def test_layer_gather_refuses_a_model_without_layer_classes():
 
     with pytest.raises(ValueError, match="train.zero3_layer_gather: Sequential names no decoder layer class"):
         gather_by_layer(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert gather_by_layer(torch.nn.Sequential(torch.nn.Linear(2, 2)), required=False) == []  # unset: per module
 
 
 @pytest.mark.slow
