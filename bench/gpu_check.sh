@@ -5,7 +5,7 @@
 #   2. the same at twice the micro-batch (dpr, sdpa): what a step costs the host per micro-batch
 #   3. the first stage's dpr with DeepSpeed's ZeRO-3 gathering per module, not per decoder layer
 #      (train.zero3_layer_gather=false): what gathering by layer saves
-#   4. the same with ZeRO-2 (train.zero_stage=2): weights whole, nothing gathered
+#   4. stage 2's run with ZeRO-2 (train.zero_stage=2: weights whole, nothing gathered): the best MFU case
 #   5. llara-dist doctor on the GPU: every path, forward and backward in bf16 against fp32 sdpa
 #   (not run unless named in STAGES: train_bench_long, 480-word chunks in rows of 4096;
 #    train_bench_deep, dpr through 8 layers, sdpa against flex: attention's share nearer a full 7B's;
@@ -129,7 +129,7 @@ if [ $HAVE_DS = 1 ]; then
         --paths sdpa --no-compare-checkpointing --out "$SITE/mb16"
     wanted train_bench_module && stage train_bench_module 150 "$PY" bench/train_bench.py "${MODULE_ARGS[@]}" --docs dpr \
         --paths sdpa --no-zero3-layer-gather --no-compare-checkpointing --out "$SITE/module"
-    wanted train_bench_zero2 && stage train_bench_zero2 150 "$PY" bench/train_bench.py "${MODULE_ARGS[@]}" --docs dpr \
+    wanted train_bench_zero2 && stage train_bench_zero2 150 "$PY" bench/train_bench.py "${MB_ARGS[@]}" --docs dpr \
         --paths sdpa --zero-stage 2 --no-compare-checkpointing --out "$SITE/zero2"
     wanted train_bench_long && stage train_bench_long 150 "$PY" bench/train_bench.py "${LONG_ARGS[@]}" \
         --docs chunks --no-compare-checkpointing --no-compare-fused --out "$SITE/long"

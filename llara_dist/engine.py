@@ -266,7 +266,13 @@ def build_engine(model, train, ds_config: dict):
     if train.lora_r:
         model = apply_lora(model, train)
     if train.zero3_layer_gather is not False and train.zero_stage == 3:  # unset: on (the task may turn it off)
-        gather_by_layer(model, required=train.zero3_layer_gather is True)
+        layers = gather_by_layer(model, required=train.zero3_layer_gather is True)
+        zero = ds_config["zero_optimization"]
+        if layers and not {"stage3_prefetch_bucket_size", "prefetch_bucket_size"} & zero.keys():
+            # prefetch the next layer whole, as FSDP prefetches its next unit: DeepSpeed's default
+            # (5e7 elements) was sized for one linear at a time, a quarter of a 7B layer
+            zero["stage3_prefetch_bucket_size"] = max(sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters())
+                                                      for layer in layers)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def scheduler(optimizer):

@@ -467,8 +467,16 @@ def _gathering_worker(rank, world, port, paths, out):
                                 for _ in range(3)],
                      "leaves": [z3_leaf_module(m) for m in layers],
                      "partitioned": sum(hasattr(p, "ds_id") for p in engine.module.parameters()),
+                     "prefetch": engine.zero_prefetch_bucket_size(),
+                     "layer_numel": sum(p.ds_numel for p in layers[0].parameters()) if stage == 3 else None,
                      "hooked_linears": sum(bool(m._forward_pre_hooks) for m in layers.modules()
                                            if isinstance(m, torch.nn.Linear))}
+    train = TrainConfig(global_batch=2 * world, micro_batch=1, deepspeed={"zero_optimization": {
+        "stage3_prefetch_bucket_size": 12345}})  # the user's prefetch stays
+    ds = deepspeed_config(train, batch_plan(2 * world, 1, world), torch.float32)
+    with zero3_loading(ds):
+        _, _, model, _ = setup("released", tokenizer_dir, tiny_llama_dir)
+    got["user_prefetch"] = build_engine(model.train(), train, ds).zero_prefetch_bucket_size()
     torch.save(got, out)
 
 
@@ -485,6 +493,9 @@ def test_gathering_by_layer_or_zero2_trains_the_same(tmp_path, run_ranks, tokeni
     assert layer["leaves"] == [True] * len(layer["leaves"]) and layer["hooked_linears"] == 0
     assert module["partitioned"] == layer["partitioned"] > 0 and zero2["partitioned"] == 0
     assert zero2["hooked_linears"] == 0 and not any(zero2["leaves"])
+    # ZeRO-3 prefetches a whole layer ahead when it gathers by layer, else DeepSpeed's default (5e7)
+    assert layer["prefetch"] == layer["layer_numel"] > 0 and module["prefetch"] == 50_000_000
+    assert run["user_prefetch"] == 12345
     for other in (layer, zero2):
         assert other["losses"][0] == module["losses"][0]
         assert other["losses"] == pytest.approx(module["losses"], rel=1e-6, abs=0)
