@@ -7,8 +7,8 @@ The `host` shape of bench/train_bench.py has LLaMA's modules at hidden 32: next 
 a step's time is the host's own work (Python, the dispatcher, DeepSpeed's ZeRO-3 hooks and, on a GPU,
 kernel launches), the same work per layer as at hidden 4096. Each variant runs train_bench (dpr,
 our sdpa path and the baseline, the real ZeRO-3 engine) in a fresh process, since ZeRO-3 installs
-its hooks once per engine, at two depths; rounds alternate the variants so that a noisy machine
-spreads over all. A variant's host time per layer and micro-batch is the slope between the depths:
+its hooks once per engine, at two depths; rounds alternate the variants and each figure is the best
+round's (a busy machine only adds time). Host time per layer and micro-batch: the slope between depths:
 
     module   DeepSpeed's ZeRO-3 default: a gather/release hook pair at every module (each linear, norm)
     layer    train.zero3_layer_gather (the trainer's default): one hook pair per decoder layer (FSDP's unit)
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,27 +44,32 @@ def run_bench(device: str, layers: int, extra: list[str], steps: int, out: Path)
 
 
 def summarise(samples: dict, depths: tuple[int, int], micro_batches: int) -> list[dict]:
-    """Per variant and config: median step seconds at each depth over the rounds, and the slope as
-    host milliseconds per decoder layer per micro-batch (forward, backward and the optimizer's share)."""
+    """Per variant and config: the step seconds at each depth, the least over the rounds (a busy machine
+    only adds time; each round's figure is the median of its steps); the slope as host
+    milliseconds per decoder layer per micro-batch (forward, backward and the optimizer's share), and
+    what is left at no layers per micro-batch (embedding, LM head, loss, the step's epilogue)."""
     lo, hi = depths
     rows = []
     for variant in VARIANTS:
         for config in CONFIGS:
-            at = {d: statistics.median(s[config] for s in samples[variant][d]) for d in depths}
+            at = {d: min(s[config] for s in samples[variant][d]) for d in depths}
+            per_layer = (at[hi] - at[lo]) / (hi - lo)  # seconds per layer per step
             rows.append({"variant": variant, "config": config, "step_s": at,
-                         "ms_per_layer": (at[hi] - at[lo]) / (hi - lo) / micro_batches * 1e3})
+                         "ms_per_layer": per_layer / micro_batches * 1e3,
+                         "ms_outside_layers": (at[lo] - lo * per_layer) / micro_batches * 1e3})
     return rows
 
 
 def markdown(report: dict) -> str:
     lo, hi = report["depths"]
     lines = [f"Host time of a training step, `host` shape (hidden 32), {report['device']}, "
-             f"{report['micro_batches']} micro-batches of 4 rows of 256, median of {report['rounds']} rounds "
-             f"of {report['steps']} steps", "",
-             f"| variant | config | step s, {lo} layers | step s, {hi} layers | host ms per layer per micro-batch |",
-             "|---|---|---|---|---|"]
+             f"{report['micro_batches']} micro-batches of 4 rows of 256, best of {report['rounds']} rounds "
+             f"(each the median of {report['steps']} steps)", "",
+             f"| variant | config | step s, {lo} layers | step s, {hi} layers | host ms per layer per micro-batch "
+             "| host ms per micro-batch outside the layers |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['config']} | {r['step_s'][lo]:.3f} | {r['step_s'][hi]:.3f} | "
-              f"{r['ms_per_layer']:.2f} |" for r in report["rows"]]
+              f"{r['ms_per_layer']:.2f} | {r['ms_outside_layers']:.1f} |" for r in report["rows"]]
     by = {(r["variant"], r["config"]): r["ms_per_layer"] for r in report["rows"]}
     lines += [""] + [f"- {c}: host time per layer, against ZeRO-3 gathering by module: by layer "
                      f"{by[('layer', c)] / by[('module', c)]:.2f}x, ZeRO-2 {by[('zero2', c)] / by[('module', c)]:.2f}x"
