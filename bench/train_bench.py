@@ -6,6 +6,9 @@
     DS_ACCELERATOR=cpu python bench/train_bench.py --shape tiny --device cpu --out /tmp/train_bench
     # real documents instead of drawn lengths (a prep output folder; ids must fit the vocabulary)
     python bench/train_bench.py --shards path/to/shards ...
+    # how the engine holds the weights: ZeRO-3 by decoder layer (the trainer's default), by module,
+    # or ZeRO-2; `--shape host` (no arithmetic to speak of) times the host alone: bench/host_overhead.py
+    python bench/train_bench.py --no-zero3-layer-gather ... | --zero-stage 2 ...
 
 Every configuration runs full training steps (forward, backward, AdamW step) through the
 real DeepSpeed ZeRO-3 engine (world 1) of ONE model, and every one is fed the same

@@ -271,8 +271,8 @@ def build_engine(model, train, ds_config: dict):
         if layers and not {"stage3_prefetch_bucket_size", "prefetch_bucket_size"} & zero.keys():
             # prefetch the next layer whole, as FSDP prefetches its next unit: DeepSpeed's default
             # (5e7 elements) was sized for one linear at a time, a quarter of a 7B layer
-            zero["stage3_prefetch_bucket_size"] = max(sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters())
-                                                      for layer in layers)
+            numel = [sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters()) for layer in layers]
+            zero["stage3_prefetch_bucket_size"] = max(numel)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def scheduler(optimizer):
@@ -290,8 +290,9 @@ def gather_by_layer(model, required: bool = True) -> list:
     one per linear and norm inside it (on the H200 bench those per-module backward hooks took ~55 ms
     of a ~350 ms profiled step on the host, which the GPU waited for). Each layer must run once per
     backward: DeepSpeed reduces a leaf module's gradients when its backward ends (finetune runs the
-    layers twice and gathers per module). Call before deepspeed.initialize, which installs the hooks. Returns the flagged layers: none, for a model that
-    names no layer class, unless `required` (then that is an error)."""
+    layers twice and gathers per module). Call before deepspeed.initialize, which installs the hooks.
+    Returns the flagged layers: none for a model that names no layer class, unless `required` (then
+    that is an error)."""
     from deepspeed.utils import set_z3_leaf_modules
 
     names = next((m._no_split_modules for m in model.modules() if getattr(m, "_no_split_modules", None)), None)
