@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issues 3 and 6): one H100, under 8 minutes, the most valuable figures first.
 #   1. bench/train_bench.py: end-to-end ZeRO-3 training steps, ours vs the released way, a profile of
-#      each configuration, activation checkpointing and fused ops on the best path (issue 6)
+#      each configuration, activation checkpointing, fused ops and compiled layers on the best path (issue 6)
 #   2. the same at twice the micro-batch (dpr, sdpa): what a step costs the host per micro-batch
 #   3. the first stage's dpr with DeepSpeed's ZeRO-3 gathering per module, not per decoder layer
 #      (train.zero3_layer_gather=false): what gathering by layer saves
@@ -126,7 +126,7 @@ if [ $HAVE_DS = 1 ]; then
     rm -f "$OUT/train_bench/bench.md"  # in its log (8 files come back)
     # the tables are at the end of their logs; their JSON stays behind
     wanted train_bench_mb16 && stage train_bench_mb16 150 "$PY" bench/train_bench.py "${MB_ARGS[@]}" --docs dpr \
-        --paths sdpa --no-compare-checkpointing --out "$SITE/mb16"
+        --paths sdpa --no-compare-checkpointing --no-compare-compiled --out "$SITE/mb16"
     wanted train_bench_module && stage train_bench_module 150 "$PY" bench/train_bench.py "${MODULE_ARGS[@]}" --docs dpr \
         --paths sdpa --no-zero3-layer-gather --no-compare-checkpointing --out "$SITE/module"
     wanted train_bench_zero2 && stage train_bench_zero2 150 "$PY" bench/train_bench.py "${MB_ARGS[@]}" --docs dpr \
@@ -135,7 +135,7 @@ if [ $HAVE_DS = 1 ]; then
         --docs chunks --no-compare-checkpointing --no-compare-fused --out "$SITE/long"
     wanted train_bench_deep && stage train_bench_deep 200 "$PY" bench/train_bench.py "${DEEP_ARGS[@]}" \
         --docs dpr --no-compare-checkpointing --out "$SITE/deep"
-    wanted host_overhead && stage host_overhead 150 "$PY" bench/host_overhead.py "${HOST_ARGS[@]}" --out "$SITE/host"
+    wanted host_overhead && stage host_overhead 200 "$PY" bench/host_overhead.py "${HOST_ARGS[@]}" --out "$SITE/host"
 fi
 # 5. correctness of every path on the device; then, if named, the attention layer alone
 wanted doctor && stage doctor 150 "$PY" -m llara_dist doctor "${DOCTOR_ARGS[@]}"

@@ -11,7 +11,8 @@ its hooks once per engine, at two depths; rounds alternate the variants and each
 round's (a busy machine only adds time). Host time per layer and micro-batch: the slope between depths:
 
     module   DeepSpeed's ZeRO-3 default: a gather/release hook pair at every module (each linear, norm)
-    layer    train.zero3_layer_gather (the trainer's default): one hook pair per decoder layer (FSDP's unit)
+    layer    train.zero3_layer_gather (the trainer's default): one hook pair per decoder layer (FSDP's unit);
+             its `sdpa+compiled` row adds model.compile_layers, each layer's forward compiled whole
     zero2    train.zero_stage=2: ZeRO-2, the weights whole on every rank, nothing gathered
 
 Output: host_overhead.json and the Markdown table (also on stdout).
@@ -26,12 +27,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-VARIANTS = {"module": ["--no-zero3-layer-gather"], "layer": ["--zero3-layer-gather"], "zero2": ["--zero-stage", "2"]}
-CONFIGS = ("sdpa", "baseline")  # train_bench configurations read back: ours, and the released way
+VARIANTS = {"module": ["--no-zero3-layer-gather"], "layer": ["--zero3-layer-gather", "--compare-compiled"],
+            "zero2": ["--zero-stage", "2", "--no-compare-compiled"]}
+CONFIGS = ("sdpa", "baseline", "sdpa+compiled")  # train_bench rows read back: ours, the released way
 
 
 def run_bench(device: str, layers: int, extra: list[str], steps: int, out: Path) -> dict[str, float]:
-    """One train_bench process: median step seconds of each of CONFIGS."""
+    """One train_bench process: median step seconds of each of CONFIGS that it ran."""
     cmd = [sys.executable, str(Path(__file__).with_name("train_bench.py")), "--shape", "host", "--device", device,
            "--layers", str(layers), "--seq-len", "256", "--rows", "8", "--micro-batch", "4", "--docs", "dpr",
            "--paths", "sdpa", "--steps", str(steps), "--no-compare-checkpointing", "--no-compare-fused",
@@ -51,7 +53,7 @@ def summarise(samples: dict, depths: tuple[int, int], micro_batches: int) -> lis
     lo, hi = depths
     rows = []
     for variant in VARIANTS:
-        for config in CONFIGS:
+        for config in (c for c in CONFIGS if c in samples[variant][lo][0]):
             at = {d: min(s[config] for s in samples[variant][d]) for d in depths}
             per_layer = (at[hi] - at[lo]) / (hi - lo)  # seconds per layer per step
             rows.append({"variant": variant, "config": config, "step_s": at,
@@ -73,7 +75,10 @@ def markdown(report: dict) -> str:
     by = {(r["variant"], r["config"]): r["ms_per_layer"] for r in report["rows"]}
     lines += [""] + [f"- {c}: host time per layer, against ZeRO-3 gathering by module: by layer "
                      f"{by[('layer', c)] / by[('module', c)]:.2f}x, ZeRO-2 {by[('zero2', c)] / by[('module', c)]:.2f}x"
-                     for c in CONFIGS]
+                     for c in ("sdpa", "baseline")]
+    if ("layer", "sdpa+compiled") in by:
+        ratio = by[("layer", "sdpa+compiled")] / by[("module", "sdpa")]
+        lines.append(f"- sdpa with compiled layers (gathering by layer): {ratio:.2f}x")
     return "\n".join(lines) + "\n"
 
 

@@ -46,7 +46,9 @@ its step time and peak memory against the same path without. Then, on CUDA by de
 --compare-fused: compiling takes a while there), the same path with model.fused_ops (config
 `<path>+fused`: llara_dist.fused patched into the engine's modules, taken off again after): its
 loss with and without the fused ops at the same weights must agree (else that row fails), then its
-step time and peak memory, the first step compiling (a warm-up step). Output: bench.json and bench.md in
+step time and peak memory, the first step compiling (a warm-up step). The same again with
+model.compile_layers (`<path>+compiled`: each decoder layer's forward compiled whole; --compare-compiled
+on CPU; only where no ZeRO-3 hook is inside a layer). Output: bench.json and bench.md in
 --out, rewritten after every configuration (a run cut short keeps what it measured), the table
 on stdout; with --profile a torch.profiler top-25 operator table per configuration of the first
 workload (all in profile.txt), each headed by the profiled step's wall time and the device's
@@ -259,12 +261,12 @@ def docs_hash(batches: list) -> str:
 
 
 def run_config(engine, name: str, path: str, micro: list, preset, objective, args, device,
-               profile: Path | None = None, checkpointing: bool = False, fused_ops: bool = False) -> dict:
+               profile: Path | None = None, checkpointing: bool = False, fused: str = "") -> dict:
     """Warm-up steps, then --steps timed optimizer steps over the same micro-batches."""
     set_attention(engine, path, device)
     set_checkpointing(engine, checkpointing)
-    set_fused(engine, False)
-    fused_gap = fused_loss_gap(engine, micro, preset, objective, args.loss_rtol) if fused_ops else None
+    set_fused(engine, "")
+    fused_gap = fused_loss_gap(engine, micro, preset, objective, args.loss_rtol, fused) if fused else None
     for _ in range(args.warmup):
         train_step(engine, micro, preset, 1, objective)
     sync(device)
@@ -290,7 +292,7 @@ def run_config(engine, name: str, path: str, micro: list, preset, objective, arg
         "text_tokens_per_s": text / step_s, "docs_per_s": sum(b.num_docs for b in micro) / step_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
         "loss": result["loss"], "checkpointing": checkpointing,
-        "fused_ops": fused_ops, "fused_loss_gap": fused_gap,
+        "fused_ops": fused == "ops", "compiled_layers": fused == "layers", "fused_loss_gap": fused_gap,
         "syncs_per_step": None if syncs is None else sum(syncs.values()), "sync_sites": syncs,
     }
 
@@ -359,21 +361,23 @@ def set_checkpointing(engine, on: bool) -> None:
         (getattr(core, "activation_checkpointing_disable", None) or core.gradient_checkpointing_disable)()
 
 
-def set_fused(engine, on: bool) -> None:
-    """model.fused_ops switched on a built engine, like checkpointing: the fused forwards patched into
-    its modules (llara_dist.fused), or taken off."""
-    (fused.patch if on else fused.unpatch)(engine)
+def set_fused(engine, what: str) -> None:
+    """Compiled forwards switched on a built engine, like checkpointing (llara_dist.fused): "ops"
+    (model.fused_ops), "layers" (model.compile_layers), or "" (none: HF's own forwards)."""
+    fused.unpatch(engine)
+    if what:
+        {"ops": fused.patch, "layers": fused.compile_layers}[what](engine)
 
 
-def fused_loss_gap(engine, micro, preset, objective, rtol: float) -> float:
-    """Switch the fused ops on, checked: the step's loss with and without them at the current weights
+def fused_loss_gap(engine, micro, preset, objective, rtol: float, what: str) -> float:
+    """Switch `what` (set_fused) on, checked: the step's loss with and without at the current weights
     (same documents) must agree within rtol. Returns their relative gap."""
     eager = eval_loss(engine, micro, preset, objective)
-    set_fused(engine, True)
+    set_fused(engine, what)
     got = eval_loss(engine, micro, preset, objective)
     gap = abs(got - eager) / abs(eager)
     if not gap <= rtol:
-        raise RuntimeError(f"the fused ops changed the loss at the same weights: {got:.6f}, eager {eager:.6f} "
+        raise RuntimeError(f"compiled {what} changed the loss at the same weights: {got:.6f}, eager {eager:.6f} "
                            f"(rtol {rtol})")
     return gap
 
@@ -442,6 +446,9 @@ def main(argv=None) -> int:
     p.add_argument("--compare-fused", action=argparse.BooleanOptionalAction, default=None,
                    help="run the fastest of our paths on the first workload once more with model.fused_ops "
                         "(default: on CUDA only; on CPU compiling costs about a minute)")
+    p.add_argument("--compare-compiled", action=argparse.BooleanOptionalAction, default=None,
+                   help="and once more with model.compile_layers (default: on CUDA only, where no ZeRO-3 hook "
+                        "is inside a layer: gathering by layer or ZeRO-2)")
     p.add_argument("--profile", action="store_true",
                    help="profile one more step of each configuration of the first workload (profile.txt)")
     p.add_argument("--loss-rtol", type=float, default=0.0, help="loss agreement bound (0: 1e-4 fp32, 2e-2 bf16)")
@@ -516,30 +523,33 @@ def main(argv=None) -> int:
         first.append(measure(engine, loads[0].name, f"{fastest['config']}+ckpt", fastest["path"], loads[0].packed,
                              preset, objs["ours"], args, device, fastest["loss_at_start"], checkpointing=True))
         save(report, first, loads[0].name, hf_config, table_peak, matmul_peak, out)
-    if (device.type == "cuda" if args.compare_fused is None else args.compare_fused) and fastest is not None:
-        first.append(measure(engine, loads[0].name, f"{fastest['config']}+fused", fastest["path"], loads[0].packed,
-                             preset, objs["ours"], args, device, fastest["loss_at_start"], fused_ops=True,
-                             profile=out / "profile.txt" if args.profile else None))
-        set_fused(engine, False)  # the engine as it was
-        save(report, first, loads[0].name, hf_config, table_peak, matmul_peak, out)
+    hookless_layers = args.zero3_layer_gather or args.zero_stage == 2  # model.compile_layers can trace them
+    for variant, what, wanted in (("fused", "ops", args.compare_fused), ("compiled", "layers", args.compare_compiled)):
+        if (device.type == "cuda" if wanted is None else wanted) and fastest is not None \
+                and (what != "layers" or hookless_layers):
+            first.append(measure(engine, loads[0].name, f"{fastest['config']}+{variant}", fastest["path"],
+                                 loads[0].packed, preset, objs["ours"], args, device, fastest["loss_at_start"],
+                                 fused=what, profile=out / "profile.txt" if args.profile else None))
+            set_fused(engine, "")  # the engine as it was
+            save(report, first, loads[0].name, hf_config, table_peak, matmul_peak, out)
     failed = any("error" in r for w in report["workloads"] for r in w["results"])
     print(markdown(report))
     return 1 if failed else 0
 
 
 def measure(engine, docs: str, cname: str, path: str, micro: list, preset, obj, args, device, start,
-            profile: Path | None = None, checkpointing: bool = False, fused_ops: bool = False) -> dict:
+            profile: Path | None = None, checkpointing: bool = False, fused: str = "") -> dict:
     """run_config's result, or {config, path, error} if it failed: one failing path must not lose the others'."""
     try:
         if isinstance(start, str):
             raise RuntimeError(start)
-        r = run_config(engine, cname, path, micro, preset, obj, args, device, profile, checkpointing, fused_ops)
+        r = run_config(engine, cname, path, micro, preset, obj, args, device, profile, checkpointing, fused)
     except Exception as e:  # noqa: BLE001 - reported in the table
         traceback.print_exc()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return {"config": cname, "path": path, "checkpointing": checkpointing, "fused_ops": fused_ops,
-                "error": f"{type(e).__name__}: {e}"}
+        return {"config": cname, "path": path, "checkpointing": checkpointing, "fused_ops": fused == "ops",
+                "compiled_layers": fused == "layers", "error": f"{type(e).__name__}: {e}"}
     sites = sorted((r["sync_sites"] or {}).items(), key=lambda kv: -kv[1])
     print(f"{docs} {cname}: {r['step_s']:.3f} s/step" + (f"; host syncs {dict(sites)}" if sites else ""),
           file=sys.stderr, flush=True)
@@ -554,7 +564,7 @@ def save(report: dict, results: list, name: str, hf_config, table_peak, matmul_p
 
 
 VARIANTS = {"ckpt": "activation checkpointing", "fused": "fused ops",  # <path>+variant rows
-            "dswait": "DeepSpeed's host wait at each gather"}
+            "compiled": "compiled layers", "dswait": "DeepSpeed's host wait at each gather"}
 
 
 def fastest_ours(results: list) -> dict | None:
@@ -653,7 +663,8 @@ def markdown(report: dict) -> str:
                 lines.append(f"- {w['docs']}: {what} on {r['path']}: "
                              f"{r['step_s'] / plain['step_s']:.2f}x the step time, peak memory "
                              f"{gib(r['peak_mem_gib'])} (without: {gib(plain['peak_mem_gib'])})"
-                             + (f"; loss {r['fused_loss_gap']:.1e} from eager's" if r.get("fused_ops") else ""))
+                             + (f"; loss {r['fused_loss_gap']:.1e} from eager's"
+                                if r.get("fused_loss_gap") is not None else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -90,6 +90,9 @@ def hf_name(kernel: str) -> str:
 
 def _hf_attention(kernel: str):
     mod = KERNELS[kernel]
+    # varlen's layout carries its longest sequences as Python ints, on which a compiled caller
+    # (model.compile_layers) would specialise, compiling again at each new length: it runs eagerly
+    attend = torch.compiler.disable(mod.attend) if kernel == "varlen" else mod.attend
 
     def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                   llara_mask: LlaraMask | None = None, **kwargs):
@@ -99,7 +102,7 @@ def _hf_attention(kernel: str):
                              "through llara_dist.modeling.forward_hidden (or set a standard attn_implementation)")
         if llara_mask.path != kernel:
             raise ValueError(f"mask prepared for {llara_mask.path!r} given to the {kernel!r} kernel")
-        out = mod.attend(query, key, value, llara_mask.payload, scaling, dropout)
+        out = attend(query, key, value, llara_mask.payload, scaling, dropout)
         return out.transpose(1, 2).contiguous(), None
 
     return attention

@@ -261,6 +261,9 @@ class ModelConfig:
     fused_ops: bool | None = opt(None, "compiled fused RMSNorm, SwiGLU product and RoPE in the decoder layers "
                                        "(llara_dist.fused; same math, compiles at the first step); "
                                        "default: on for a GPU, off on the CPU (compiling costs more than it saves)")
+    compile_layers: bool = opt(False, "torch.compile each decoder layer's forward whole (llara_dist.fused; fewer "
+                                      "kernels, less host time per layer); needs ZeRO-3 gathering by layer or "
+                                      "ZeRO-2: no hooks inside a layer")
 
     def check(self) -> list[str]:
         out = []
@@ -361,6 +364,17 @@ class RunConfig:
     model: ModelConfig = opt(ModelConfig(), "model")
     train: TrainConfig = opt(TrainConfig(), "optimisation")
 
+    def check(self) -> list[str]:
+        return compile_layers_problems(self.model, self.train, per_module=self.train.zero3_layer_gather is False)
+
+
+def compile_layers_problems(model: ModelConfig, train: TrainConfig, per_module: bool) -> list[str]:
+    """model.compile_layers needs a layer without hooks inside: not ZeRO-3 gathering per module."""
+    if model.compile_layers is True and train.zero_stage == 3 and per_module:
+        return ["model.compile_layers: ZeRO-3 gathers per module here, and compiling a layer would trace the "
+                "hooks inside it; set train.zero3_layer_gather (pretraining) or train.zero_stage=2"]
+    return []
+
 
 @dataclass
 class FinetuneConfig:
@@ -416,4 +430,4 @@ class FinetuneRunConfig:
         if self.train.zero3_layer_gather is True:  # DeepSpeed reduces a leaf module's gradients at its first backward
             out.append("train.zero3_layer_gather: fine-tuning runs each decoder layer twice per backward (queries, "
                        "then passages), which ZeRO-3's gathering by layer cannot reduce; leave it unset or false")
-        return out
+        return out + compile_layers_problems(self.model, self.train, per_module=True)  # finetune: per module

@@ -295,13 +295,15 @@ def gather_by_layer(model, required: bool = True) -> list:
     that is an error)."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    names = next((m._no_split_modules for m in model.modules() if getattr(m, "_no_split_modules", None)), None)
+    from llara_dist.modeling import layer_classes
+
+    names = layer_classes(model)
     if not names:
         if not required:
             return []
         raise ValueError(f"train.zero3_layer_gather: {type(model).__name__} names no decoder layer class "
                          f"(_no_split_modules)")
-    return set_z3_leaf_modules(model, list(names))
+    return set_z3_leaf_modules(model, names)
 
 
 def skip_local_gather_syncs() -> None:

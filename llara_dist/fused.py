@@ -1,8 +1,10 @@
 """Fused elementwise ops for LLaMA-style decoder layers (`model.fused_ops`): compiled pure functions.
+And whole decoder layers compiled (`model.compile_layers`).
 
     from llara_dist import fused
-    fused.patch(model)      # every RMSNorm, MLP activation product and rotary embedding; a model or an engine
-    fused.unpatch(model)    # back to the classes' own forwards
+    fused.patch(model)           # every RMSNorm, MLP activation product and rotary embedding; a model or an engine
+    fused.compile_layers(model)  # every decoder layer's forward, whole
+    fused.unpatch(model)         # back to the classes' own forwards (both)
 
 Between the matmuls of a decoder layer, HF's eager code runs memory-bound elementwise work as
 separate kernels, each a full pass over the activations: RMSNorm (fp32 upcast, pow, mean, rsqrt,
@@ -141,6 +143,35 @@ def patch(model) -> int:
     for module, fn in plan:
         module.forward = types.MethodType(fn, module)  # an instance attribute: the class stays HF's
     return len(plan)
+
+
+def compile_layers(model) -> int:
+    """Each decoder layer's forward compiled whole, as torchtitan compiles each block: the layer's
+    norms, projections, RoPE, attention and MLP become one graph (fewer kernels, no Python per op).
+    Only the forward of each layer instance is replaced, so its `__call__` and its hooks run as
+    before; but nothing inside a layer may have hooks, since the compiled code would trace them:
+    ZeRO-3 must gather by layer (`train.zero3_layer_gather`), or run ZeRO-2. One compiled forward
+    per layer class, shared by its layers; shapes as in `compiled`. Returns how many layers."""
+    from llara_dist.modeling import layer_classes
+
+    names = layer_classes(model)
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"model.compile_layers: {type(model).__name__} names no decoder layer class "
+                         f"(_no_split_modules)")
+    hooked = [f"{type(m).__name__} in {type(layer).__name__}" for layer in layers for m in layer.modules()
+              if m is not layer and (m._forward_pre_hooks or m._forward_hooks)]
+    if hooked:
+        raise ValueError(f"model.compile_layers: modules inside the decoder layers have hooks ({hooked[0]}, ...), "
+                         f"which compiling would trace: ZeRO-3 must gather by layer (train.zero3_layer_gather)")
+    for layer in layers:
+        layer.forward = types.MethodType(_compiled_forward(type(layer)), layer)
+    return len(layers)
+
+
+@functools.cache
+def _compiled_forward(cls):
+    return _ours(torch.compile(cls.forward, dynamic=None))
 
 
 def unpatch(model) -> int:

@@ -59,6 +59,10 @@ def load_model(model_cfg, tokenizer, preset: Preset, device: torch.device | str 
         model.resize_token_embeddings(len(tokenizer))
     set_attention(model, model_cfg.attn, device)
     apply_fused_ops(model, model_cfg.fused_ops, device)
+    if model_cfg.compile_layers:
+        from llara_dist import fused
+
+        fused.compile_layers(model)
     return model
 
 
@@ -79,6 +83,11 @@ def apply_fused_ops(model, requested: bool | None, device: torch.device) -> bool
         print(f"{e}; running HF's own ops (model.fused_ops=false silences this)", file=sys.stderr)
         return False
     return True
+
+
+def layer_classes(model) -> list[str]:
+    """Names of the model's decoder layer classes (its `_no_split_modules`, the unit FSDP wraps); [] if none."""
+    return next((list(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), [])
 
 
 def set_attention(model, path: str, device: torch.device | str) -> None:

@@ -10,6 +10,7 @@ input's dtype) only shows in bf16: the GPU bench checks that loss against eager'
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -161,8 +162,10 @@ def test_unknown_models_are_refused():
 
 
 def _zero3_worker(rank, world, port, paths, out):
-    """One ZeRO-3 engine (world 1) over a model loaded with fused_ops: loss and gradients with the
-    fused ops taken off, then on, then a real training step with them on."""
+    """One ZeRO-3 engine (world 1, every weight partitioned, gathered by layer) over a model loaded with
+    fused_ops: loss and gradients with the fused ops taken off, then on, then with whole layers compiled
+    (model.compile_layers), then a real training step with the fused ops on. Then a second engine that
+    gathers per module, where compiling a layer is refused."""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -176,15 +179,18 @@ def _zero3_worker(rank, world, port, paths, out):
 
     init_distributed(dist_env(), timeout_s=60)
     tokenizer_dir, tiny_llama_dir, shared_data = paths
-    train = TrainConfig(global_batch=2, micro_batch=1, lr=1e-3, warmup_steps=0)
+    # every weight partitioned (DeepSpeed keeps those under 1e5 elements whole): gathered and released
+    train = TrainConfig(global_batch=2, micro_batch=1, lr=1e-3, warmup_steps=0,
+                        deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     ds = deepspeed_config(train, BatchPlan(2, 1, 2, 1), torch.float32)
     with zero3_loading(ds):
         tok, preset, model, prompt = _setup(tokenizer_dir, tiny_llama_dir, True)
     engine = build_engine(model, train, ds)
     micro = _micro_batches(tok, prompt, shared_data)
     runs = {}
-    for name, on in (("eager", False), ("fused", True)):
-        (fused.patch if on else fused.unpatch)(engine)
+    for name, switch in (("eager", fused.unpatch), ("fused", fused.patch), ("compiled", fused.compile_layers)):
+        fused.unpatch(engine)
+        switch(engine)
         loss, _ = combine(loss_sums(engine, micro[0], preset), batch_counts(micro[0], preset), preset,
                           as_floats=False)
         engine.backward(loss, scale_wrt_gas=False)
@@ -199,17 +205,46 @@ def _zero3_worker(rank, world, port, paths, out):
     before = safe_get_full_fp32_param(engine.module.lm_head.weight).clone()
     runs["step"] = train_step(engine, micro, preset, 1, objective)  # fused: both micro-batches, the AdamW step
     runs["moved"] = float((safe_get_full_fp32_param(engine.module.lm_head.weight) - before).abs().max())
+    per_module = dataclasses.replace(train, zero3_layer_gather=False)
+    with zero3_loading(ds):
+        _, _, model, _ = _setup(tokenizer_dir, tiny_llama_dir, False)
+    try:
+        fused.compile_layers(build_engine(model, per_module, ds))
+    except ValueError as e:
+        runs["refused"] = str(e)
     torch.save(runs, out)
 
 
 @pytest.mark.slow
-def test_zero3_training_step_with_fused_ops(run_ranks, tokenizer_dir, tiny_llama_dir, shared_data, tmp_path):
+def test_zero3_training_step_with_fused_ops_or_compiled_layers(run_ranks, tokenizer_dir, tiny_llama_dir, shared_data, tmp_path):
     runs = run_ranks(_zero3_worker, 1, (tokenizer_dir, tiny_llama_dir, shared_data), tmp_path / "runs.pt")
-    eager, got = runs["eager"], runs["fused"]
-    assert got["loss"] == pytest.approx(eager["loss"], rel=RTOL)
+    eager = runs["eager"]
     assert len(eager["grads"]) > 10
-    for name, g in eager["grads"].items():
-        assert g.abs().max() > 0, name
-        _close(got["grads"][name], g, name)
+    for got in (runs["fused"], runs["compiled"]):
+        assert got["loss"] == pytest.approx(eager["loss"], rel=RTOL)
+        for name, g in eager["grads"].items():
+            assert g.abs().max() > 0, name
+            _close(got["grads"][name], g, name)
     assert runs["step"]["loss"] == pytest.approx(runs["eager_step_loss"], rel=RTOL)
     assert runs["moved"] > 0  # the optimizer stepped
+    assert "model.compile_layers: modules inside the decoder layers have hooks" in runs["refused"]
+
+
+def test_compile_layers_needs_layers_without_hooks_inside(tokenizer_dir, tiny_llama_dir):
+    """model.compile_layers: refused where ZeRO-3 gathers per module (pretraining told so, fine-tuning
+    under ZeRO-3); at load, every decoder layer's forward is the compiled one, which unpatch takes off."""
+    from llara_dist.config import ConfigError, FinetuneRunConfig, ObjectiveConfig, RunConfig, load_config
+    from llara_dist.prompts import resolve_preset
+    from llara_dist.tokenizer import load_tokenizer
+
+    with pytest.raises(ConfigError, match="model.compile_layers: ZeRO-3 gathers per module here"):
+        load_config(RunConfig, None, ["model.compile_layers=true", "train.zero3_layer_gather=false"])
+    with pytest.raises(ConfigError, match="model.compile_layers: ZeRO-3 gathers per module here"):
+        load_config(FinetuneRunConfig, None, ["finetune.data=x", "model.compile_layers=true"])
+    load_config(FinetuneRunConfig, None, ["finetune.data=x", "model.compile_layers=true", "train.zero_stage=2"])
+    cfg = load_config(RunConfig, None, ["model.compile_layers=true", f"model.path={tiny_llama_dir}"]).model
+    model = load_model(cfg, load_tokenizer(tokenizer_dir), resolve_preset(ObjectiveConfig(preset="released")), "cpu")
+    layers = model.model.layers
+    assert all(getattr(layer.forward.__func__, "llara_fused", False) for layer in layers)
+    assert fused.unpatch(model) == len(layers) > 0
+    assert all("forward" not in layer.__dict__ for layer in layers)

@@ -296,7 +296,8 @@ def test_gpu_check_optional_stages_dry_run_on_cpu(tmp_path):
     host = (out / "host_overhead.txt").read_text()
     rows = [ln.split("|")[1:3] for ln in host.splitlines() if ln.startswith("| ")][1:]  # below the header
     assert [(v.strip(), c.strip()) for v, c in rows if not v.startswith("-")] == \
-        [(v, c) for v in ("module", "layer", "zero2") for c in ("sdpa", "baseline")]
+        [("module", "sdpa"), ("module", "baseline"), ("layer", "sdpa"), ("layer", "baseline"),
+         ("layer", "sdpa+compiled"), ("zero2", "sdpa"), ("zero2", "baseline")]
     assert "rows of 512, 1 micro-batches of 2 packed rows" in (out / "train_bench_long.txt").read_text()
     deep = (out / "train_bench_deep.txt").read_text()
     assert "4 layers of hidden 128" in deep and "| dpr (" in deep

@@ -68,7 +68,7 @@ def test_tiny_run_reports_equal_work(tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "bench" / "train_bench.py"), "--shape", "tiny", "--device", "cpu",
            "--seq-len", "256", "--rows", "4", "--micro-batch", "2", "--warmup", "0", "--steps", "1",
-           "--compare-fused", "--out", str(out)]
+           "--compare-fused", "--compare-compiled", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
@@ -80,11 +80,13 @@ def test_tiny_run_reports_equal_work(tmp_path):
     for w in report["workloads"]:
         rows = {r["config"]: r for r in w["results"]}
         # flex/varlen cannot train on CPU; the fastest of ours again with activation checkpointing, then with
-        # fused ops (first workload)
+        # fused ops, then with compiled layers (first workload)
         first = w["docs"] == "dpr"
-        assert list(rows) == ["baseline", "sdpa", "two-pass"] + (["sdpa+ckpt", "sdpa+fused"] if first else [])
-        assert [r["checkpointing"] for r in rows.values()] == [False, False, False] + [True, False] * first
-        assert [r["fused_ops"] for r in rows.values()] == [False, False, False] + [False, True] * first
+        assert list(rows) == ["baseline", "sdpa", "two-pass"] + (["sdpa+ckpt", "sdpa+fused", "sdpa+compiled"]
+                                                                 if first else [])
+        assert [r["checkpointing"] for r in rows.values()] == [False, False, False] + [True, False, False] * first
+        assert [r["fused_ops"] for r in rows.values()] == [False, False, False] + [False, True, False] * first
+        assert [r["compiled_layers"] for r in rows.values()] == [False] * 3 + [False, False, True] * first
         base = rows["baseline"]
         assert base["rows"] == base["docs"] == w["documents"]  # one document per sequence
         assert rows["sdpa"]["rows"] == 4 and rows["sdpa"]["micro_batches"] == base["micro_batches"] == 2
@@ -101,12 +103,13 @@ def test_tiny_run_reports_equal_work(tmp_path):
         assert rows["sdpa"]["slots"] == 4 * 256 and rows["sdpa"]["fill"] > base["fill"] * 0.5
     md = (out / "bench.md").read_text().splitlines()
     table = [ln for ln in md if ln.startswith("| dpr") or ln.startswith("| chunks")]
-    assert len(table) == 8 and all(ln.count("|") == 12 and ln.endswith("| n/a |") for ln in table)
+    assert len(table) == 9 and all(ln.count("|") == 12 and ln.endswith("| n/a |") for ln in table)
     assert sum(ln.startswith("- ") and "x the baseline" in ln for ln in md) == 2
-    ckpt, fast = report["workloads"][0]["results"][-2:]
-    assert 0 <= fast["fused_loss_gap"] <= 1e-4  # the fused ops' loss against eager's at the same weights
-    assert f"- dpr: fused ops on sdpa: {fast['step_s'] / rows_of(report, 'dpr')['sdpa']['step_s']:.2f}x the step " \
-           f"time, peak memory n/a (without: n/a); loss {fast['fused_loss_gap']:.1e} from eager's" in md
+    ckpt, *compiled = report["workloads"][0]["results"][-3:]
+    for r, what in zip(compiled, ("fused ops", "compiled layers")):
+        assert 0 <= r["fused_loss_gap"] <= 1e-4  # the loss against eager's at the same weights
+        assert f"- dpr: {what} on sdpa: {r['step_s'] / rows_of(report, 'dpr')['sdpa']['step_s']:.2f}x the step " \
+               f"time, peak memory n/a (without: n/a); loss {r['fused_loss_gap']:.1e} from eager's" in md
     assert f"- dpr: activation checkpointing on sdpa: {ckpt['step_s'] / rows_of(report, 'dpr')['sdpa']['step_s']:.2f}x " \
            "the step time, peak memory n/a (without: n/a)" in md
 
