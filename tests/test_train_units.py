@@ -433,8 +433,10 @@ def _step_worker(rank, world, port, paths, out):
 
 
 # how the engine holds the weights: ZeRO-3 gathering per module (DeepSpeed's way), per decoder layer
-# (train.zero3_layer_gather, the default), and ZeRO-2 (train.zero_stage=2: whole on every rank)
-GATHERINGS = {"module": (3, False), "layer": (3, True), "zero2": (2, True)}
+# (train.zero3_layer_gather, the default), the same with each layer compiled whole (model.compile_layers),
+# and ZeRO-2 (train.zero_stage=2: whole on every rank): (ZeRO stage, gather by layer, compile layers)
+GATHERINGS = {"module": (3, False, False), "layer": (3, True, False), "compiled": (3, True, True),
+              "zero2": (2, True, False)}
 
 
 def _gathering_worker(rank, world, port, paths, out):
@@ -443,7 +445,7 @@ def _gathering_worker(rank, world, port, paths, out):
     torch.set_num_threads(1)
     from deepspeed.utils import z3_leaf_module
 
-    from llara_dist import objective
+    from llara_dist import fused, objective
     from llara_dist.engine import build_engine, init_distributed, zero3_loading
     from llara_dist.train import train_step
     from test_parity import setup
@@ -451,7 +453,7 @@ def _gathering_worker(rank, world, port, paths, out):
     init_distributed(dist_env(), timeout_s=60)
     tokenizer_dir, tiny_llama_dir, shared_data = paths
     got = {}
-    for name, (stage, by_layer) in GATHERINGS.items():
+    for name, (stage, by_layer, compiled) in GATHERINGS.items():
         # every weight partitioned, however small (DeepSpeed keeps those under 1e5 elements whole)
         small = {"zero_optimization": {"stage3_param_persistence_threshold": 0}} if stage == 3 else {}
         train = TrainConfig(global_batch=2 * world, micro_batch=1, lr=1e-3, warmup_steps=0, zero_stage=stage,
@@ -461,6 +463,8 @@ def _gathering_worker(rank, world, port, paths, out):
         with zero3_loading(ds):
             tok, preset, model, prompt = setup("released", tokenizer_dir, tiny_llama_dir)
         engine = build_engine(model.train(), train, ds)
+        if compiled:
+            fused.compile_layers(engine)
         micro = _micro_batches(tok, prompt, shared_data)
         layers = engine.module.model.layers
         got[name] = {"losses": [train_step(engine, micro, preset, world, objective, lm_chunk=16)["loss"]
@@ -486,9 +490,10 @@ def test_gathering_by_layer_or_zero2_trains_the_same(tmp_path, run_ranks, tokeni
     """Two ranks. train.zero3_layer_gather: ZeRO-3 gathers each decoder layer at once (no hooks on the
     linears inside); train.zero_stage=2: nothing is partitioned nor hooked. Three optimizer steps give the
     losses of DeepSpeed's per-module gathering (the first bit for bit; then to fp32 rounding: the
-    gradients reach their buckets in another grouping, so the norm sums in another order)."""
+    gradients reach their buckets in another grouping, so the norm sums in another order); and with
+    each layer compiled whole over the weights ZeRO-3 gathers, to the compiled code's rounding."""
     run = run_ranks(_gathering_worker, 2, (tokenizer_dir, tiny_llama_dir, shared_data), tmp_path / "run.pt")
-    module, layer, zero2 = (run[name] for name in GATHERINGS)
+    module, layer, compiled, zero2 = (run[name] for name in GATHERINGS)
     assert module["leaves"] == [False] * len(module["leaves"]) and module["hooked_linears"] > 0
     assert layer["leaves"] == [True] * len(layer["leaves"]) and layer["hooked_linears"] == 0
     assert module["partitioned"] == layer["partitioned"] > 0 and zero2["partitioned"] == 0
@@ -499,6 +504,7 @@ def test_gathering_by_layer_or_zero2_trains_the_same(tmp_path, run_ranks, tokeni
     for other in (layer, zero2):
         assert other["losses"][0] == module["losses"][0]
         assert other["losses"] == pytest.approx(module["losses"], rel=1e-6, abs=0)
+    assert compiled["losses"] == pytest.approx(module["losses"], rel=1e-5, abs=0)
     assert module["losses"][2] < module["losses"][0]  # and it trains
 
 
