@@ -5,8 +5,8 @@
 #   2. the same at twice the micro-batch (dpr, sdpa): what a step costs the host per micro-batch
 #   3. the first stage's dpr with DeepSpeed's ZeRO-3 gathering per module, not per decoder layer
 #      (train.zero3_layer_gather=false): what gathering by layer saves
-#   4. stage 2's run with ZeRO-2 (train.zero_stage=2: weights whole, nothing gathered): the best MFU case
-#   5. llara-dist doctor on the GPU: every path, forward and backward in bf16 against fp32 sdpa
+#   4. llara-dist doctor on the GPU: every path, forward and backward in bf16 against fp32 sdpa
+#   5. stage 2's run with ZeRO-2 (train.zero_stage=2: weights whole, nothing gathered): the best MFU case
 #   (not run unless named in STAGES: train_bench_long, 480-word chunks in rows of 4096;
 #    train_bench_deep, dpr through 8 layers, sdpa against flex: attention's share nearer a full 7B's;
 #    host_overhead, bench/host_overhead.py: the host's time per decoder layer, by gathering;
@@ -28,7 +28,7 @@ DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-bench_out}
 PY=${PY:-python3}
 TOTAL_S=${TOTAL_S:-470}  # every stage ends by then; the rest of 8 minutes is start-up and slack
-STAGES=${STAGES:-train_bench train_bench_mb16 train_bench_module train_bench_zero2 doctor}
+STAGES=${STAGES:-train_bench train_bench_mb16 train_bench_module doctor train_bench_zero2}
 WHEELS=${WHEELS:-.whl}  # carried wheels of what the device image lacks (deepspeed, pydantic, ...)
 mkdir -p "$OUT"
 
@@ -117,7 +117,7 @@ stage() {
 }
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 
-# 1-4. ~2 + 3 x 1 minutes on one H100 (docs/PERFORMANCE.md, "Time budget"): the figures issue 6 owes
+# 1-3. ~2 + 2 x 1 minutes on one H100 (docs/PERFORMANCE.md, "Time budget"): the figures issue 6 owes
 if [ $HAVE_DS = 1 ]; then
     if wanted train_bench && ! stage train_bench 300 "$PY" bench/train_bench.py "${TRAIN_ARGS[@]}" \
             --out "$OUT/train_bench"; then  # cut short: the table so far, which its log ends without
@@ -129,7 +129,12 @@ if [ $HAVE_DS = 1 ]; then
         --paths sdpa --no-compare-checkpointing --no-compare-compiled --out "$SITE/mb16"
     wanted train_bench_module && stage train_bench_module 150 "$PY" bench/train_bench.py "${MODULE_ARGS[@]}" --docs dpr \
         --paths sdpa --no-zero3-layer-gather --no-compare-checkpointing --out "$SITE/module"
-    wanted train_bench_zero2 && stage train_bench_zero2 150 "$PY" bench/train_bench.py "${MB_ARGS[@]}" --docs dpr \
+fi
+# 4. correctness of every path on the device, before the stage that compiles most (if time runs out, it is cut)
+wanted doctor && stage doctor 150 "$PY" -m llara_dist doctor "${DOCTOR_ARGS[@]}"
+# 5. ZeRO-2 at 16 rows; then the stages run only when named
+if [ $HAVE_DS = 1 ]; then
+    wanted train_bench_zero2 && stage train_bench_zero2 200 "$PY" bench/train_bench.py "${MB_ARGS[@]}" --docs dpr \
         --paths sdpa --zero-stage 2 --no-compare-checkpointing --out "$SITE/zero2"
     wanted train_bench_long && stage train_bench_long 150 "$PY" bench/train_bench.py "${LONG_ARGS[@]}" \
         --docs chunks --no-compare-checkpointing --no-compare-fused --out "$SITE/long"
@@ -137,8 +142,6 @@ if [ $HAVE_DS = 1 ]; then
         --docs dpr --no-compare-checkpointing --out "$SITE/deep"
     wanted host_overhead && stage host_overhead 200 "$PY" bench/host_overhead.py "${HOST_ARGS[@]}" --out "$SITE/host"
 fi
-# 5. correctness of every path on the device; then, if named, the attention layer alone
-wanted doctor && stage doctor 150 "$PY" -m llara_dist doctor "${DOCTOR_ARGS[@]}"
 wanted attn_bench && stage attn_bench 150 "$PY" bench/attn_bench.py "${BENCH_ARGS[@]}"
 echo "== gpu_check status $status after ${SECONDS}s" | tee -a "$CHECK"
 exit $status

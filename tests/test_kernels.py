@@ -257,7 +257,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert [ln.split()[0].rstrip(":") for ln in check.splitlines()[1:7]] == \
         ["python", "triton", "tokenizers", "peft", "flash_attn", "deepspeed"]
     stages = [ln.split()[1] for ln in run.stdout.splitlines() if ln.startswith("== ") and "budget" in ln]
-    assert stages == ["train_bench", "train_bench_mb16", "train_bench_module", "train_bench_zero2", "doctor"]
+    assert stages == ["train_bench", "train_bench_mb16", "train_bench_module", "doctor", "train_bench_zero2"]
     assert [ln.split(":")[0] for ln in check.splitlines() if "exit status 0" in ln] == stages
     bench = json.loads((out / "train_bench" / "bench.json").read_text())
     assert [w["docs"] for w in bench["workloads"]] == ["dpr", "chunks"]
