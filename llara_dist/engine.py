@@ -293,17 +293,19 @@ def gather_by_layer(model, required: bool = True) -> list:
     layers twice and gathers per module). Call before deepspeed.initialize, which installs the hooks.
     Returns the flagged layers: none for a model that names no layer class, unless `required` (then
     that is an error)."""
-    from deepspeed.utils import set_z3_leaf_modules
+    from deepspeed.utils import set_z3_leaf_module
 
-    from llara_dist.modeling import layer_classes
+    from llara_dist.modeling import decoder_layers
 
-    names = layer_classes(model)
-    if not names:
+    layers = decoder_layers(model)
+    if not layers:
         if not required:
             return []
         raise ValueError(f"train.zero3_layer_gather: {type(model).__name__} names no decoder layer class "
                          f"(_no_split_modules)")
-    return set_z3_leaf_modules(model, names)
+    for layer in layers:
+        set_z3_leaf_module(layer, True)
+    return layers
 
 
 def skip_local_gather_syncs() -> None:

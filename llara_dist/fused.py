@@ -152,10 +152,9 @@ def compile_layers(model) -> int:
     before; but nothing inside a layer may have hooks, since the compiled code would trace them:
     ZeRO-3 must gather by layer (`train.zero3_layer_gather`), or run ZeRO-2. One compiled forward
     per layer class, shared by its layers; shapes as in `compiled`. Returns how many layers."""
-    from llara_dist.modeling import layer_classes
+    from llara_dist.modeling import decoder_layers
 
-    names = layer_classes(model)
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"model.compile_layers: {type(model).__name__} names no decoder layer class "
                          f"(_no_split_modules)")

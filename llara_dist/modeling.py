@@ -85,9 +85,11 @@ def apply_fused_ops(model, requested: bool | None, device: torch.device) -> bool
     return True
 
 
-def layer_classes(model) -> list[str]:
-    """Names of the model's decoder layer classes (its `_no_split_modules`, the unit FSDP wraps); [] if none."""
-    return next((list(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), [])
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's decoder layers: the modules of the classes its `_no_split_modules` names (the unit
+    FSDP wraps); [] if it names none."""
+    names = next((m._no_split_modules for m in model.modules() if getattr(m, "_no_split_modules", None)), ())
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def set_attention(model, path: str, device: torch.device | str) -> None:
