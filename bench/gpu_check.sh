@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issues 3 and 6): one H100, under 8 minutes, the most valuable figures first.
-#   1. bench/train_bench.py: end-to-end ZeRO-3 training steps, ours vs the released way, a profile of
-#      each configuration, activation checkpointing, fused ops and compiled layers on the best path (issue 6)
-#   2. the same at twice the micro-batch (dpr, sdpa): what a step costs the host per micro-batch
-#   3. the first stage's dpr with DeepSpeed's ZeRO-3 gathering per module, not per decoder layer
-#      (train.zero3_layer_gather=false): what gathering by layer saves
-#   4. llara-dist doctor on the GPU: every path, forward and backward in bf16 against fp32 sdpa
-#   5. stage 2's run with ZeRO-2 (train.zero_stage=2: weights whole, nothing gathered): the best MFU case
-#   (not run unless named in STAGES: train_bench_long, 480-word chunks in rows of 4096;
-#    train_bench_deep, dpr through 8 layers, sdpa against flex: attention's share nearer a full 7B's;
+#   1. train_bench: bench/train_bench.py, end-to-end ZeRO-3 training steps, ours vs the released way, a
+#      profile of each configuration, activation checkpointing, fused ops and compiled layers on the
+#      best path (issue 6)
+#   2. train_bench_deep: dpr through 8 layers in 16-row micro-batches, sdpa against flex, fused ops and
+#      compiled layers: the MFU headline (attention's share nearer a full 7B's), and whether compiled
+#      layers share one graph (the "graphs compiled" in its summary; 8 if each layer compiles its own)
+#   3. doctor: llara-dist doctor on the GPU, every path, forward and backward in bf16 against fp32 sdpa
+#   (not run unless named in STAGES: train_bench_mb16, stage 1's dpr at 16-row micro-batches;
+#    train_bench_module, stage 1's dpr with ZeRO-3 gathering per module (train.zero3_layer_gather=false);
+#    train_bench_zero2, train_bench_mb16 under ZeRO-2 (train.zero_stage=2);
+#    train_bench_long, 480-word chunks in rows of 4096;
 #    host_overhead, bench/host_overhead.py: the host's time per decoder layer, by gathering;
 #    attn_bench, bench/attn_bench.py: one LLaMA-2-7B attention layer (32 x 128), rows of 1024 with
 #    ~5 and ~1.5 documents: sdpa, flex, varlen, two-pass and the plain causal flash ceiling)
-# STAGES picks some (default: 1-5, in that order). check.txt holds the environment, each stage's
+# STAGES picks some (default: 1-3, in that order). check.txt holds the environment, each stage's
 # end and every failure. The device run brings back at most 8 files from $OUT, at most 2 folders
 # down: keep it that way (tests/test_kernels.py counts them). Each stage has a time cap and tees its output to $OUT as it goes (the train bench also writes its
 # JSON and table after every configuration), so a stage cut short keeps what it measured.
@@ -28,7 +30,7 @@ DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-bench_out}
 PY=${PY:-python3}
 TOTAL_S=${TOTAL_S:-470}  # every stage ends by then; the rest of 8 minutes is start-up and slack
-STAGES=${STAGES:-train_bench train_bench_mb16 train_bench_module doctor train_bench_zero2}
+STAGES=${STAGES:-train_bench train_bench_deep doctor}
 WHEELS=${WHEELS:-.whl}  # carried wheels of what the device image lacks (deepspeed, pydantic, ...)
 mkdir -p "$OUT"
 
@@ -87,7 +89,7 @@ if [ "$DEVICE" = cpu ]; then  # the plumbing only: tiny shapes
     MB_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 4 --warmup 0 --steps 1)
     LONG_ARGS=(--shape tiny --device cpu --seq-len 512 --rows 2 --micro-batch 2 --warmup 0 --steps 1 --paths sdpa)
     MODULE_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 2 --warmup 0 --steps 1)
-    DEEP_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 2 --warmup 0 --steps 1 --layers 4 --paths sdpa)
+    DEEP_ARGS=(--shape tiny --device cpu --seq-len 256 --rows 4 --micro-batch 4 --warmup 0 --steps 1 --layers 4 --paths sdpa)
     HOST_ARGS=(--device cpu --depths 1 2 --rounds 1 --steps 1)
     DOCTOR_ARGS=(--device cpu --seq-len 128 --attn sdpa)
     BENCH_ARGS=(--device cpu --rows 2 --seq-len 256 --heads 2 --head-dim 16 --iters 1)
@@ -96,7 +98,7 @@ else
     MB_ARGS=(--device cuda --micro-batch 16)
     LONG_ARGS=(--device cuda --seq-len 4096 --rows 8 --micro-batch 2 --paths sdpa flex varlen)
     MODULE_ARGS=(--device cuda)
-    DEEP_ARGS=(--device cuda --layers 8 --paths sdpa flex)
+    DEEP_ARGS=(--device cuda --layers 8 --micro-batch 16 --paths sdpa flex)
     HOST_ARGS=(--device cuda --rounds 1)
     DOCTOR_ARGS=(--device cuda --dtype bf16)
     BENCH_ARGS=(--device cuda)
@@ -117,7 +119,7 @@ stage() {
 }
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 
-# 1-3. ~2 + 2 x 1 minutes on one H100 (docs/PERFORMANCE.md, "Time budget"): the figures issue 6 owes
+# 1-2. ~2.5 + ~2 minutes on one H100 (docs/PERFORMANCE.md, "Time the prepared check takes"): issue 6's figures
 if [ $HAVE_DS = 1 ]; then
     if wanted train_bench && ! stage train_bench 300 "$PY" bench/train_bench.py "${TRAIN_ARGS[@]}" \
             --out "$OUT/train_bench"; then  # cut short: the table so far, which its log ends without
@@ -125,21 +127,20 @@ if [ $HAVE_DS = 1 ]; then
     fi
     rm -f "$OUT/train_bench/bench.md"  # in its log (8 files come back)
     # the tables are at the end of their logs; their JSON stays behind
+    wanted train_bench_deep && stage train_bench_deep 200 "$PY" bench/train_bench.py "${DEEP_ARGS[@]}" \
+        --docs dpr --no-compare-checkpointing --out "$SITE/deep"
+fi
+# 3. correctness of every path on the device; then the stages run only when named
+wanted doctor && stage doctor 150 "$PY" -m llara_dist doctor "${DOCTOR_ARGS[@]}"
+if [ $HAVE_DS = 1 ]; then
     wanted train_bench_mb16 && stage train_bench_mb16 150 "$PY" bench/train_bench.py "${MB_ARGS[@]}" --docs dpr \
         --paths sdpa --no-compare-checkpointing --no-compare-compiled --out "$SITE/mb16"
     wanted train_bench_module && stage train_bench_module 150 "$PY" bench/train_bench.py "${MODULE_ARGS[@]}" --docs dpr \
         --paths sdpa --no-zero3-layer-gather --no-compare-checkpointing --out "$SITE/module"
-fi
-# 4. correctness of every path on the device, before the stage that compiles most (if time runs out, it is cut)
-wanted doctor && stage doctor 150 "$PY" -m llara_dist doctor "${DOCTOR_ARGS[@]}"
-# 5. ZeRO-2 at 16 rows; then the stages run only when named
-if [ $HAVE_DS = 1 ]; then
     wanted train_bench_zero2 && stage train_bench_zero2 200 "$PY" bench/train_bench.py "${MB_ARGS[@]}" --docs dpr \
         --paths sdpa --zero-stage 2 --no-compare-checkpointing --out "$SITE/zero2"
     wanted train_bench_long && stage train_bench_long 150 "$PY" bench/train_bench.py "${LONG_ARGS[@]}" \
         --docs chunks --no-compare-checkpointing --no-compare-fused --out "$SITE/long"
-    wanted train_bench_deep && stage train_bench_deep 200 "$PY" bench/train_bench.py "${DEEP_ARGS[@]}" \
-        --docs dpr --no-compare-checkpointing --out "$SITE/deep"
     wanted host_overhead && stage host_overhead 200 "$PY" bench/host_overhead.py "${HOST_ARGS[@]}" --out "$SITE/host"
 fi
 wanted attn_bench && stage attn_bench 150 "$PY" bench/attn_bench.py "${BENCH_ARGS[@]}"

@@ -31,6 +31,7 @@ change shape at every step, and would otherwise compile at each one up to torch'
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -151,7 +152,8 @@ def compile_layers(model) -> int:
     Only the forward of each layer instance is replaced, so its `__call__` and its hooks run as
     before; but nothing inside a layer may have hooks, since the compiled code would trace them:
     ZeRO-3 must gather by layer (`train.zero3_layer_gather`), or run ZeRO-2. One compiled forward
-    per layer class, shared by its layers; shapes as in `compiled`. Returns how many layers."""
+    per layer class, shared by its layers (one graph for all of them: see torch_linear); shapes as
+    in `compiled`. Returns how many layers."""
     from llara_dist.modeling import decoder_layers
 
     layers = decoder_layers(model)
@@ -170,7 +172,31 @@ def compile_layers(model) -> int:
 
 @functools.cache
 def _compiled_forward(cls):
-    return _ours(torch.compile(cls.forward, dynamic=None))
+    layer_forward = torch.compile(cls.forward, dynamic=None)
+
+    @_ours
+    def forward(self, *args, **kwargs):
+        with torch_linear():
+            return layer_forward(self, *args, **kwargs)
+
+    return forward
+
+
+@contextlib.contextmanager
+def torch_linear():
+    """torch's own F.linear for a compiled layer. DeepSpeed's zero.Init replaces F.linear, for the
+    whole process, by an autograd Function whose backward looks each weight's ZeRO-3 state up
+    (memory_efficient_linear). Traced into a compiled layer, that lookup made torch 2.11 guard on
+    each weight's `ds_id`: one compile per layer, and past torch's recompile limit (8) the layers ran
+    eagerly (the H100 run of session 5). A compiled layer needs none of it: its weights are gathered
+    whole by the layer's own hooks (ZeRO-3 by layer) or never partitioned (ZeRO-2), and the compiled
+    backward uses them as saved, as DeepSpeed's traced Function did."""
+    patched = F.linear
+    F.linear = torch._C._nn.linear
+    try:
+        yield
+    finally:
+        F.linear = patched
 
 
 def unpatch(model) -> int:

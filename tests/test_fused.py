@@ -170,6 +170,7 @@ def _zero3_worker(rank, world, port, paths, out):
                       DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from torch._dynamo.utils import counters
     from test_train_units import _micro_batches
 
     from llara_dist import objective
@@ -191,12 +192,16 @@ def _zero3_worker(rank, world, port, paths, out):
     for name, switch in (("eager", fused.unpatch), ("fused", fused.patch), ("compiled", fused.compile_layers)):
         fused.unpatch(engine)
         switch(engine)
+        graphs = counters["stats"]["unique_graphs"]
         loss, _ = combine(loss_sums(engine, micro[0], preset), batch_counts(micro[0], preset), preset,
                           as_floats=False)
         engine.backward(loss, scale_wrt_gas=False)
         grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
         engine.optimizer.zero_grad()  # no step: the next run starts from the same weights
-        runs[name] = {"loss": float(loss.detach()), "grads": grads}
+        runs[name] = {"loss": float(loss.detach()), "grads": grads,
+                      "graphs": counters["stats"]["unique_graphs"] - graphs}
+    # zero.Init put DeepSpeed's linear in place for the process, and the compiled layers left it there
+    runs["linear_after"] = torch.nn.functional.linear.__name__
     fused.unpatch(engine)  # the step's loss at these weights, eager: what train_step must report
     counts = {t: sum(batch_counts(b, preset)[t] for b in micro) for t in objective.TERMS}
     with torch.no_grad():
@@ -227,6 +232,9 @@ def test_zero3_training_step_with_fused_ops_or_compiled_layers(run_ranks, tokeni
             _close(got["grads"][name], g, name)
     assert runs["step"]["loss"] == pytest.approx(runs["eager_step_loss"], rel=RTOL)
     assert runs["moved"] > 0  # the optimizer stepped
+    # one graph for every layer: DeepSpeed's F.linear, traced, made torch 2.11 compile once per layer
+    assert runs["compiled"]["graphs"] == 1
+    assert runs["linear_after"] == "zero3_linear_wrap"
     assert "model.compile_layers: modules inside the decoder layers have hooks" in runs["refused"]
 
 

@@ -257,18 +257,15 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert [ln.split()[0].rstrip(":") for ln in check.splitlines()[1:7]] == \
         ["python", "triton", "tokenizers", "peft", "flash_attn", "deepspeed"]
     stages = [ln.split()[1] for ln in run.stdout.splitlines() if ln.startswith("== ") and "budget" in ln]
-    assert stages == ["train_bench", "train_bench_mb16", "train_bench_module", "doctor", "train_bench_zero2"]
+    assert stages == ["train_bench", "train_bench_deep", "doctor"]
     assert [ln.split(":")[0] for ln in check.splitlines() if "exit status 0" in ln] == stages
     bench = json.loads((out / "train_bench" / "bench.json").read_text())
     assert [w["docs"] for w in bench["workloads"]] == ["dpr", "chunks"]
     assert "| dpr (" in (out / "train_bench.txt").read_text()
-    mb = (out / "train_bench_mb16.txt").read_text()  # one micro-batch of 4 rows, ours on sdpa only
-    assert "1 micro-batches of 4 packed rows" in mb and "| dpr (5) | sdpa |" in mb and "| flex |" not in mb
     assert "ZeRO-3 gathers by decoder layer" in (out / "train_bench.txt").read_text()  # the trainer's default
-    module = (out / "train_bench_module.txt").read_text()
-    assert "ZeRO-3 gathers by module" in module and "| dpr (" in module
-    zero2 = (out / "train_bench_zero2.txt").read_text()
-    assert "ZeRO-2 (nothing gathered)" in zero2 and "| dpr (" in zero2
+    deep = (out / "train_bench_deep.txt").read_text()  # more layers, one micro-batch of 4 rows, dpr only
+    assert "4 layers of hidden 128" in deep and "1 micro-batches of 4 packed rows" in deep
+    assert "| dpr (" in deep and "| chunks (" not in deep
     assert "0 failed, 1 passed, 0 skipped" in (out / "doctor.txt").read_text()
     # what the device tool brings back: 8 files at most, none deeper than $OUT/a/b
     files = [f.relative_to(out) for f in out.rglob("*") if f.is_file()]
@@ -277,15 +274,22 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
 
 
 def test_gpu_check_optional_stages_dry_run_on_cpu(tmp_path):
-    """The stages run only when named: long rows, more layers (sdpa against flex on the device), the
-    host's time per layer, and the attention layer alone."""
+    """The stages run only when named: twice the micro-batch, ZeRO-3 gathering per module, ZeRO-2, long
+    rows, the host's time per layer, and the attention layer alone."""
     (tmp_path / "no_wheels").mkdir()
-    run = gpu_check(tmp_path, WHEELS=str(tmp_path / "no_wheels"),
-                    STAGES="train_bench_long train_bench_deep host_overhead attn_bench")
+    run = gpu_check(tmp_path, WHEELS=str(tmp_path / "no_wheels"), STAGES="train_bench_mb16 train_bench_module "
+                    "train_bench_zero2 train_bench_long host_overhead attn_bench")
     assert run.returncode == 0, run.stdout + run.stderr
     out = tmp_path / "out"
-    assert sorted(f.name for f in out.iterdir()) == ["attn_bench.txt", "check.txt", "host_overhead.txt",
-                                                     "train_bench_deep.txt", "train_bench_long.txt"]
+    assert sorted(f.name for f in out.iterdir()) == [
+        "attn_bench.txt", "check.txt", "host_overhead.txt", "train_bench_long.txt", "train_bench_mb16.txt",
+        "train_bench_module.txt", "train_bench_zero2.txt"]
+    mb = (out / "train_bench_mb16.txt").read_text()  # one micro-batch of 4 rows, ours on sdpa only
+    assert "1 micro-batches of 4 packed rows" in mb and "| dpr (5) | sdpa |" in mb and "| flex |" not in mb
+    module = (out / "train_bench_module.txt").read_text()
+    assert "ZeRO-3 gathers by module" in module and "| dpr (" in module
+    zero2 = (out / "train_bench_zero2.txt").read_text()
+    assert "ZeRO-2 (nothing gathered)" in zero2 and "| dpr (" in zero2
     rows = [line.split() for line in (out / "attn_bench.txt").read_text().splitlines()
             if line[:8].strip() in ("5.0", "1.5")]
     assert sorted({r[1] for r in rows}) == ["causal", "flex", "sdpa", "two-pass", "varlen"]
@@ -299,8 +303,6 @@ def test_gpu_check_optional_stages_dry_run_on_cpu(tmp_path):
         [("module", "sdpa"), ("module", "baseline"), ("layer", "sdpa"), ("layer", "baseline"),
          ("layer", "sdpa+compiled"), ("zero2", "sdpa"), ("zero2", "baseline")]
     assert "rows of 512, 1 micro-batches of 2 packed rows" in (out / "train_bench_long.txt").read_text()
-    deep = (out / "train_bench_deep.txt").read_text()
-    assert "4 layers of hidden 128" in deep and "| dpr (" in deep
 
 
 def test_gpu_check_without_deepspeed_fails_loudly(tmp_path):
