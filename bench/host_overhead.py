@@ -30,14 +30,15 @@ from pathlib import Path
 VARIANTS = {"module": ["--no-zero3-layer-gather"], "layer": ["--zero3-layer-gather", "--compare-compiled"],
             "zero2": ["--zero-stage", "2", "--no-compare-compiled"]}
 CONFIGS = ("sdpa", "baseline", "sdpa+compiled")  # train_bench rows read back: ours, the released way
+ROWS, MICRO_BATCH, SEQ_LEN = 8, 4, 256  # a step of train_bench: ROWS // MICRO_BATCH micro-batches
 
 
 def run_bench(device: str, layers: int, extra: list[str], steps: int, out: Path) -> dict[str, float]:
     """One train_bench process: median step seconds of each of CONFIGS that it ran."""
     cmd = [sys.executable, str(Path(__file__).with_name("train_bench.py")), "--shape", "host", "--device", device,
-           "--layers", str(layers), "--seq-len", "256", "--rows", "8", "--micro-batch", "4", "--docs", "dpr",
-           "--paths", "sdpa", "--steps", str(steps), "--no-compare-checkpointing", "--no-compare-fused",
-           "--out", str(out), *extra]
+           "--layers", str(layers), "--seq-len", str(SEQ_LEN), "--rows", str(ROWS), "--micro-batch", str(MICRO_BATCH),
+           "--docs", "dpr", "--paths", "sdpa", "--steps", str(steps), "--no-compare-checkpointing",
+           "--no-compare-fused", "--out", str(out), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -65,7 +66,8 @@ def summarise(samples: dict, depths: tuple[int, int], micro_batches: int) -> lis
 def markdown(report: dict) -> str:
     lo, hi = report["depths"]
     lines = [f"Host time of a training step, `host` shape (hidden 32), {report['device']}, "
-             f"{report['micro_batches']} micro-batches of 4 rows of 256, best of {report['rounds']} rounds "
+             f"{report['micro_batches']} micro-batches of {MICRO_BATCH} rows of {SEQ_LEN}, "
+             f"best of {report['rounds']} rounds "
              f"(each the median of {report['steps']} steps)", "",
              f"| variant | config | step s, {lo} layers | step s, {hi} layers | host ms per layer per micro-batch "
              "| host ms per micro-batch outside the layers |",
@@ -105,8 +107,8 @@ def main(argv=None) -> int:
                     print(f"round {r + 1}, {depth} layers, {variant}: "
                           + ", ".join(f"{c} {s:.3f} s" for c, s in got.items()), file=sys.stderr, flush=True)
     report = {"device": args.device, "depths": [lo, hi], "rounds": args.rounds, "steps": args.steps,
-              "micro_batches": 2, "samples": samples,
-              "rows": summarise(samples, (lo, hi), micro_batches=2)}
+              "micro_batches": ROWS // MICRO_BATCH, "samples": samples,
+              "rows": summarise(samples, (lo, hi), micro_batches=ROWS // MICRO_BATCH)}
     (out / "host_overhead.json").write_text(json.dumps(report, indent=1) + "\n")
     table = markdown(report)
     (out / "host_overhead.md").write_text(table)
