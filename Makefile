@@ -1,21 +1,29 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   the whole pipeline on an embedded tiny default (CPU, no download)
-#   make test   the whole test suite
+#   make demo          the whole pipeline on an embedded tiny default (CPU, no download)
+#   make test          the whole test suite
+# Both install the exact versions of requirements.lock, the set CI tested. To move to newer releases:
+#   make test-latest   refresh requirements.lock to the newest releases and run the suite against them
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+LOCK := requirements.lock
+# CPU installs pin torch first: a bare `torch` requirement pulls a multi-GB CUDA build. Elsewhere
+# than CI's machines, a CPU build comes from PyTorch's own index: make TORCH_INDEX=<its /whl/cpu URL>
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+LATEST := .venv-latest
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo lock test-latest clean
 
 setup: $(VENV)/.installed
 
-# CPU installs pin torch first: a bare `torch` requirement pulls a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q $(TORCH_FROM) "$(TORCH)"
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[dev]'
 	touch $@
 
 test: setup
@@ -24,5 +32,20 @@ test: setup
 demo: setup
 	$(BIN)/llara-dist demo --out demo_out
 
+# The newest releases that pyproject's ranges admit (torch: $(TORCH), the CPU build), frozen into
+# the lock; local version labels (+cpu) dropped, so that `torch==X` matches a CPU or CUDA build.
+lock:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q $(TORCH_FROM) "$(TORCH)"
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	{ echo "# Exact versions CI tests (Linux x86_64, CPython 3.11, torch CPU build). Written by make lock;"; \
+	  echo "# pyproject.toml keeps the ranges for installing into an environment of your own."; \
+	  $(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//'; } > $(LOCK)
+
+test-latest: lock
+	$(LATEST)/bin/python -m pytest -q -ra tests
+
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) $(LATEST) demo_out

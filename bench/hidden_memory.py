@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import torch
 
-from llara_dist import kernels
+from llara_dist.kernels import registry
 from llara_dist.batch import build_batch
 from llara_dist.data.shards import Doc
 from llara_dist.modeling import forward_hidden, set_attention
@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     def forward() -> torch.Tensor:  # [R, L, H]
         if args.variant == "hook":
             return forward_hidden(model, batch)
-        mask = kernels.prepare("sdpa", batch.doc, batch.segment)
+        mask = registry.prepare("sdpa", batch.doc, batch.segment)
         return model(input_ids=batch.input_ids, position_ids=batch.position, llara_mask=mask, use_cache=False,
                      logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
 

@@ -1,4 +1,4 @@
-"""Host time per decoder layer of a training step: what a host-bound GPU waits for (issue 6).
+"""Host time per decoder layer of a training step: what a host-bound GPU waits for.
 
     python bench/host_overhead.py --device cpu --out /tmp/host_overhead    # ~3 minutes on 2 cores
     python bench/host_overhead.py --device cuda --out bench_out/host       # part of bench/gpu_check.sh

@@ -79,7 +79,8 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters as dynamo_counters
 from transformers import AutoModelForCausalLM
 
-from llara_dist import fused, kernels, objective
+from llara_dist import fused, objective
+from llara_dist.kernels import registry
 from llara_dist.batch import build_batch, lm_targets
 from llara_dist.config import TrainConfig
 from llara_dist.data.pack import Packer
@@ -105,7 +106,7 @@ DOC_LENGTHS = {  # name -> (mean, std, low, high) tokens per document
     "chunks": (650, 60, 200, 1000),
 }
 CHUNKS_PER_ARTICLE = 8
-TARGETS = {"dpr": 4.0, "chunks": 2.0}  # issue 6: best path's real tokens/s over the baseline
+TARGETS = {"dpr": 4.0, "chunks": 2.0}  # targets: best path's real tokens/s over the baseline
 
 
 def released_prompt(vocab: int):
@@ -201,7 +202,7 @@ def baseline_loss_sums(model, batch, preset) -> dict:
     can only make the baseline faster: its per-document Python loop (torch.unique per document)
     is vectorised here, and its additive float mask is the same dense mask in bool.
     """
-    mask = kernels.prepare("sdpa", batch.doc, batch.segment)  # [B, 1, L, L] bool
+    mask = registry.prepare("sdpa", batch.doc, batch.segment)  # [B, 1, L, L] bool
     out = model(input_ids=batch.input_ids, position_ids=batch.position, llara_mask=mask, use_cache=False)
     logits = out.logits.float()  # [B, L, V]
     V = logits.shape[-1]
@@ -474,9 +475,9 @@ def main(argv=None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    paths = args.paths or [p for p in kernels.PATHS if kernels.why_unavailable(p, device, True, dtype) is None]
+    paths = args.paths or [p for p in registry.PATHS if registry.why_unavailable(p, device, True, dtype) is None]
     for path in paths:
-        kernels.check_path(path, device, backward=True, dtype=dtype)
+        registry.check_path(path, device, backward=True, dtype=dtype)
     preset = PRESETS["released"]
     vocab = SHAPES[args.shape]["vocab"]
     prompt = released_prompt(vocab)

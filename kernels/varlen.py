@@ -12,7 +12,7 @@ Padding tokens are in no sequence; their output is zero.
 
 The layout's sizes depend on the data (boolean-mask indexing, unique, the longest sequence):
 built from GPU tensors, each of its ~10 reads stalls the host until the device drains. So
-`kernels.prepare` builds it from the batch's host copy (kernels.HOST_METADATA) and copies it to
+`registry.prepare` builds it from the batch's host copy (registry.HOST_METADATA) and copies it to
 the device without a read back (`Layout.to`).
 
 Kernels: `flash_attn.flash_attn_varlen_func` when the flash-attn package is installed,

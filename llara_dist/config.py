@@ -27,13 +27,24 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
-def opt(default: Any, help: str):
-    """A config field with a default and its one-line help text."""
+def opt(default: Any, help: str, path: bool = False):
+    """A config field with a default and its one-line help text. A `path` field is made absolute
+    when loaded (see absolute_path)."""
+    metadata = {"help": help, "path": path}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
     if is_dataclass(default):
-        return field(default_factory=lambda: dataclasses.replace(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: dataclasses.replace(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def absolute_path(value: str) -> str:
+    """A local path made absolute against the working folder; URLs (`s3://...`, `pipe:...`) and ""
+    as they are. The run folder saves the resolved config, and export, resume or finetune started from
+    another folder must find the same files (a relative model path would be taken for a hub name)."""
+    if not value or "://" in value or value.startswith("pipe:"):
+        return value
+    return str(Path(value).expanduser().absolute())
 
 
 def help_of(cls) -> list[tuple[str, str, Any]]:
@@ -124,7 +135,11 @@ def _build(cls, data: dict, prefix: str, problems: list[str]):
             kwargs[f.name] = _build(t, v, where + ".", problems)
         else:
             kwargs[f.name] = _coerce(v, t, where, problems)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    for f in fields(cls):  # defaults included: runs/llara is where the command started
+        if f.metadata.get("path") and isinstance(getattr(obj, f.name), str):
+            setattr(obj, f.name, absolute_path(getattr(obj, f.name)))
+    return obj
 
 
 def _validate(obj, prefix: str, problems: list[str]) -> None:
@@ -204,7 +219,7 @@ __all__ = ["ConfigError", "opt", "help_of", "load_config", "save_config", "to_di
 class DataConfig:
     """Where the tokenized shards are and how they become packed rows."""
 
-    shards: str = opt("", "folder (or URL prefix) holding manifest.json and the shard tar files")
+    shards: str = opt("", "folder (or URL prefix) holding manifest.json and the shard tar files", path=True)
     seq_len: int = opt(1024, "tokens per packed row, prompts included")
     num_workers: int = opt(1, "DataLoader worker processes per rank (0: read in the main process)")
     pack_buffer: int = opt(64, "documents held in the packer's look-ahead buffer (best fit)")
@@ -255,7 +270,7 @@ class ObjectiveConfig:
 class ModelConfig:
     """The decoder to adapt."""
 
-    path: str = opt("", "local Hugging Face model folder (or a config.json to build a random model)")
+    path: str = opt("", "local Hugging Face model folder (or a config.json to build a random model)", path=True)
     attn: str = opt("sdpa", "attention kernel path: sdpa, flex, varlen or two-pass")
     dtype: str = opt("auto", "parameter dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
     fused_ops: bool | None = opt(None, "compiled fused RMSNorm, SwiGLU product and RoPE in the decoder layers "
@@ -269,7 +284,7 @@ class ModelConfig:
         out = []
         if self.dtype not in ("auto", "bf16", "fp32"):
             out.append(f"dtype: {self.dtype!r} is not one of auto, bf16, fp32")
-        paths = ("sdpa", "flex", "varlen", "two-pass")  # llara_dist.kernels.PATHS (not imported: no torch here)
+        paths = ("sdpa", "flex", "varlen", "two-pass")  # llara_dist.kernels.registry.PATHS (not imported: no torch here)
         if self.attn not in paths:
             out.append(f"attn: {self.attn!r} is not one of {', '.join(paths)}")
         return out
@@ -306,7 +321,8 @@ class TrainConfig:
     lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                   "module names LoRA adapts")
     seed: int = opt(0, "seed of the weights' random parts and the loop's RNG")
-    tokenizer: str = opt("", "tokenizer folder (empty: the model folder, else the one the shard manifest names)")
+    tokenizer: str = opt("", "tokenizer folder (empty: the model folder, else the one the shard manifest names)",
+                         path=True)
     ckpt_every: int = opt(500, "save a checkpoint every this many steps (and always at the end)")
     keep_checkpoints: int = opt(3, "complete checkpoints kept in run_dir/checkpoints (older ones deleted)")
     ledger: bool = opt(False, "record the keys of the documents each rank consumed at each step (ledger-rankN.jsonl)")
@@ -358,7 +374,7 @@ class TrainConfig:
 class RunConfig:
     """Everything a training run needs; saved into every checkpoint."""
 
-    run_dir: str = opt("runs/llara", "run folder: config, metrics, checkpoints")
+    run_dir: str = opt("runs/llara", "run folder: config, metrics, checkpoints", path=True)
     data: DataConfig = opt(DataConfig(), "data stream and packing")
     objective: ObjectiveConfig = opt(ObjectiveConfig(), "prompts and loss")
     model: ModelConfig = opt(ModelConfig(), "model")
@@ -380,7 +396,8 @@ def compile_layers_problems(model: ModelConfig, train: TrainConfig, per_module: 
 class FinetuneConfig:
     """The contrastive fine-tuning stage (RepLLaMA-style; defaults of FlagEmbedding's LLARA finetune recipe)."""
 
-    data: str = opt("", "training data: JSON lines {\"query\": str, \"pos\": [str, ...], \"neg\": [str, ...]}")
+    data: str = opt("", "training data: JSON lines {\"query\": str, \"pos\": [str, ...], \"neg\": [str, ...]}",
+                     path=True)
     group_size: int = opt(8, "passages per query: 1 positive + group_size - 1 hard negatives")
     temperature: float = opt(0.01, "scores are cosine / temperature")
     query_max_len: int = opt(32, "query text tokens kept (the prompt comes on top)")
@@ -416,7 +433,7 @@ class FinetuneConfig:
 class FinetuneRunConfig:
     """A fine-tuning run: the trainer's sections plus `finetune` (data, loss, LoRA) instead of `data`."""
 
-    run_dir: str = opt("runs/llara-finetune", "run folder: config, metrics, checkpoints")
+    run_dir: str = opt("runs/llara-finetune", "run folder: config, metrics, checkpoints", path=True)
     objective: ObjectiveConfig = opt(ObjectiveConfig(), "prompts and pooling (the loss terms are not used)")
     model: ModelConfig = opt(ModelConfig(), "model (an exported LLaRA folder, see llara-dist export)")
     train: TrainConfig = opt(TrainConfig(), "optimisation; global_batch and micro_batch count queries "

@@ -106,6 +106,7 @@ STAGES: list[tuple[str, Callable[[Demo], str]]] = [
 def stage_train(d: Demo) -> str:
     """A tiny LLaMA trained for a few dozen steps on 2 CPU ranks (torchrun, DeepSpeed ZeRO-3, gloo)."""
     import os
+    import shutil
     import subprocess
     import sys
 
@@ -114,6 +115,11 @@ def stage_train(d: Demo) -> str:
 
     model = save_tiny_llama(d.out / "model", vocab_size=len(load_tokenizer(d.tokenizer)))
     d.run_dir = d.out / "run"
+    # a run folder that holds a run resumes it (the trainer's rule): a demo run again trains afresh
+    fresh = ""
+    if d.run_dir.exists():
+        shutil.rmtree(d.run_dir)
+        fresh = f"the previous demo run in {d.run_dir} removed: training afresh\n"
     world = 2 if len(d.manifest.get("shards", [])) >= 2 else 1  # every rank needs a shard
     steps = 40
     config = {
@@ -136,7 +142,7 @@ def stage_train(d: Demo) -> str:
     curve = "  ".join(f"{r['step']}:{r['loss']:.3f}" for r in records[::max(1, len(records) // 8)])
     first = sum(r["loss"] for r in records[:5]) / 5
     last = sum(r["loss"] for r in records[-5:]) / 5
-    return (f"{world} ranks x ZeRO-3, {steps} steps of 8 rows x {d.seq_len} tokens; loss (step:loss) {curve}\n"
+    return (f"{fresh}{world} ranks x ZeRO-3, {steps} steps of 8 rows x {d.seq_len} tokens; loss (step:loss) {curve}\n"
             f"mean loss of the first 5 steps {first:.3f} -> last 5 steps {last:.3f}; "
             f"{records[-1]['tokens_per_s']:.0f} tokens/s; run folder {d.run_dir} (config.yaml, metrics.jsonl, "
             f"checkpoints/, tokenizer/); log {log}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llara_dist import kernels
+from llara_dist.kernels import registry
 from llara_dist.batch import build_batch
 from llara_dist.config import ObjectiveConfig
 from llara_dist.data.shards import Doc
@@ -40,7 +40,7 @@ LOW_BOUND = {"forward": 5e-2, "backward": 1e-1}
 
 def configure(p) -> None:
     p.add_argument("--model", default="", help="Hugging Face model folder (default: a tiny random LLaMA)")
-    p.add_argument("--attn", default="", choices=["", *kernels.PATHS], help="check one path (default: all here)")
+    p.add_argument("--attn", default="", choices=["", *registry.PATHS], help="check one path (default: all here)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on cuda, fp32 on cpu")
     p.add_argument("--layers", type=int, default=2, help="keep only the first N decoder layers (speed)")
@@ -158,13 +158,13 @@ def run_checks(model, prompt, rows, device, dtype: torch.dtype, paths, report=No
 
     baseline: dict[str, float] = {}
     for path in sorted(paths, key=lambda p: p != "sdpa"):  # the sdpa baseline first
-        why = kernels.why_unavailable(path, device, dtype=dtype)
+        why = registry.why_unavailable(path, device, dtype=dtype)
         if why is not None:
             add(Row(path, dev, dt, "forward", note=f"skipped: {why}"))
             continue
         set_attention(test_model, path, device)
         checks = [("forward", lambda: rel_max(joint_states(test_model, batch), ref_fwd))]
-        why_bwd = kernels.why_unavailable(path, device, backward=True, dtype=dtype)
+        why_bwd = registry.why_unavailable(path, device, backward=True, dtype=dtype)
         if why_bwd is None and (low or path != "sdpa"):  # fp32 sdpa is the backward reference itself
             checks.append(("backward", lambda: rel_norm(loss_grads(test_model, batch, preset), ref_grad)))
         for name, measure in checks:
@@ -203,7 +203,7 @@ def run(args) -> int:
     dtype = resolve_dtype(args.dtype, device)
     if args.attn:
         try:
-            kernels.check_path(args.attn, device, dtype=dtype)
+            registry.check_path(args.attn, device, dtype=dtype)
         except ValueError as e:
             print(f"doctor: {e}")
             return 2
@@ -217,7 +217,7 @@ def run(args) -> int:
     print(f"# {where}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{'model ' + args.model if args.model else 'tiny random LLaMA'}")
     print_header()  # then each row as it is measured: a cold flex compile may be cut by a timeout
-    results = run_checks(model, prompt, rows, device, dtype, [args.attn] if args.attn else kernels.PATHS,
+    results = run_checks(model, prompt, rows, device, dtype, [args.attn] if args.attn else registry.PATHS,
                          report=print_row)
     failed = [r for r in results if r.ok is False]
     print(f"\n{len(failed)} failed, {sum(r.ok is True for r in results)} passed, "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llara_dist import kernels
+from llara_dist.kernels import registry
 from llara_dist.batch import SEG_NEXT, SEG_SELF, PackedBatch
 from llara_dist.prompts import Preset, add_special_tokens
 
@@ -46,7 +46,7 @@ def load_model(model_cfg, tokenizer, preset: Preset, device: torch.device | str 
 
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(model_cfg.dtype, device)
-    kernels.check_path(model_cfg.attn, device, dtype=dtype)
+    registry.check_path(model_cfg.attn, device, dtype=dtype)
     path = Path(model_cfg.path)
     if path.is_dir():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -96,9 +96,9 @@ def set_attention(model, path: str, device: torch.device | str) -> None:
     """Point the model's attention at a path's kernel (registered with AttentionInterface)."""
     core = unwrap(model)
     dtype = core.get_input_embeddings().weight.dtype
-    kernels.check_path(path, device, dtype=dtype)
-    kernels.register()
-    core.set_attn_implementation(kernels.hf_name(kernels.inner_kernel(path, device, dtype)))
+    registry.check_path(path, device, dtype=dtype)
+    registry.register()
+    core.set_attn_implementation(registry.hf_name(registry.inner_kernel(path, device, dtype)))
     core.llara_attn = path
 
 
@@ -108,7 +108,7 @@ def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
     path = getattr(core, "llara_attn", None)
     if path is None:
         raise ValueError("the model has no attention path: load it with load_model or call set_attention")
-    kernels.check_path(path, batch.input_ids.device, backward=torch.is_grad_enabled(),
+    registry.check_path(path, batch.input_ids.device, backward=torch.is_grad_enabled(),
                        dtype=core.get_input_embeddings().weight.dtype)
     kernel = core.config._attn_implementation.removeprefix("llara_")
     decoder = core.get_decoder()  # LLaMA, Mistral, Qwen2: the base model; through a peft wrapper too
@@ -137,19 +137,19 @@ def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
     return torch.where((batch.segment == SEG_NEXT)[..., None], h_next, h_self)
 
 
-def pass_mask(batch: PackedBatch, kernel: str, two_pass: bool) -> kernels.LlaraMask:
+def pass_mask(batch: PackedBatch, kernel: str, two_pass: bool) -> registry.LlaraMask:
     """The mask of forward_hidden's model call, on the batch's device.
 
     two-pass: over 2R rows, the batch's rows twice: [prefix TEXT SELF] with the NEXT tokens blanked
     out, then [prefix TEXT NEXT] with the SELF tokens blanked out; each needs only a document-causal
-    mask. A kernel that reads the metadata (kernels.HOST_METADATA: varlen) gets the batch's host
+    mask. A kernel that reads the metadata (registry.HOST_METADATA: varlen) gets the batch's host
     copy, blanking included, so nothing is read back from the device."""
-    meta = batch.host if kernel in kernels.HOST_METADATA and batch.host is not None else batch
+    meta = batch.host if kernel in registry.HOST_METADATA and batch.host is not None else batch
     doc, segment = meta.doc, meta.segment
     if two_pass:
         doc = torch.cat([doc.masked_fill(segment == blank, -1) for blank in (SEG_NEXT, SEG_SELF)])
         segment = torch.cat([segment, segment])
-    return kernels.prepare(kernel, doc, segment, batch.input_ids.device)
+    return registry.prepare(kernel, doc, segment, batch.input_ids.device)
 
 
 def gather_states(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -35,3 +35,20 @@ def test_roundtrip_and_help(tmp_path):
     names = {name: help for name, help, _ in help_of(RunConfig)}
     assert names["data.seq_len"] and names["train.global_batch"]
     assert all(h for h in names.values()), [n for n, h in names.items() if not h]
+
+
+def test_paths_are_made_absolute(tmp_path, monkeypatch):
+    """The run folder saves absolute paths: a command started in another folder finds the same files."""
+    from llara_dist.config import FinetuneRunConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(RunConfig, None, ["model.path=tiny", "data.shards=shards/wiki", "train.tokenizer=~/tok"])
+    assert cfg.model.path == str(tmp_path / "tiny")
+    assert cfg.data.shards == str(tmp_path / "shards" / "wiki")
+    assert cfg.train.tokenizer.startswith("/") and cfg.train.tokenizer.endswith("/tok")
+    assert cfg.run_dir == str(tmp_path / "runs" / "llara")  # the default too
+    ft = load_config(FinetuneRunConfig, None, ["finetune.data=pairs.jsonl"])
+    assert ft.finetune.data == str(tmp_path / "pairs.jsonl")
+    for url in ("s3://bucket/shards", "pipe:aws s3 cp s3://b/{name} -"):
+        assert load_config(RunConfig, None, [f"data.shards={url}"]).data.shards == url
+    assert load_config(RunConfig, None, []).train.tokenizer == ""  # empty: "look elsewhere", kept

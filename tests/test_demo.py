@@ -13,11 +13,21 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_demo_runs_the_whole_job(tmp_path):
-    out = tmp_path / "demo"
+def run_demo(out):
     proc = subprocess.run([sys.executable, "-m", "llara_dist", "demo", "--out", str(out)], capture_output=True,
                           text=True, timeout=600, env=dict(os.environ, DS_ACCELERATOR="cpu"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_demo_runs_the_whole_job(tmp_path):
+    out = tmp_path / "demo"
+    run_demo(out)
+    # run again in the same folder: it trains afresh, it does not resume the finished run and reprint it
+    (out / "run" / "left-over").write_text("")
+    proc = run_demo(out)
+    assert not (out / "run" / "left-over").exists()
+    assert f"the previous demo run in {out / 'run'} removed: training afresh" in proc.stdout
     for i, name in enumerate(("corpus", "tokenizer", "prep", "train", "export", "evaluate"), 1):
         assert f"[{i}/6] {name}:" in proc.stdout
     # the loss falls: mean of the first 5 steps against the last 5

@@ -68,13 +68,13 @@ def test_every_gpu_path_bf16_forward_and_backward_against_fp32_sdpa():
     other path within 2x that error + 1e-3."""
     import numpy as np
 
-    from llara_dist import kernels
+    from llara_dist.kernels import registry
     from llara_dist.doctor import run_checks, synthetic, tiny_model
 
     torch.manual_seed(0)
     model = tiny_model()
     prompt, rows = synthetic(512, 384, 8, np.random.default_rng(0))
-    results = run_checks(model, prompt, rows, "cuda", torch.bfloat16, kernels.PATHS)
+    results = run_checks(model, prompt, rows, "cuda", torch.bfloat16, registry.PATHS)
     checked = {(r.path, r.check.split()[0]) for r in results if r.ok is not None}
     assert {(p, c) for p in ("sdpa", "flex", "two-pass") for c in ("forward", "backward")} <= checked
     assert all(r.ok for r in results if r.ok is not None), [r for r in results if not r.ok]

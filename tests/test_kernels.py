@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llara_dist import kernels
+from llara_dist.kernels import registry
 from llara_dist.batch import SEG_NEXT, SEG_SELF, build_batch
 from llara_dist.data.shards import Doc
 from llara_dist.kernels import flex, mask, sdpa, varlen
@@ -205,17 +205,17 @@ def test_flex_skips_fully_masked_blocks():
 
 def test_unavailable_path_is_refused_with_the_available_ones():
     with pytest.raises(ValueError, match=r"'varlen' is not available on cpu .*available here .*sdpa, flex, two-pass"):
-        kernels.check_path("varlen", "cpu")
+        registry.check_path("varlen", "cpu")
     with pytest.raises(ValueError, match=r"'flex' .*no backward on CPU.*sdpa, two-pass"):
-        kernels.check_path("flex", "cpu", backward=True)
+        registry.check_path("flex", "cpu", backward=True)
     with pytest.raises(ValueError, match="unknown attention path 'flash'"):
-        kernels.check_path("flash", "cpu")
+        registry.check_path("flash", "cpu")
 
 
 def test_registered_attention_needs_the_packed_mask(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    kernels.register()
+    registry.register()
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     model.set_attn_implementation("llara_sdpa")
     with pytest.raises(ValueError, match="needs the packed batch's mask"):
@@ -225,7 +225,7 @@ def test_registered_attention_needs_the_packed_mask(tiny_llama_dir):
 def test_config_accepts_exactly_the_kernel_paths():
     from llara_dist.config import ModelConfig
 
-    for path in kernels.PATHS:
+    for path in registry.PATHS:
         assert ModelConfig(attn=path).check() == []
     assert "attn: 'flash' is not one of" in ModelConfig(attn="flash").check()[0]
 

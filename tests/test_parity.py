@@ -95,10 +95,10 @@ def test_embeddings_equal_a_separate_pass(preset_name, tokenizer_dir, tiny_llama
 
 def test_varlen_layout_in_the_model_equals_separate_passes(tokenizer_dir, tiny_llama_dir, shared_data, monkeypatch):
     """The varlen path end to end on CPU: its CUDA kernel swapped for per-sequence SDPA."""
-    from llara_dist import kernels
+    from llara_dist.kernels import registry
     from llara_dist.kernels import varlen
 
-    monkeypatch.setattr(kernels, "why_unavailable", lambda path, device, backward=False, dtype=None: None)
+    monkeypatch.setattr(registry, "why_unavailable", lambda path, device, backward=False, dtype=None: None)
     monkeypatch.setattr(varlen, "backend", lambda: ("reference", varlen.reference))
     tok, preset, model, prompt = setup("released", tokenizer_dir, tiny_llama_dir, attn="varlen")
     docs = make_docs(tok, shared_data, [30, 7, 12, 4, 9])

@@ -539,7 +539,7 @@ def test_train_step_reads_back_before_and_after_the_gpu_work_only(tmp_path, run_
 @pytest.mark.parametrize("lora", [False, True])
 def test_forward_hidden_is_the_decoders_final_output(lora, tokenizer_dir, tiny_llama_dir, shared_data):
     """The decoder's output taken by a hook equals, bit for bit, the model's own last hidden state."""
-    from llara_dist import kernels
+    from llara_dist.kernels import registry
     from llara_dist.engine import apply_lora
     from llara_dist.modeling import forward_hidden
     from test_parity import setup
@@ -550,7 +550,7 @@ def test_forward_hidden_is_the_decoders_final_output(lora, tokenizer_dir, tiny_l
     b = _micro_batches(tok, prompt, shared_data)[1]
     with torch.no_grad():
         h = forward_hidden(model, b)
-        mask = kernels.prepare("sdpa", b.doc, b.segment)
+        mask = registry.prepare("sdpa", b.doc, b.segment)
         every = model(input_ids=b.input_ids, position_ids=b.position, llara_mask=mask, use_cache=False,
                       logits_to_keep=1, output_hidden_states=True).hidden_states
     assert h.shape == b.input_ids.shape + (model.config.hidden_size,) and torch.equal(h, every[-1])

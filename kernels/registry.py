@@ -1,4 +1,6 @@
-"""Attention kernel paths for the joint EBAE/EBAR mask (installed as llara_dist.kernels).
+"""The attention kernel paths for the joint EBAE/EBAR mask: which run where, their masks, and their
+registration with transformers (installed as llara_dist.kernels.registry; kernels/ has no
+__init__.py, so the folder can never shadow the PyPI package `kernels` that transformers imports).
 
     sdpa      dense boolean mask into scaled_dot_product_attention (the reference; any device)
     flex      FlexAttention BlockMask, fully masked blocks skipped (CUDA; CPU forward only)
