@@ -32,14 +32,16 @@ test: setup
 demo: setup
 	$(BIN)/llara-dist demo --out demo_out
 
-# The newest releases that pyproject's ranges admit (torch: $(TORCH), the CPU build), frozen into
-# the lock; local version labels (+cpu) dropped, so that `torch==X` matches a CPU or CUDA build.
+# The newest releases that pyproject's ranges admit, frozen into the lock; torch stays $(TORCH)
+# (PyPI's Linux torch is a CUDA build: a newer CPU build comes with TORCH=torch==X TORCH_INDEX=...).
+# Local version labels (+cpu) are dropped, so that `torch==X` matches a CPU or a CUDA build.
 lock:
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q $(TORCH_FROM) "$(TORCH)"
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	echo "$(TORCH)" > $(LATEST)/torch-pin.txt  # the upgrade below must keep this torch build
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-pin.txt -e '.[dev]'
 	{ echo "# Exact versions CI tests (Linux x86_64, CPython 3.11, torch CPU build). Written by make lock;"; \
 	  echo "# pyproject.toml keeps the ranges for installing into an environment of your own."; \
 	  $(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//'; } > $(LOCK)
