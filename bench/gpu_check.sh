@@ -38,21 +38,23 @@ mkdir -p "$OUT"
 # folder; a copy of the tree that dropped the link gets it back.
 [[ -e llara_dist/kernels ]] || ln -s ../kernels llara_dist/kernels
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+SCRATCH=$(mktemp -d)  # unpacked wheels, and the outputs that do not come back
+trap 'rm -rf "$SCRATCH"' EXIT
 
 status=0
 CHECK="$OUT/check.txt"
 : >"$CHECK"
 fail() { echo "!! $*" | tee -a "$CHECK"; status=1; }
 
-# DeepSpeed: the image's own, else the carried wheels unpacked into $SITE/whl (ahead of site-packages)
+# DeepSpeed: the image's own, else the carried wheels unpacked into $SCRATCH/whl (ahead of site-packages)
 if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)"; then
     if ls "$WHEELS"/deepspeed-*.whl >/dev/null 2>&1; then
         if "$PY" -m pip --version >/dev/null 2>&1; then
-            "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE/whl" "$WHEELS"/*.whl
+            "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SCRATCH/whl" "$WHEELS"/*.whl
         else  # no pip on the image: a wheel is a zip archive, and unpacked on the path it imports the same
-            for w in "$WHEELS"/*.whl; do "$PY" -m zipfile -e "$w" "$SITE/whl" || break; done
+            for w in "$WHEELS"/*.whl; do "$PY" -m zipfile -e "$w" "$SCRATCH/whl" || break; done
         fi
-        export PYTHONPATH="$PYTHONPATH:$SITE/whl"
+        export PYTHONPATH="$PYTHONPATH:$SCRATCH/whl"
     fi
 fi
 if said=$("$PY" -c "import deepspeed; print(deepspeed.__version__)" 2>&1); then
@@ -123,20 +125,20 @@ if [ $HAVE_DS = 1 ]; then
     rm -f "$OUT/train_bench/bench.md"  # in its log (8 files come back)
     # the tables are at the end of their logs; their JSON stays behind
     wanted train_bench_deep && stage train_bench_deep 200 "$PY" bench/train_bench.py "${DEEP_ARGS[@]}" \
-        --docs dpr --no-compare-checkpointing --out "$SITE/deep"
+        --docs dpr --no-compare-checkpointing --out "$SCRATCH/deep"
 fi
 # 3. correctness of every path on the device; then the stages run only when named
 wanted doctor && stage doctor 150 "$PY" -m llara_dist doctor "${DOCTOR_ARGS[@]}"
 if [ $HAVE_DS = 1 ]; then
     wanted train_bench_mb16 && stage train_bench_mb16 150 "$PY" bench/train_bench.py "${MB_ARGS[@]}" --docs dpr \
-        --paths sdpa --no-compare-checkpointing --no-compare-compiled --out "$SITE/mb16"
+        --paths sdpa --no-compare-checkpointing --no-compare-compiled --out "$SCRATCH/mb16"
     wanted train_bench_module && stage train_bench_module 150 "$PY" bench/train_bench.py "${MODULE_ARGS[@]}" --docs dpr \
-        --paths sdpa --no-zero3-layer-gather --no-compare-checkpointing --out "$SITE/module"
+        --paths sdpa --no-zero3-layer-gather --no-compare-checkpointing --out "$SCRATCH/module"
     wanted train_bench_zero2 && stage train_bench_zero2 200 "$PY" bench/train_bench.py "${MB_ARGS[@]}" --docs dpr \
-        --paths sdpa --zero-stage 2 --no-compare-checkpointing --out "$SITE/zero2"
+        --paths sdpa --zero-stage 2 --no-compare-checkpointing --out "$SCRATCH/zero2"
     wanted train_bench_long && stage train_bench_long 150 "$PY" bench/train_bench.py "${LONG_ARGS[@]}" \
-        --docs chunks --no-compare-checkpointing --no-compare-fused --out "$SITE/long"
-    wanted host_overhead && stage host_overhead 200 "$PY" bench/host_overhead.py "${HOST_ARGS[@]}" --out "$SITE/host"
+        --docs chunks --no-compare-checkpointing --no-compare-fused --out "$SCRATCH/long"
+    wanted host_overhead && stage host_overhead 200 "$PY" bench/host_overhead.py "${HOST_ARGS[@]}" --out "$SCRATCH/host"
 fi
 wanted attn_bench && stage attn_bench 150 "$PY" bench/attn_bench.py "${BENCH_ARGS[@]}"
 echo "== gpu_check status $status after ${SECONDS}s" | tee -a "$CHECK"
