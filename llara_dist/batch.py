@@ -98,6 +98,8 @@ def build_batch(rows: list[list], prompt: PromptTokens, seq_len: int, pad_id: in
     A document's text is cut to `seq_len - prompt.overhead` tokens (the packer counts
     such cuts). EBAE targets are the unique ids of the visible text, EBAR targets the
     next chunk's set; ids in `drop_ids` (the tokenizer's special tokens) are dropped.
+    `pad_id` fills the slots after a row's documents (tokenizer.pad_id gives it): they belong
+    to no document, so no real token attends them and no loss reads them.
     """
     P, S, N = len(prompt.prefix), len(prompt.self_suffix), len(prompt.next_suffix)
     k = prompt.num_emb_tokens

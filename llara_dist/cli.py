@@ -13,6 +13,7 @@ import sys
 
 COMMANDS = {
     "prep": ("llara_dist.data.prep", "tokenize a raw corpus into webdataset shards + manifest"),
+    "verify-shards": ("llara_dist.data.verify", "check shards against their manifest: size, sha256, documents, token ids"),
     "bench-data": ("llara_dist.data.bench", "measure shard-to-packed-row throughput and fill"),
     "demo": ("llara_dist.demo", "run the whole pipeline on an embedded tiny default (CPU)"),
     "train": ("llara_dist.train", "train with DeepSpeed ZeRO-3 or 2 (resumes from the run folder's latest checkpoint)"),

@@ -155,7 +155,7 @@ def stage_export(d: Demo) -> str:
     """The latest checkpoint as a Hugging Face model folder (safetensors, tokenizer, llara.json)."""
     from llara_dist.export import export_run
 
-    d.export = export_run(d.run_dir, d.out / "export", dtype="fp32")
+    d.export = export_run(d.run_dir, d.out / "export", dtype="fp32", overwrite=True)  # a rerun replaces it
     files = sorted(p.name for p in d.export.iterdir())
     return f"{d.export}: {', '.join(files)}"
 

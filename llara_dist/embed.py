@@ -17,6 +17,7 @@ from llara_dist.batch import build_batch
 from llara_dist.data.shards import Doc
 from llara_dist.modeling import forward_hidden, gather_states, unwrap
 from llara_dist.prompts import Preset, prompt_tokens
+from llara_dist.tokenizer import pad_id
 
 KINDS = {"passage": "self_emb", "query": "next_emb"}
 
@@ -42,7 +43,7 @@ def encode(model, tokenizer, preset: Preset, texts: list[str], kind: str = "pass
                for t in texts[i:i + batch_size]]
         rows = [[Doc(f"t{i + j}", x, None)] for j, x in enumerate(ids)]
         seq_len = prompt.overhead + max(len(x) for x in ids)
-        batch = build_batch(rows, prompt, seq_len, tokenizer.pad_token_id).to(device)
+        batch = build_batch(rows, prompt, seq_len, pad_id(tokenizer)).to(device)
         states = gather_states(forward_hidden(model, batch), getattr(batch, KINDS[kind]))  # [D, k, H]
         out.append(pool(states, preset.embed_pool).cpu())
     return torch.cat(out) if out else torch.zeros(0)

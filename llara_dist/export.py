@@ -1,10 +1,13 @@
 """Export a run's checkpoint to a Hugging Face model folder: `llara-dist export`.
 
     llara-dist export --run runs/llara --out export/ [--tag latest] [--dtype bf16] [--lora merge|adapter]
+        [--overwrite]
 
 The folder loads with plain `AutoModelForCausalLM.from_pretrained` and holds: sharded
-safetensors (+ index), config.json, the tokenizer with the preset's special tokens, and
-`llara.json` (the preset and prompts, so `encode`/`eval` need no flags).
+safetensors (+ index), config.json, the tokenizer with the preset's special tokens (and a
+pad token: see save_tokenizer), and `llara.json` (the preset and prompts, so
+`encode`/`eval` need no flags). --out must be new or empty; with --overwrite, the files
+an export writes are replaced and any others in the folder are left alone.
 
 ZeRO-3 shards are consolidated tensor by tensor (DeepSpeed's lazy mode memory-maps
 the checkpoint files), and each output shard is written as soon as it is full, so host
@@ -14,6 +17,7 @@ adapters are merged into the base weights (default) or saved as a peft adapter f
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -25,6 +29,12 @@ from llara_dist.encode import LLARA_JSON
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 LORA_MARK = ".lora_"
+# what an export (merged, sharded or adapter) may write: --overwrite removes these and nothing else,
+# so that no stale shard, index or adapter of an earlier export is mixed into the new one
+EXPORT_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "config.json",
+                "generation_config.json", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+                "chat_template.jinja", LLARA_JSON)
 
 
 def write_llara_json(out: Path, cfg, source: str) -> None:
@@ -58,9 +68,38 @@ def write_model_folder(model, tokenizer, cfg, out: str | Path, source: str = "")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     write_llara_json(out, cfg, source)
     return out
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    """The tokenizer as an exported folder carries it: llara-dist itself needs no pad token
+    (tokenizer.pad_id), but Hugging Face's own batching does (LLaMA-2 has none), and the released
+    LLaRA inference pools the last 8 positions of each row, which are the embedding tokens only
+    when rows are padded on the left (the released fine-tuning saves its tokenizer so too)."""
+    from llara_dist.tokenizer import with_pad_token
+
+    with_pad_token(tokenizer)
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(out)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that is a file, or a folder with files in it unless `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--out {out}: the folder is not empty; export into a new or empty folder, "
+                         "or pass --overwrite to replace the files of an earlier export there "
+                         "(other files are left alone)")
+
+
+def remove_export_files(out: Path) -> None:
+    """Delete the files an export writes (EXPORT_FILES) from `out`, and no others."""
+    for p in out.iterdir() if out.is_dir() else ():
+        if p.is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in EXPORT_FILES):
+            p.unlink()
 
 
 def _size(t) -> int:
@@ -111,23 +150,25 @@ def _hf_config(cfg, vocab_size: int):
 
 
 def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, dtype: str = "bf16",
-               lora: str = "merge", max_shard_size: str = "5GB") -> Path:
+               lora: str = "merge", max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from llara_dist.checkpoint import CheckpointManager
     from llara_dist.tokenizer import load_tokenizer
 
     run_dir, out = Path(run_dir), Path(out)
+    check_out(out, overwrite)
     cfg = load_run_config(run_dir)
     manager = CheckpointManager(run_dir / "checkpoints", keep=1, rank=0)
     tag = tag or manager.latest()
     if tag is None or not (manager.folder / tag).is_dir():
         have = ", ".join(manager.complete()) or "none"
         raise FileNotFoundError(f"{manager.folder}: no checkpoint {tag or '(latest)'} to export (complete: {have})")
-    out.mkdir(parents=True, exist_ok=True)
     state = get_fp32_state_dict_from_zero_checkpoint(str(manager.folder), tag=tag, lazy_mode=True)
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     is_lora = any(LORA_MARK in k for k in state)
+    remove_export_files(out)  # only now: an export that fails before writing leaves an earlier one whole
+    out.mkdir(parents=True, exist_ok=True)
     if is_lora:
         _export_lora(state, cfg, tokenizer, out, DTYPES[dtype], lora)
     else:
@@ -139,7 +180,7 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, dty
         config.dtype = DTYPES[dtype]
         write_sharded(((n, state[n]) for n in names), out, DTYPES[dtype], _bytes(max_shard_size))
         config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     write_llara_json(out, cfg, f"{run_dir}:{tag}")
     return out
 
@@ -180,11 +221,15 @@ def configure(parser) -> None:
     parser.add_argument("--lora", choices=("merge", "adapter"), default="merge",
                         help="LoRA runs: merge adapters into the weights, or save the adapter alone")
     parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="export into a folder that is not empty: the files an export writes (model "
+                             "weights and index, config, tokenizer, adapter, llara.json) are replaced, any "
+                             "others are left alone (without it such a folder is refused)")
 
 
 def run(args) -> int:
     try:
-        out = export_run(args.run, args.out, args.tag, args.dtype, args.lora, args.max_shard_size)
+        out = export_run(args.run, args.out, args.tag, args.dtype, args.lora, args.max_shard_size, args.overwrite)
     except (FileNotFoundError, ValueError) as e:
         print(f"llara-dist export: {e}", file=sys.stderr)
         return 2

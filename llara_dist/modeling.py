@@ -49,7 +49,9 @@ def load_model(model_cfg, tokenizer, preset: Preset, device: torch.device | str 
     registry.check_path(model_cfg.attn, device, dtype=dtype)
     path = Path(model_cfg.path)
     if path.is_dir():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # use_kernels=False: transformers >= 5.25 otherwise swaps Hub kernels into the layers when the
+        # `kernels` package is installed (a download, and not the code our paths are checked against)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_kernels=False)
     elif path.is_file() and path.suffix == ".json":
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     else:

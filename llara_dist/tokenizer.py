@@ -36,3 +36,26 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def pad_id(tokenizer) -> int:
+    """The id that fills padding slots: the tokenizer's pad token, else unk, else eos, else 0.
+
+    LLaMA-2's tokenizer has no pad token. Padding slots are outside every document: no real
+    token attends them and no loss reads them (batch.py), so which id fills them changes no
+    result. Unk is the fallback because the released LLaRA code pads with it
+    (`tokenizer.pad_token = tokenizer.unk_token`), so an exported model pads as there.
+    """
+    for tid in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def with_pad_token(tokenizer):
+    """Give a tokenizer without a pad token pad_id's token as its pad token (for Hugging Face's
+    own padding: `tokenizer.pad`, `padding=True`); returns it. No token is added: the pad token
+    is one the tokenizer already has (its unk or eos: special already), so its ids stay as they were."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id(tokenizer))
+    return tokenizer

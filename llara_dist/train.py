@@ -122,14 +122,22 @@ class Pretrain:
     METRICS = ("ebae", "ebar", "lm")
 
     def __init__(self, cfg: RunConfig):
+        from llara_dist.data.verify import check_before_training
+        from llara_dist.prompts import resolve_preset
+
         self.cfg = cfg
         self.engine_train = cfg.train  # the TrainConfig build_engine gets (LoRA settings included)
+        # Refused here, before any step: missing or resized shards, another tokenizer than the
+        # shards'. Every id read must then be a text token of this one (not a preset token).
+        self.text_vocab = check_before_training(cfg.data.shards, tokenizer_path(cfg),
+                                                resolve_preset(cfg.objective).new_tokens)
 
     def loader(self, tokenizer, prompt, pad_id: int, plan: BatchPlan, rank: int):
         from llara_dist.data.loader import PackedLoader
 
         return PackedLoader(self.cfg.data, prompt, micro_batch=plan.micro_batch, rank=rank, world=plan.world,
-                            pad_id=pad_id, drop_ids=tuple(sorted(set(tokenizer.all_special_ids))))
+                            pad_id=pad_id, drop_ids=tuple(sorted(set(tokenizer.all_special_ids))),
+                            vocab_size=self.text_vocab)
 
     def data_identity(self, loader) -> dict:
         """What run.json records about the data."""
@@ -154,7 +162,7 @@ class Trainer:
         from llara_dist.modeling import default_device, load_model, resolve_dtype
         from llara_dist.preempt import PREEMPTED_EXIT, Preemption, clear_preempted, mark_preempted
         from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
-        from llara_dist.tokenizer import load_tokenizer
+        from llara_dist.tokenizer import load_tokenizer, pad_id
 
         cfg, plan, rank, task = self.cfg, self.plan, self.rank, self.task
         preemption = Preemption()  # before the slow start: a signal during loading is not lost
@@ -165,9 +173,8 @@ class Trainer:
         tokenizer = load_tokenizer(tokenizer_path(cfg))
         add_special_tokens(tokenizer, preset)
         prompt = prompt_tokens(tokenizer, preset)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # the data first: bad data fails before the model loads
-        loader = task.loader(tokenizer, prompt, pad_id, plan, rank)
+        loader = task.loader(tokenizer, prompt, pad_id(tokenizer), plan, rank)
         ds_config = deepspeed_config(cfg.train, plan, resolve_dtype(cfg.model.dtype, default_device()))
         with zero3_loading(ds_config):
             model = load_model(cfg.model, tokenizer, preset)  # resized for the preset's tokens
@@ -304,10 +311,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _is_tokenizer_dir(path: str) -> bool:
+    return Path(path).is_dir() and any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def tokenizer_path(cfg: RunConfig) -> str:
     """The tokenizer: train.tokenizer, else the model folder, else the one the manifest names."""
     from llara_dist.data.shards import read_manifest
 
+    if cfg.train.tokenizer and not _is_tokenizer_dir(cfg.train.tokenizer):
+        what = "holds no tokenizer (tokenizer.json or tokenizer_config.json)" if Path(cfg.train.tokenizer).is_dir() \
+            else "no such folder"
+        raise ValueError(f"train.tokenizer={cfg.train.tokenizer}: {what}")
     candidates = [cfg.train.tokenizer, cfg.model.path]
     if getattr(cfg, "data", None) is not None and cfg.data.shards:  # finetune configs have no shards
         try:
@@ -315,7 +330,7 @@ def tokenizer_path(cfg: RunConfig) -> str:
         except (FileNotFoundError, ValueError):
             pass
     for c in candidates:
-        if c and Path(c).is_dir() and any((Path(c) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        if c and _is_tokenizer_dir(c):
             return c
     raise ValueError(f"no tokenizer found: set train.tokenizer (looked in {', '.join(filter(None, candidates))})")
 

@@ -104,3 +104,32 @@ def test_cli_encode_and_missing_checkpoint(trained_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "llara_dist", "export", "--run", str(trained_run), "--out",
                            str(tmp_path / "x"), "--tag", "step99999999"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no checkpoint step99999999" in proc.stderr
+
+
+def test_export_refuses_a_folder_with_files_and_overwrite_replaces_only_its_own(trained_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "corpus.jsonl").write_text('{"text": "mine"}\n')
+    cmd = [sys.executable, "-m", "llara_dist", "export", "--run", str(trained_run), "--out", str(out), "--dtype", "fp32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"--out {out}: the folder is not empty" in proc.stderr and "--overwrite" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["corpus.jsonl"]  # nothing written
+
+    # an earlier, sharded export's files: the new one writes a single file and no index
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    proc = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "corpus.jsonl").read_text() == '{"text": "mine"}\n'  # not an export's file: left alone
+    assert not (out / "model-00001-of-00002.safetensors").exists()
+    assert not (out / "model.safetensors.index.json").exists()
+    assert (out / "model.safetensors").is_file() and (out / "llara.json").is_file()
+    AutoModelForCausalLM.from_pretrained(out)  # the stale index would have pointed it at the stale shard
+
+    (tmp_path / "file").write_text("")
+    proc = subprocess.run(cmd[:-4] + ["--out", str(tmp_path / "file")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "exists and is not a folder" in proc.stderr and "Traceback" not in proc.stderr

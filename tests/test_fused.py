@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +25,8 @@ from llara_dist.modeling import forward_hidden, load_model
 from llara_dist.objective import batch_counts, combine, loss_sums
 
 RTOL = 2e-6
-COMPILED = "Torch-Compiled Region"  # torch.profiler's event for each call of compiled code
+COMPILED = "Torch-Compiled Region"  # torch.profiler's event for each call of compiled code (then the code's id)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _close(got, want, what):
@@ -49,8 +53,16 @@ def _setup(tokenizer_dir, tiny_llama_dir, fused_ops):
     return tok, preset, model.train(), prompt_tokens(tok, preset)
 
 
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2))
+
+
 def test_fused_model_computes_the_eager_math(tokenizer_dir, tiny_llama_dir, shared_data):
     """Hidden states, loss and every gradient of a packed batch: load_model with fused_ops on vs off."""
+    from kernels import get_kernelized_layers
     from test_train_units import _micro_batches
     from transformers.models.llama import modeling_llama
 
@@ -60,8 +72,15 @@ def test_fused_model_computes_the_eager_math(tokenizer_dir, tiny_llama_dir, shar
     batch = _micro_batches(tok, prompt, shared_data)[0]
     with torch.profiler.profile() as prof:
         got = forward_hidden(model, batch)
-    # 2 layers x (2 norms, 1 MLP product, 1 RoPE) + the final norm, each one compiled call
-    assert sum(e.name.startswith(COMPILED) for e in prof.events()) == 9
+    # 2 layers x (2 norms, 1 MLP product, 1 RoPE) + the final norm, each one compiled call, of 3 graphs
+    compiled = [e.name for e in prof.events() if e.name.startswith(COMPILED)]
+    assert len(compiled) == 9 and len(set(compiled)) == 3
+    # kernels' view: the norms and each attention's rotary function kernelized with our layers
+    found = get_kernelized_layers(model)
+    assert sorted(found.layers) == sorted(n for n, m in model.named_modules() if type(m).__name__ == "LlamaRMSNorm")
+    assert sorted(found.funcs) == [(f"model.layers.{i}.self_attn", "rotary_pos_emb") for i in range(2)]
+    assert {k.repo.load() for k in (*found.layers.values(), *found.funcs.values())} == {fused.RMSNormLayer,
+                                                                                      fused.RoPELayer}
     _close(got, forward_hidden(eager, batch), "hidden states")
     want_loss, want_grads = _loss_and_grads(eager, batch, preset)
     got_loss, got_grads = _loss_and_grads(model, batch, preset)
@@ -74,6 +93,8 @@ def test_fused_model_computes_the_eager_math(tokenizer_dir, tiny_llama_dir, shar
     assert modeling_llama.apply_rotary_pos_emb is rope and "forward" not in vars(eager.model.layers[0].mlp)
     assert fused.patch(model) == 9  # again: idempotent
     assert fused.unpatch(model) == 9 and fused.unpatch(model) == 0
+    after = get_kernelized_layers(model)
+    assert not after.layers and not after.funcs
     with torch.no_grad():  # back to the eager forwards: bit for bit
         assert torch.equal(forward_hidden(model, batch), forward_hidden(eager, batch))
 
@@ -109,12 +130,11 @@ def test_other_llama_style_decoders_are_recognised():
 def test_fused_ops_default_on_a_gpu_only(capsys):
     """model.fused_ops unset: patched for a GPU, not on a CPU; a model the fused ops do not know keeps
     HF's ops with a line on stderr when unset, and is an error when asked for."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from llara_dist.modeling import apply_fused_ops
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2))
+    llama = _tiny_llama()
     assert not apply_fused_ops(llama, None, torch.device("cpu")) and fused.unpatch(llama) == 0
     assert not apply_fused_ops(llama, False, torch.device("cuda"))
     assert apply_fused_ops(llama, None, torch.device("cuda")) and fused.unpatch(llama) == 5  # 3 norms, mlp, attention
@@ -124,6 +144,50 @@ def test_fused_ops_default_on_a_gpu_only(capsys):
     assert "GPT2LMHeadModel is not a LLaMA-style decoder" in capsys.readouterr().err
     with pytest.raises(ValueError, match="GPT2LMHeadModel is not a LLaMA-style decoder"):
         apply_fused_ops(gpt2, True, torch.device("cpu"))
+
+
+def test_transformers_releases_not_tested_are_refused(monkeypatch):
+    """patch replaces code inside transformers' LLaMA modules: another release than those it knows, or
+    one without its kernels integration (no hooks), is refused whole, saying what to do."""
+    import transformers
+
+    llama = _tiny_llama()
+    monkeypatch.setattr(transformers, "__version__", "5.26.0")
+    with pytest.raises(ValueError) as refusal:
+        fused.patch(llama)
+    known = ", ".join(v + ".x" for v in fused.KNOWN_TRANSFORMERS)
+    for part in ("model.fused_ops: transformers 5.26.0 is not a release", f"({known})", "model.fused_ops=false",
+                 "llara_dist.fused.KNOWN_TRANSFORMERS"):
+        assert part in str(refusal.value)
+    monkeypatch.setattr(transformers, "__version__", f"{fused.KNOWN_TRANSFORMERS[-1]}.3")  # a patch release: known
+    monkeypatch.setattr(fused, "is_kernels_available", lambda: False)
+    with pytest.raises(ValueError, match=r"without its kernels integration.*Install 'kernels>=.*model.fused_ops=false"):
+        fused.patch(llama)
+    assert fused.unpatch(llama) == 0 and not any("forward" in vars(m) for m in llama.modules())
+
+
+def test_patch_is_all_or_nothing_where_kernels_declines_a_layer(monkeypatch):
+    """kernels refuses a layer that does not say it compiles, in a TORCH_COMPILE mode: at the first
+    norm, after an attention's rotary function and an MLP were patched, which are undone."""
+    llama = _tiny_llama()
+    monkeypatch.setattr(fused.RMSNormLayer, "can_torch_compile", False)
+    with pytest.raises(ValueError, match="does not support torch.compile"):
+        fused.patch(llama)
+    assert fused.unpatch(llama) == 0 and not any("forward" in vars(m) for m in llama.modules())
+
+
+def test_importing_fused_leaves_the_repos_kernels_folder_alone():
+    """The repo's kernels/ folder (llara_dist.kernels, no __init__.py) never stands in for the PyPI
+    package `kernels`, whose hooks these fused ops use: not even from the repo root, first on sys.path."""
+    import kernels
+
+    code = ("import sys, llara_dist.fused, kernels; print(kernels.__file__); "
+            "print([n for n, m in list(sys.modules.items()) if n.startswith('llara_dist.kernels') "
+            "or str(getattr(m, '__file__', '') or '').startswith(sys.argv[1])])")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "kernels")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, check=True).stdout.splitlines()
+    assert out[0] == kernels.__file__ and not out[0].startswith(str(ROOT / "kernels")), out  # PyPI's, as here
+    assert out[1] == "[]", out
 
 
 def test_changing_shapes_compile_twice_at_most():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from llara_dist.data import shards
+from llara_dist.data.chunking import TEXT_ONLY
 from llara_dist.data.prep import PrepError, PrepSettings, prep
 from llara_dist.tokenizer import load_tokenizer
 
@@ -45,12 +46,13 @@ def check_output(folder: Path, tok) -> tuple[dict, list[dict]]:
     assert len(samples) == manifest["docs"] == sum(e["docs"] for e in manifest["shards"])
     for e in manifest["shards"]:
         assert hashlib.sha256((folder / e["name"]).read_bytes()).hexdigest() == e["sha256"]
+        assert (folder / e["name"]).stat().st_size == e["bytes"]
     docs = [shards.decode_sample(s) for s in samples]
     assert sum(len(d.ids) for d in docs) == manifest["tokens"]
     assert sum(not d.has_next for d in docs) == manifest["docs_without_next"]
     metas = [json.loads(s["json"]) for s in samples]
     texts = [s["txt"].decode() for s in samples]
-    for d, text in zip(docs, tok(texts, add_special_tokens=False)["input_ids"]):
+    for d, text in zip(docs, tok(texts, **TEXT_ONLY)["input_ids"]):  # literal "<unk>" as text
         assert d.ids.tolist() == text
     for i, (d, meta) in enumerate(zip(docs, metas)):
         following = metas[i + 1] if i + 1 < len(metas) else None
@@ -90,7 +92,7 @@ def test_llara_jsonl_shared(tmp_path, tokenizer_dir, shared_data):
     for s, row in zip(samples, rows):
         assert s["txt"].decode() == row["input"]
         nxt = np.frombuffer(s["next"], dtype=shards.ID_DTYPE)
-        assert nxt.tolist() == sorted(set(tok(row["output_predict"], add_special_tokens=False)["input_ids"]))
+        assert nxt.tolist() == sorted(set(tok(row["output_predict"], **TEXT_ONLY)["input_ids"]))
     # sized for 300-token rows: chunks arrive whole, so they are truncated (at sentence ends), counted
     r = run_prep(tmp_path, tokenizer_dir, [path], "llara-jsonl", name="short", seq_len=300, preset="paper")
     m, samples = check_output(r.out, tok)

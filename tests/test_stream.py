@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -145,7 +146,14 @@ def test_malformed_sample_names_shard_and_key(tmp_path, write_test_shards):
 def test_shard_shorter_than_manifest_refused(tmp_path, write_test_shards):
     folder = write_test_shards(tmp_path / "short", synthetic_docs(6), 1)
     path = folder / sh.shard_name(0)
-    sh.write_shard(path, list(_samples(path))[:4])
+    recorded = json.loads((folder / sh.MANIFEST).read_text())["shards"][0]["sha256"]
+    sh.write_shard(path, list(_samples(path))[:4])  # a whole tar, two documents short
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match=f"shard-000000.tar: sha256 {actual} but the manifest says {recorded}"):
+        next(iter(Reader(ShardSet.open(str(folder)), 0, 0, 1)))
+    manifest = json.loads((folder / sh.MANIFEST).read_text())
+    del manifest["shards"][0]["sha256"]  # a manifest without hashes: the document count still tells
+    sh.write_manifest(folder, manifest)
     with pytest.raises(ValueError, match="holds 4 documents but the manifest says 6"):
         next(iter(Reader(ShardSet.open(str(folder)), 0, 0, 1)))
 

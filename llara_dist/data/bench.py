@@ -46,7 +46,7 @@ def run(args) -> int:
     from llara_dist.data.loader import PackedLoader
     from llara_dist.data.shards import read_manifest
     from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
-    from llara_dist.tokenizer import load_tokenizer
+    from llara_dist.tokenizer import load_tokenizer, pad_id
 
     name = args.tokenizer or read_manifest(args.shards).get("tokenizer", {}).get("name_or_path")
     if not name or not Path(name).exists():
@@ -55,11 +55,10 @@ def run(args) -> int:
     preset = resolve_preset(ObjectiveConfig(preset=args.preset))
     add_special_tokens(tok, preset)
     prompt = prompt_tokens(tok, preset)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     cfg = DataConfig(shards=args.shards, seq_len=args.seq_len, num_workers=args.workers,
                      pack_buffer=args.pack_buffer)
-    loader = PackedLoader(cfg, prompt, micro_batch=args.micro_batch, rank=0, world=1, pad_id=pad_id,
+    loader = PackedLoader(cfg, prompt, micro_batch=args.micro_batch, rank=0, world=1, pad_id=pad_id(tok),
                           drop_ids=tuple(tok.all_special_ids))
     ours = iter(loader)
     keys = list(next(ours).keys)  # worker start-up and the first shard read are not throughput
@@ -195,7 +194,10 @@ class _Baseline:
     """The released way over fixed documents; `measure()` times one pass, start-up excluded."""
 
     def __init__(self, args, shards, keys, tok, prompt):
+        from llara_dist.tokenizer import with_pad_token
+
         self.keys, self.workers = keys, args.workers
+        with_pad_token(tok)  # the released run.py sets one (its unk) before its collator pads
         texts = _texts(shards)
         self.tmp = tempfile.TemporaryDirectory()
         path = Path(self.tmp.name, "pretrain.jsonl")

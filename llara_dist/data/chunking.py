@@ -21,6 +21,12 @@ be two tokens where " was" is one); the greedy pass fills chunks by that count. 
 chunk texts are then tokenized on their own and the rare chunk still over the limit
 is cut again exactly: binary search over its sentence ends, then word ends, then
 characters.
+
+The text of a chunk is text: a literal `<unk>`, `<s>` or `</s>` in it (WikiText writes
+`<unk>` for rare words) is tokenized as the characters it is made of, never as the
+tokenizer's special token, as SentencePiece does with user text. So corpus text can
+never put an unknown, BOS or EOS id (or a pad id) into the shards; the objective
+drops special ids from its target sets and the LM loss would learn them as text.
 """
 
 from __future__ import annotations
@@ -146,18 +152,30 @@ class _Meter:
 
 
 def _backend(tokenizer):
-    """The Rust tokenizer behind a Hugging Face fast tokenizer, if calling it directly
-    gives the same ids (it skips per-text Python work); else None."""
+    """A copy of the Rust tokenizer behind a Hugging Face fast tokenizer that reads special
+    tokens' strings as text, if calling it directly gives the same ids as the documented
+    call (it skips per-text Python work); else None.
+
+    A copy: the Hugging Face wrapper sets `encode_special_tokens` on its own backend at
+    every call, so a flag set on that one would not stay set."""
     raw = getattr(tokenizer, "_tokenizer", None)
-    if raw is None or not hasattr(raw, "encode_batch_fast"):
+    if raw is None or not hasattr(raw, "encode_batch_fast") or not hasattr(raw, "encode_special_tokens"):
         return None
-    probe = ["Hello world. It's 3.14, naïve café 東京.", "  two leading spaces\tand a tab", "x"]
+    probe = ["Hello world. It's 3.14, naïve café 東京.", "  two leading spaces\tand a tab", "x",
+             "a <unk> b <s> c </s> <pad>"]
     try:
+        raw = type(raw).from_str(raw.to_str())
+        raw.encode_special_tokens = True
         same = ([e.ids for e in raw.encode_batch_fast(probe, add_special_tokens=False)]
-                == tokenizer(probe, add_special_tokens=False)["input_ids"])
+                == tokenizer(probe, **TEXT_ONLY)["input_ids"])
     except Exception:  # noqa: BLE001 - any mismatch in API: use the documented call
         return None
     return raw if same else None
+
+
+# How prep calls a tokenizer on corpus text: no BOS/EOS added, and the strings of special
+# tokens read as text (the module's docstring says why).
+TEXT_ONLY = {"add_special_tokens": False, "split_special_tokens": True}
 
 
 class Chunker:
@@ -179,21 +197,21 @@ class Chunker:
 
     # -- tokenizer calls (batched) ------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> list:
-        """Token ids of each text, without special tokens."""
+        """Token ids of each text: no special token added, none read from the text (TEXT_ONLY)."""
         if not texts:
             return []
         if self._raw is not None:
             if len(texts) == 1:  # no thread pool round trip for one short text
                 return [self._raw.encode(texts[0], add_special_tokens=False).ids]
             return [e.ids for e in self._raw.encode_batch_fast(list(texts), add_special_tokens=False)]
-        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return self.tokenizer(list(texts), **TEXT_ONLY)["input_ids"]
 
     def _offsets(self, texts: Sequence[str]) -> list:
         if not texts:
             return []
         if self._raw is not None:
             return [e.offsets for e in self._raw.encode_batch(list(texts), add_special_tokens=False)]
-        return self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return self.tokenizer(list(texts), **TEXT_ONLY, return_offsets_mapping=True)["offset_mapping"]
 
     # -- public ---------------------------------------------------------------------------
     def chunk(self, text: str, title: str = "", counts: Counter | None = None) -> list[str]:

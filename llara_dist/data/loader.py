@@ -201,7 +201,9 @@ def _as_is(x):
 
 class PackedLoader:
     def __init__(self, cfg: DataConfig, prompt: PromptTokens, *, micro_batch: int, rank: int, world: int,
-                 pad_id: int, drop_ids: tuple[int, ...] = (), pin_memory: bool | None = None):
+                 pad_id: int, drop_ids: tuple[int, ...] = (), pin_memory: bool | None = None,
+                 vocab_size: int | None = None):
+        """`vocab_size`: every token id read must be below it (default: the manifest's vocabulary size)."""
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in 0..{world - 1}")
         if micro_batch < 1:
@@ -209,7 +211,7 @@ class PackedLoader:
         self.cfg, self.prompt, self.micro_batch = cfg, prompt, micro_batch
         self.rank, self.world, self.pad_id, self.drop_ids = rank, world, pad_id, tuple(drop_ids)
         self.workers = max(cfg.num_workers, 1)
-        self.shards = ShardSet.open(cfg.shards)
+        self.shards = ShardSet.open(cfg.shards, vocab_size)
         self.shards.check_readers(world * self.workers, world, self.workers)
         self._cursors: list[dict | None] = [None] * self.workers  # per local reader, last consumed
         self._next = 0  # local reader whose batch comes next

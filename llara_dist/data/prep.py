@@ -163,18 +163,6 @@ def _resolve(s: PrepSettings) -> dict:
     }
 
 
-def tokenizer_identity(path: str, tokenizer) -> dict:
-    """Name, class, size and a sha256 of the tokenizer's defining file(s)."""
-    folder = Path(path)
-    files = [folder / "tokenizer.json"] if (folder / "tokenizer.json").is_file() else sorted(
-        p for p in folder.iterdir() if p.is_file())
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
-    return {"name_or_path": str(path), "class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
-            "sha256": h.hexdigest(), "hashed": [p.name for p in files]}
-
-
 # -- workers -----------------------------------------------------------------------------
 
 _W: dict = {}  # per process: the chunker (and through it the tokenizer)
@@ -303,9 +291,10 @@ class _ShardWriter:
         name = shards.shard_name(len(self.entries))
         path = self.out / name
         shards.write_shard(path, self.samples)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        data = path.read_bytes()
         self.entries.append({"name": name, "docs": len(self.samples), "tokens": self.tokens,
-                             "docs_without_next": self.no_next, "sha256": digest})
+                             "docs_without_next": self.no_next, "bytes": len(data),
+                             "sha256": hashlib.sha256(data).hexdigest()})
         self.samples, self.tokens, self.no_next = [], 0, 0
 
     def remove(self) -> None:
@@ -313,7 +302,7 @@ class _ShardWriter:
             (self.out / e["name"]).unlink(missing_ok=True)
 
 
-_OURS = re.compile(r"shard-\d{6}\.tar|" + re.escape(shards.MANIFEST))
+_OURS = re.compile(shards.SHARD_NAME.pattern + "|" + re.escape(shards.MANIFEST))
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -365,7 +354,7 @@ def prep(s: PrepSettings, progress: bool | None = None) -> PrepResult:
     if not getattr(tokenizer, "is_fast", False):
         raise PrepError(f"{s.tokenizer}: prep needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}")
     chunking = _resolve(s)
-    identity = tokenizer_identity(s.tokenizer, tokenizer)
+    identity = shards.tokenizer_identity(s.tokenizer, tokenizer)
     out = Path(s.out)
     _prepare_out(out, s.overwrite)
 
@@ -403,6 +392,7 @@ def prep(s: PrepSettings, progress: bool | None = None) -> PrepResult:
         "articles": articles,
         "docs_without_next": sum(e["docs_without_next"] for e in writer.entries),
         "tokenizer": identity,
+        "special_tokens_in_text": "text",  # a literal "<unk>" is tokenized as text (chunking.TEXT_ONLY)
         "chunking": chunking,
         "format": s.format,
         "inputs": paths,

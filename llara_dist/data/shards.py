@@ -9,13 +9,19 @@ One document (a chunk of an article) is one webdataset sample:
     <key>.json   {"article", "chunk", "source"}
 
 Keys are `<source>-<article>-<chunk>`, with no dots (webdataset splits at dots).
+
+Also here, shared by prep, the stream, train and verify-shards: the manifest's I/O, the
+check of token ids against a vocabulary, and the tokenizer's identity as the manifest
+records it (and its comparison with the tokenizer a run loads).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -63,6 +69,9 @@ def decode_sample(sample: dict, where: str = "") -> Doc:
     return Doc(key=key, ids=np.frombuffer(raw, dtype=ID_DTYPE), next_set=next_set)
 
 
+SHARD_NAME = re.compile(r"shard-\d{6}\.tar")  # what shard_name gives
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
@@ -79,18 +88,18 @@ def write_shard(path, samples) -> None:
 # manifest.json, written by prep and read by the stream:
 # {
 #   "version": 1,
-#   "shards": [{"name": "shard-000000.tar", "docs": int, "tokens": int, "sha256": str}, ...],
+#   "shards": [{"name": "shard-000000.tar", "docs": int, "tokens": int, "bytes": int, "sha256": str}, ...],
 #   "docs": int, "tokens": int,                 # totals (tokens: text tokens)
-#   "tokenizer": {"name_or_path", "class", "vocab_size", "sha256"},
+#   "tokenizer": tokenizer_identity(...),       # below
 #   "chunking": {...}, "format": str, "inputs": [...],
 #   "skipped": {reason: count}, "truncated": {reason: count}
 # }
+# Manifests from before "bytes", "vocab_sha256" and "special_tokens" are read as they are:
+# what they lack is not checked (docs/data-prep.md).
 MANIFEST = "manifest.json"
 
 
 def write_manifest(folder, manifest: dict) -> None:
-    from pathlib import Path
-
     Path(folder, MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
@@ -115,3 +124,131 @@ def read_manifest(location: str) -> dict:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise ValueError(f"{url}: not a llara-dist manifest (no 'shards' list)")
     return manifest
+
+
+# -- token ids against a vocabulary ------------------------------------------------------
+
+def out_of_range(docs: list[Doc], vocab_size: int) -> list[tuple[str, str, int]]:
+    """(key, member, first bad id) of every document whose .ids or .next hold an id outside
+    [0, vocab_size). One min and max over the whole list first: a clean shard costs two
+    numpy reductions, not two per document."""
+    arrays = [a for d in docs for a in (d.ids, d.next_set) if a is not None and a.size]
+    if not arrays:
+        return []
+    flat = np.concatenate(arrays)
+    if flat.min() >= 0 and flat.max() < vocab_size:
+        return []
+    bad = []
+    for d in docs:
+        for member, a in (("ids", d.ids), ("next", d.next_set)):
+            if a is not None and a.size and (a.min() < 0 or a.max() >= vocab_size):
+                bad.append((d.key, member, int(a[(a < 0) | (a >= vocab_size)][0])))
+                break
+    return bad
+
+
+# -- the tokenizer's identity, recorded by prep and compared by train ---------------------
+
+SPECIALS = ("bos", "eos", "unk", "pad")
+
+
+def files_sha256(folder) -> tuple[str, list[str]]:
+    """sha256 over a tokenizer folder's defining file(s): tokenizer.json, else every file."""
+    folder = Path(folder)
+    files = [folder / "tokenizer.json"] if (folder / "tokenizer.json").is_file() else sorted(
+        p for p in folder.iterdir() if p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest(), [p.name for p in files]
+
+
+def vocab_sha256(tokenizer, n: int) -> str:
+    """sha256 of the token strings of ids 0..n-1, in id order: what the ids in the shards mean,
+    whatever file layout or library version holds the tokenizer."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
+    return hashlib.sha256(json.dumps(tokens, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def special_tokens(tokenizer) -> dict:
+    """{"bos": [token, id] or None, "eos": ..., "unk": ..., "pad": ...}."""
+    out = {}
+    for name in SPECIALS:
+        token, tid = getattr(tokenizer, f"{name}_token", None), getattr(tokenizer, f"{name}_token_id", None)
+        out[name] = None if token is None or tid is None else [str(token), int(tid)]
+    return out
+
+
+def tokenizer_identity(path, tokenizer) -> dict:
+    """What the manifest records about the tokenizer that made the ids."""
+    digest, hashed = files_sha256(path)
+    return {"name_or_path": str(path), "class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
+            "sha256": digest, "hashed": hashed, "vocab_sha256": vocab_sha256(tokenizer, len(tokenizer)),
+            "special_tokens": special_tokens(tokenizer)}
+
+
+def tokenizer_differences(recorded: dict, tokenizer, path, extra_ok=()) -> list[str]:
+    """How `tokenizer` (loaded from `path`) differs from the recorded identity; [] if it does not.
+
+    Compared, where the manifest records them: the vocabulary size, the vocabulary itself (its
+    sha256 over the token strings of the recorded ids; manifests without it: the sha256 of the
+    tokenizer's files), and the bos/eos/unk/pad tokens and their ids. The class and the path are
+    not compared: one folder loads as different classes in different library versions. Tokens
+    above the recorded vocabulary are allowed when they are all in `extra_ok` (the preset's own
+    tokens, which a model folder that was trained before already holds)."""
+    out = []
+    n, size = recorded.get("vocab_size"), len(tokenizer)
+    if isinstance(n, int):
+        extra = tokenizer.convert_ids_to_tokens(list(range(n, size))) if size > n else []
+        unknown = [t for t in extra if t not in extra_ok]
+        if size < n or unknown:
+            out.append(f"vocabulary size {n} != {size}"
+                       + (f" (tokens beyond the shards' vocabulary: {_few(unknown)})" if unknown else ""))
+        if recorded.get("vocab_sha256") and size >= n:
+            mine = vocab_sha256(tokenizer, n)
+            if mine != recorded["vocab_sha256"]:
+                out.append(f"vocabulary sha256 {recorded['vocab_sha256'][:16]} != {mine[:16]}")
+    if not recorded.get("vocab_sha256") and recorded.get("sha256") and Path(path).is_dir():
+        mine, _ = files_sha256(path)
+        if mine != recorded["sha256"]:
+            out.append(f"sha256 of the tokenizer files {recorded['sha256'][:16]} != {mine[:16]} (this manifest "
+                       "predates vocabulary fingerprints, so even a re-saved copy of the same tokenizer "
+                       "differs here: re-run prep to record one)")
+    if isinstance(recorded.get("special_tokens"), dict):
+        mine = special_tokens(tokenizer)
+        for name in SPECIALS:
+            theirs = recorded["special_tokens"].get(name)
+            if theirs != mine[name]:
+                out.append(f"{name} token {_special(theirs)} != {_special(mine[name])}")
+    return out
+
+
+def check_tokenizer(location: str, recorded: dict, tokenizer, path, extra_ok=()) -> None:
+    """Refuse a tokenizer other than the one the shards at `location` were made with."""
+    diff = tokenizer_differences(recorded, tokenizer, path, extra_ok)
+    if not diff:
+        return
+    name = recorded.get("name_or_path") or "?"
+    theirs = f"{name} ({recorded.get('class', '?')}, {recorded.get('vocab_size', '?')} tokens)"
+    raise ValueError(
+        f"{location}: the shards were made with tokenizer {theirs}, and this run's tokenizer is {path} "
+        f"({type(tokenizer).__name__}, {len(tokenizer)} tokens); they differ: {'; '.join(diff)}. The token ids "
+        f"in the shards would stand for other tokens: train with the tokenizer the shards were made with "
+        f"(train.tokenizer={name}), or re-run `llara-dist prep` with this one")
+
+
+def text_vocab_size(recorded: dict, tokenizer, extra_ok=()) -> int:
+    """Ids below this are text tokens: the recorded vocabulary size, else the tokenizer's size
+    without the extra tokens (added at the end: the preset's own)."""
+    if isinstance(recorded.get("vocab_size"), int):
+        return recorded["vocab_size"]
+    vocab = tokenizer.get_vocab()
+    return min([vocab[t] for t in extra_ok if t in vocab] + [len(tokenizer)])
+
+
+def _special(x) -> str:
+    return f"{x[0]!r} (id {x[1]})" if isinstance(x, list) and len(x) == 2 else "none" if x is None else repr(x)
+
+
+def _few(items: list, k: int = 5) -> str:
+    return ", ".join(map(str, items[:k])) + (f" and {len(items) - k} more" if len(items) > k else "")
