@@ -15,13 +15,13 @@
 #    attn_bench, bench/attn_bench.py: one LLaMA-2-7B attention layer (32 x 128), rows of 1024 with
 #    ~5 and ~1.5 documents: sdpa, flex, varlen, two-pass and the plain causal flash ceiling)
 # STAGES picks some (default: 1-3, in that order). check.txt holds the environment, each stage's
-# end and every failure. The device run brings back at most 8 files from $OUT, at most 2 folders
-# down: keep it that way (tests/test_kernels.py counts them). Each stage has a time cap and tees its output to $OUT as it goes (the train bench also writes its
+# end and every failure. $OUT holds at most 8 files, at most 2 folders down, so the results are
+# quick to copy off a GPU machine: keep it that way (tests/test_kernels.py counts them). Each stage has a time cap and tees its output to $OUT as it goes (the train bench also writes its
 # JSON and table after every configuration), so a stage cut short keeps what it measured.
 #
-# From a session holding the device: the repo goes on PYTHONPATH (no install); DeepSpeed and what it
-# needs are carried as wheels in .whl/ (docs/PERFORMANCE.md says how to build them here):
-#     run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)   # results in $OUT
+# On a GPU machine the repo goes on PYTHONPATH (no install); where its Python lacks DeepSpeed, copy
+# DeepSpeed and what it needs as wheels in .whl/ along (docs/performance.md says how to build them):
+#     bash bench/gpu_check.sh   # results in $OUT (bench_out/)
 # Dry run of the same plumbing on a CPU box (tiny shapes; PY picks another interpreter):
 #     DEVICE=cpu bash bench/gpu_check.sh
 set -uo pipefail
@@ -31,14 +31,14 @@ OUT=${OUT:-bench_out}
 PY=${PY:-python3}
 TOTAL_S=${TOTAL_S:-470}  # every stage ends by then; the rest of 8 minutes is start-up and slack
 STAGES=${STAGES:-train_bench train_bench_deep doctor}
-WHEELS=${WHEELS:-.whl}  # carried wheels of what the device image lacks (deepspeed, pydantic, ...)
+WHEELS=${WHEELS:-.whl}  # wheels of what the machine's Python lacks (deepspeed, pydantic, ...)
 mkdir -p "$OUT"
 
 # No install: the repo goes on PYTHONPATH. llara_dist/kernels is a link to the top-level kernels/
 # folder; a copy of the tree that dropped the link gets it back.
 [[ -e llara_dist/kernels ]] || ln -s ../kernels llara_dist/kernels
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-SCRATCH=$(mktemp -d)  # unpacked wheels, and the outputs that do not come back
+SCRATCH=$(mktemp -d)  # unpacked wheels, and the outputs kept out of $OUT
 trap 'rm -rf "$SCRATCH"' EXIT
 
 status=0
@@ -62,7 +62,7 @@ if said=$("$PY" -c "import deepspeed; print(deepspeed.__version__)" 2>&1); then
 else
     HAVE_DS=0 DS_LINE="deepspeed: ${said##*$'\n'}"
     fail "NO DEEPSPEED, the training benchmark cannot run (${said##*$'\n'}). Carry the wheels \
-($WHEELS): run(..., carry=[\".whl\"]); docs/PERFORMANCE.md says how to build them"
+($WHEELS); docs/performance.md says how to build them"
 fi
 
 {
@@ -116,13 +116,13 @@ stage() {
 }
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 
-# 1-2. ~2.5 + ~2 minutes on one H100 (docs/PERFORMANCE.md, "Time the prepared check takes"): the headline figures
+# 1-2. ~2.5 + ~2 minutes on one H100 (docs/performance.md, the gpu_check.sh stages): the headline figures
 if [ $HAVE_DS = 1 ]; then
     if wanted train_bench && ! stage train_bench 300 "$PY" bench/train_bench.py "${TRAIN_ARGS[@]}" \
             --out "$OUT/train_bench"; then  # cut short: the table so far, which its log ends without
         { echo "== train_bench table so far"; cat "$OUT/train_bench/bench.md" 2>/dev/null; } | tee -a "$OUT/train_bench.txt"
     fi
-    rm -f "$OUT/train_bench/bench.md"  # in its log (8 files come back)
+    rm -f "$OUT/train_bench/bench.md"  # in its log (8 files at most in $OUT)
     # the tables are at the end of their logs; their JSON stays behind
     wanted train_bench_deep && stage train_bench_deep 200 "$PY" bench/train_bench.py "${DEEP_ARGS[@]}" \
         --docs dpr --no-compare-checkpointing --out "$SCRATCH/deep"

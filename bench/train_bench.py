@@ -80,14 +80,14 @@ from torch._dynamo.utils import counters as dynamo_counters
 from transformers import AutoModelForCausalLM
 
 from llara_dist import fused, objective
-from llara_dist.kernels import registry
 from llara_dist.batch import build_batch, lm_targets
 from llara_dist.config import TrainConfig
 from llara_dist.data.pack import Packer
 from llara_dist.data.shards import Doc
 from llara_dist.engine import BatchPlan, build_engine, deepspeed_config, dist_env, init_distributed, zero3_loading
+from llara_dist.kernels import registry
 from llara_dist.metrics import attention_pairs, peak_flops, train_flops
-from llara_dist.modeling import set_attention
+from llara_dist.modeling import decoder_layers, set_attention
 from llara_dist.objective import _set_nll_sum
 from llara_dist.prompts import PRESETS, PromptTokens
 from llara_dist.tiny import tiny_llama_config
@@ -370,8 +370,10 @@ def set_fused(engine, what: str) -> None:
     """Compiled forwards switched on a built engine, like checkpointing (llara_dist.fused): "ops"
     (model.fused_ops), "layers" (model.compile_layers), or "" (none: HF's own forwards)."""
     fused.unpatch(engine)
-    if what:
-        {"ops": fused.patch, "layers": fused.compile_layers}[what](engine)
+    if what == "ops":
+        fused.patch(engine)
+    elif what == "layers":
+        fused.compile_layers(decoder_layers(engine))
 
 
 def fused_loss_gap(engine, micro, preset, objective, rtol: float, what: str) -> float:

@@ -210,6 +210,53 @@ def save_config(cfg, path: str | Path) -> None:
 __all__ = ["ConfigError", "opt", "help_of", "load_config", "save_config", "to_dict", "dataclass", "merge"]
 
 
+# what engine.deepspeed_config derives from the run config (dotted key -> where to set it instead):
+# train.deepspeed may not override these
+TRAINER_OWNED = {
+    "train_batch_size": "train.global_batch",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch and train.micro_batch (it is derived)",
+    "gradient_clipping": "train.grad_clip",
+    "bf16.enabled": "model.dtype",
+    "fp16.enabled": "model.dtype (bf16 or fp32)",
+    "zero_optimization.stage": "train.zero_stage",
+    "zero_optimization.offload_optimizer.device": "train.offload_optimizer",
+    "zero_optimization.offload_param.device": "train.offload_params",
+    "optimizer.params.lr": "train.lr",
+    "optimizer.params.betas": "train.adam_betas",
+    "optimizer.params.eps": "train.adam_eps",
+    "optimizer.params.weight_decay": "train.weight_decay",
+    "optimizer.params.torch_adam": "train.adam_impl",
+    "optimizer.params.fused": "train.adam_impl",
+    "scheduler": "train.warmup_steps, train.decay and train.min_lr_ratio",
+}
+
+
+def deepspeed_override_problems(overrides: dict) -> list[str]:
+    """One problem per key of `overrides` (train.deepspeed) that would replace what the trainer sets."""
+    problems = []
+    for key, value in _leaves(overrides):
+        if key == "optimizer.type":
+            if str(value).lower() != "adamw":
+                problems.append(f"deepspeed.{key}: {value!r}: the trainer's optimizer is AdamW "
+                                "(train.adam_impl picks its kernel)")
+            continue
+        owner = next((k for k in TRAINER_OWNED if key == k or key.startswith(k + ".") or k.startswith(key + ".")),
+                     None)
+        if owner is not None:
+            problems.append(f"deepspeed.{key}: set by the trainer ({owner}); use {TRAINER_OWNED[owner]}")
+    return problems
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every non-mapping value (and empty mapping) of a nested dict."""
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
 # --------------------------------------------------------------------------------------
 # The run configuration. Each section validates itself in `check()`.
 # --------------------------------------------------------------------------------------
@@ -363,9 +410,7 @@ class TrainConfig:
             out.append("offload_params: needs zero_stage 3 (ZeRO-2 keeps the weights whole on every rank's device)")
         if self.adam_impl not in ("torch", "deepspeed"):
             out.append(f"adam_impl: {self.adam_impl!r} is not one of torch, deepspeed")
-        if isinstance(self.deepspeed, dict) and self.deepspeed:  # engine imports torch: only when there is one
-            from llara_dist.engine import deepspeed_override_problems
-
+        if isinstance(self.deepspeed, dict):
             out += deepspeed_override_problems(self.deepspeed)
         return out
 

@@ -22,6 +22,9 @@ from datetime import timedelta
 
 import torch
 
+from llara_dist.config import ConfigError, deepspeed_override_problems, merge
+from llara_dist.modeling import decoder_layers
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -129,8 +132,6 @@ def deepspeed_config(train, plan: BatchPlan, dtype: torch.dtype, gpu: bool | Non
     """The DeepSpeed config dict from our TrainConfig and the batch plan, `train.deepspeed` merged in.
 
     `gpu`: build it for a GPU run (default: whether DeepSpeed's accelerator is one)."""
-    from llara_dist.config import ConfigError, merge
-
     gpu = on_gpu() if gpu is None else gpu
     problems = deepspeed_override_problems(train.deepspeed)
     if problems:
@@ -164,53 +165,6 @@ def deepspeed_config(train, plan: BatchPlan, dtype: torch.dtype, gpu: bool | Non
         "wall_clock_breakdown": False,
     }
     return merge(generated, copy.deepcopy(train.deepspeed))  # a copy: DeepSpeed pops keys from its config
-
-
-# what deepspeed_config derives from the run config (dotted key -> where to set it instead):
-# train.deepspeed may not override these
-TRAINER_OWNED = {
-    "train_batch_size": "train.global_batch",
-    "train_micro_batch_size_per_gpu": "train.micro_batch",
-    "gradient_accumulation_steps": "train.global_batch and train.micro_batch (it is derived)",
-    "gradient_clipping": "train.grad_clip",
-    "bf16.enabled": "model.dtype",
-    "fp16.enabled": "model.dtype (bf16 or fp32)",
-    "zero_optimization.stage": "train.zero_stage",
-    "zero_optimization.offload_optimizer.device": "train.offload_optimizer",
-    "zero_optimization.offload_param.device": "train.offload_params",
-    "optimizer.params.lr": "train.lr",
-    "optimizer.params.betas": "train.adam_betas",
-    "optimizer.params.eps": "train.adam_eps",
-    "optimizer.params.weight_decay": "train.weight_decay",
-    "optimizer.params.torch_adam": "train.adam_impl",
-    "optimizer.params.fused": "train.adam_impl",
-    "scheduler": "train.warmup_steps, train.decay and train.min_lr_ratio",
-}
-
-
-def deepspeed_override_problems(overrides: dict) -> list[str]:
-    """One problem per key of `overrides` (train.deepspeed) that would replace what the trainer sets."""
-    problems = []
-    for key, value in _leaves(overrides):
-        if key == "optimizer.type":
-            if str(value).lower() != "adamw":
-                problems.append(f"deepspeed.{key}: {value!r}: the trainer's optimizer is AdamW "
-                                "(train.adam_impl picks its kernel)")
-            continue
-        owner = next((k for k in TRAINER_OWNED if key == k or key.startswith(k + ".") or k.startswith(key + ".")),
-                     None)
-        if owner is not None:
-            problems.append(f"deepspeed.{key}: set by the trainer ({owner}); use {TRAINER_OWNED[owner]}")
-    return problems
-
-
-def _leaves(tree: dict, prefix: str = ""):
-    """(dotted key, value) of every non-mapping value (and empty mapping) of a nested dict."""
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            yield from _leaves(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
 
 
 def lr_factor(step: int, train) -> float:
@@ -294,8 +248,6 @@ def gather_by_layer(model, required: bool = True) -> list:
     Returns the flagged layers: none for a model that names no layer class, unless `required` (then
     that is an error)."""
     from deepspeed.utils import set_z3_leaf_module
-
-    from llara_dist.modeling import decoder_layers
 
     layers = decoder_layers(model)
     if not layers:

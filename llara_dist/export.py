@@ -63,16 +63,6 @@ def lora_settings(cfg):
     return cfg.train
 
 
-def write_model_folder(model, tokenizer, cfg, out: str | Path, source: str = "") -> Path:
-    """An in-memory model (e.g. the training-time one) to a model folder, as export writes it."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    save_tokenizer(tokenizer, out)
-    write_llara_json(out, cfg, source)
-    return out
-
-
 def save_tokenizer(tokenizer, out: Path) -> None:
     """The tokenizer as an exported folder carries it: llara-dist itself needs no pad token
     (tokenizer.pad_id), but Hugging Face's own batching does (LLaMA-2 has none), and the released
@@ -100,10 +90,6 @@ def remove_export_files(out: Path) -> None:
     for p in out.iterdir() if out.is_dir() else ():
         if p.is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in EXPORT_FILES):
             p.unlink()
-
-
-def _size(t) -> int:
-    return int(torch.Size(t.shape).numel()) * t.dtype.itemsize
 
 
 def write_sharded(tensors, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> dict:

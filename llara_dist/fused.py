@@ -3,7 +3,7 @@ And whole decoder layers compiled (`model.compile_layers`).
 
     from llara_dist import fused
     fused.patch(model)           # every RMSNorm, MLP activation product and rotary embedding; a model or an engine
-    fused.compile_layers(model)  # every decoder layer's forward, whole
+    fused.compile_layers(layers) # every decoder layer's forward, whole (modeling.decoder_layers)
     fused.unpatch(model)         # back to the classes' own forwards (both)
 
 Between the matmuls of a decoder layer, HF's eager code runs memory-bound elementwise work as
@@ -289,20 +289,15 @@ def patch(model) -> int:
     return len(plan)
 
 
-def compile_layers(model) -> int:
+def compile_layers(layers: list[torch.nn.Module]) -> int:
     """Each decoder layer's forward compiled whole, as torchtitan compiles each block: the layer's
     norms, projections, RoPE, attention and MLP become one graph (fewer kernels, no Python per op).
-    Only the forward of each layer instance is replaced, so its `__call__` and its hooks run as
-    before; but nothing inside a layer may have hooks, since the compiled code would trace them:
-    ZeRO-3 must gather by layer (`train.zero3_layer_gather`), or run ZeRO-2. One compiled forward
-    per layer class, shared by its layers (one graph for all of them: see torch_linear); shapes as
-    in `compiled`. Returns how many layers."""
-    from llara_dist.modeling import decoder_layers
-
-    layers = decoder_layers(model)
-    if not layers:
-        raise ValueError(f"model.compile_layers: {type(model).__name__} names no decoder layer class "
-                         f"(_no_split_modules)")
+    `layers`: the model's decoder layers (modeling.decoder_layers). Only the forward of each layer
+    instance is replaced, so its `__call__` and its hooks run as before; but nothing inside a layer
+    may have hooks, since the compiled code would trace them: ZeRO-3 must gather by layer
+    (`train.zero3_layer_gather`), or run ZeRO-2. One compiled forward per layer class, shared by its
+    layers (one graph for all of them: see torch_linear); shapes as in `compiled`. Returns how many
+    layers."""
     hooked = [f"{type(m).__name__} in {type(layer).__name__}" for layer in layers for m in layer.modules()
               if m is not layer and (m._forward_pre_hooks or m._forward_hooks)]
     if hooked:

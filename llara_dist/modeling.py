@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from llara_dist.kernels import registry
+from llara_dist import fused
 from llara_dist.batch import SEG_NEXT, SEG_SELF, PackedBatch
+from llara_dist.kernels import registry
 from llara_dist.prompts import Preset, add_special_tokens
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -62,21 +63,21 @@ def load_model(model_cfg, tokenizer, preset: Preset, device: torch.device | str 
     set_attention(model, model_cfg.attn, device)
     apply_fused_ops(model, model_cfg.fused_ops, device)
     if model_cfg.compile_layers:
-        from llara_dist import fused
-
-        fused.compile_layers(model)
+        layers = decoder_layers(model)
+        if not layers:
+            raise ValueError(f"model.compile_layers: {type(model).__name__} names no decoder layer class "
+                             f"(_no_split_modules)")
+        fused.compile_layers(layers)
     return model
 
 
 def apply_fused_ops(model, requested: bool | None, device: torch.device) -> bool:
     """`model.fused_ops`: true patches (a model llara_dist.fused does not know is an error); unset
-    patches on a GPU (2-13% faster steps, docs/PERFORMANCE.md), where a model it does not know keeps
+    patches on a GPU (2-18% faster steps, docs/performance.md), where a model it does not know keeps
     HF's ops, said on stderr; false, or unset on a CPU (compiling costs more than it saves), does not.
     Whether the model was patched."""
     if not (requested or (requested is None and torch.device(device).type == "cuda")):
         return False
-    from llara_dist import fused
-
     try:
         fused.patch(model)
     except ValueError as e:

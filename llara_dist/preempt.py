@@ -16,6 +16,10 @@ Rank 0 also leaves `run_dir/PREEMPTED` (the saved step) once that checkpoint is 
 and removes it when a run starts in the folder. A launcher that does not pass the exit
 status on (torchrun reports any failed rank as its own status 1) can tell "preempted,
 requeue me" from a crash by it: launch/torchrun.sh turns its failure into 42 then.
+
+For tests, LLARA_DIST_TEST_PREEMPT_AT_STEP=N makes a process raise SIGUSR1 in itself at the
+end of optimizer step N (Preemption.step_done): a signal sent from outside lands at a step
+that depends on the machine's speed, and a short run can end before it arrives.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 PREEMPTED_EXIT = 42
 PREEMPTED_MARKER = "PREEMPTED"  # in the run folder; the launch scripts use the same name
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPT_AT_STEP_ENV = "LLARA_DIST_TEST_PREEMPT_AT_STEP"
 
 
 def mark_preempted(run_dir: Path, step: int) -> None:
@@ -48,10 +53,20 @@ class Preemption:
         self.requested = False
         self.signal_name: str | None = None
         self._previous = {s: signal.signal(s, self.handler) for s in signals}
+        at = os.environ.get(PREEMPT_AT_STEP_ENV, "")
+        self._signal_at_step = int(at) if at else None
 
     def handler(self, signum, frame) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+    def step_done(self, step: int) -> None:
+        """Optimizer step `step` is complete. At the step PREEMPT_AT_STEP_ENV names, a real SIGUSR1 to
+        this thread: its handler has run when this returns (raise_signal delivers to the calling
+        thread, then runs the Python handlers), so the next should_stop() sees it as it would see
+        a scheduler's signal that arrived just then."""
+        if step == self._signal_at_step:
+            signal.raise_signal(signal.SIGUSR1)
 
     def should_stop(self, device=None) -> bool:
         """True on every rank if any rank got a signal (one all-reduce)."""

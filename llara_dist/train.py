@@ -235,6 +235,7 @@ class Trainer:
                 if state.step % cfg.train.ckpt_every == 0 or state.step == cfg.train.steps:
                     save()
                     saved_step = state.step
+                preemption.step_done(state.step)
         finally:
             preemption.ignore_from_now()
             log.close()

@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import metrics
 
 from llara_dist.config import ConfigError, FinetuneConfig, FinetuneRunConfig, ModelConfig, ObjectiveConfig, \
     TrainConfig, load_config
 from llara_dist.data.finetune_data import GroupLoader, read_examples
 from llara_dist.engine import batch_plan
-from llara_dist.preempt import PREEMPTED_EXIT
+from llara_dist.preempt import PREEMPT_AT_STEP_ENV, PREEMPTED_EXIT
 
 TOY = "llara_toy_finetune.jsonl"
 GROUP, QUERIES = 3, 8  # passages per query; queries per optimizer step
@@ -219,22 +218,18 @@ def test_cross_device_two_ranks_equal_one_rank(tmp_path, shared_data, tokenizer_
 # --- the command ------------------------------------------------------------------------------
 
 
-def launch(run_dir: Path, shared_data, tokenizer_dir, tiny_llama_dir, *args) -> subprocess.Popen:
+def launch(run_dir: Path, shared_data, tokenizer_dir, tiny_llama_dir, *args,
+           env: dict | None = None) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     # one rank: MASTER_PORT=0, its store binds any free port itself
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT="0", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+               MASTER_PORT="0", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env or {}))
     cmd = [sys.executable, "-m", "llara_dist", "finetune", f"run_dir={run_dir}", f"model.path={tiny_llama_dir}",
            "model.dtype=fp32", f"train.tokenizer={tokenizer_dir}", f"finetune.data={shared_data / TOY}",
            "train.global_batch=4", "train.micro_batch=2", "train.steps=12", "train.lr=1e-3", "train.warmup_steps=2",
            "train.ckpt_every=100", "finetune.group_size=4", "finetune.passage_max_len=64",
            "train.collective_timeout_s=30", *args]
     return subprocess.Popen(cmd, env=env, stdout=open(run_dir / "log.txt", "a"), stderr=subprocess.STDOUT)
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 @pytest.mark.slow
@@ -249,17 +244,13 @@ def test_command_lowers_loss_and_resumes_exactly(tmp_path, shared_data, tokenize
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4  # 12 steps x 4 queries: ~5 passes over the 10 examples
 
     run = tmp_path / "run"
-    proc = launch(run, *args[1:])
-    deadline = time.monotonic() + 180
-    while not (metrics(run) and metrics(run)[-1]["step"] >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, (run / "log.txt").read_text()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    assert proc.wait(timeout=120) == PREEMPTED_EXIT, (run / "log.txt").read_text()
-    stopped = metrics(run)[-1]["step"]
-    assert 3 <= stopped < 12
+    stop_at = 5  # no checkpoint before (ckpt_every 100): the preemption save is the one resumed
+    proc = launch(run, *args[1:], env={PREEMPT_AT_STEP_ENV: str(stop_at)})
+    assert proc.wait(timeout=240) == PREEMPTED_EXIT, (run / "log.txt").read_text()
+    assert [m["step"] for m in metrics(run)] == list(range(1, stop_at + 1))
+    assert f"SIGUSR1: saved step {stop_at}, exiting with {PREEMPTED_EXIT}" in (run / "log.txt").read_text()
     assert launch(run, *args[1:]).wait(timeout=240) == 0, (run / "log.txt").read_text()
-    assert f"at step {stopped}" in (run / "log.txt").read_text()
+    assert f"step{stop_at:08d} at step {stop_at}" in (run / "log.txt").read_text()
     assert [m["loss"] for m in metrics(run)] == losses  # dropout and the data cursor resumed exactly
 
     def weights(d):

@@ -21,7 +21,7 @@ import torch
 
 from llara_dist import fused
 from llara_dist.config import ModelConfig
-from llara_dist.modeling import forward_hidden, load_model
+from llara_dist.modeling import decoder_layers, forward_hidden, load_model
 from llara_dist.objective import batch_counts, combine, loss_sums
 
 RTOL = 2e-6
@@ -62,14 +62,14 @@ def _tiny_llama():
 
 def test_fused_model_computes_the_eager_math(tokenizer_dir, tiny_llama_dir, shared_data):
     """Hidden states, loss and every gradient of a packed batch: load_model with fused_ops on vs off."""
+    from helpers import micro_batches
     from kernels import get_kernelized_layers
-    from test_train_units import _micro_batches
     from transformers.models.llama import modeling_llama
 
     rope = modeling_llama.apply_rotary_pos_emb
     tok, preset, eager, prompt = _setup(tokenizer_dir, tiny_llama_dir, False)
     _, _, model, _ = _setup(tokenizer_dir, tiny_llama_dir, True)
-    batch = _micro_batches(tok, prompt, shared_data)[0]
+    batch = micro_batches(tok, prompt, shared_data)[0]
     with torch.profiler.profile() as prof:
         got = forward_hidden(model, batch)
     # 2 layers x (2 norms, 1 MLP product, 1 RoPE) + the final norm, each one compiled call, of 3 graphs
@@ -234,8 +234,8 @@ def _zero3_worker(rank, world, port, paths, out):
                       DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from helpers import micro_batches
     from torch._dynamo.utils import counters
-    from test_train_units import _micro_batches
 
     from llara_dist import objective
     from llara_dist.config import TrainConfig
@@ -251,9 +251,10 @@ def _zero3_worker(rank, world, port, paths, out):
     with zero3_loading(ds):
         tok, preset, model, prompt = _setup(tokenizer_dir, tiny_llama_dir, True)
     engine = build_engine(model, train, ds)
-    micro = _micro_batches(tok, prompt, shared_data)
+    micro = micro_batches(tok, prompt, shared_data)
     runs = {}
-    for name, switch in (("eager", fused.unpatch), ("fused", fused.patch), ("compiled", fused.compile_layers)):
+    compile_layers = lambda e: fused.compile_layers(decoder_layers(e))  # noqa: E731
+    for name, switch in (("eager", fused.unpatch), ("fused", fused.patch), ("compiled", compile_layers)):
         fused.unpatch(engine)
         switch(engine)
         graphs = counters["stats"]["unique_graphs"]
@@ -278,7 +279,7 @@ def _zero3_worker(rank, world, port, paths, out):
     with zero3_loading(ds):
         _, _, model, _ = _setup(tokenizer_dir, tiny_llama_dir, False)
     try:
-        fused.compile_layers(build_engine(model, per_module, ds))
+        fused.compile_layers(decoder_layers(build_engine(model, per_module, ds)))
     except ValueError as e:
         runs["refused"] = str(e)
     torch.save(runs, out)

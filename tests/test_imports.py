@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_resume import metrics, setup  # noqa: F401 (setup: the run config fixture)
+from helpers import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,10 +56,10 @@ def test_pytest_collects_from_the_repo_root():
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_train_from_the_repo_root(setup, tmp_path):  # noqa: F811
+def test_torchrun_two_ranks_train_from_the_repo_root(train_setup, tmp_path):
     """`torchrun -m llara_dist train`, 2 CPU ranks, started in the repo root: the trainer imports
     transformers, DeepSpeed and the project's kernels and takes its steps."""
-    root, _ = setup
+    root, _ = train_setup
     run_dir = tmp_path / "run"
     out = run_from_root(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         "-m", "llara_dist", "train", "--config", str(root / "run.yaml"), f"run_dir={run_dir}",

@@ -115,11 +115,11 @@ def dense_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
 def test_mask_preparation_reads_nothing_from_the_device(kernel, two_pass):
     """No host wait in the masks of a micro-batch. The batch on the meta device stands for the GPU:
     any read of a meta tensor raises, so building every path's masks there proves none is read
-    (varlen: its layout comes from the host copy). SyncWatch (test_train_units) sees the operations:
+    (varlen: its layout comes from the host copy). SyncWatch (helpers.py) sees the operations:
     sdpa and flex prepare on the device without one, and varlen's device side (the layout's copy,
     the gather, a kernel that takes cu_seqlens on the device, the scatter) has none either."""
     from llara_dist.modeling import pass_mask
-    from test_train_units import SyncWatch
+    from helpers import SyncWatch
 
     b = packed([[5, 9], [12, 3, 4]])
     on_meta = b.to("meta")
@@ -158,7 +158,7 @@ def _varlen_attn_210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
 
 def _varlen_attn_211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                      window_size=(-1, -1)):
-    # torch 2.11 (the device image): is_causal = window_size == (-1, 0), a tuple; heads must match
+    # torch 2.11 (the build the GPU figures used): is_causal = window_size == (-1, 0), a tuple; heads must match
     assert window_size == (-1, 0) and isinstance(window_size, tuple) and key.shape[1] == query.shape[1]
     return varlen.reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale)
 
@@ -267,7 +267,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert "4 layers of hidden 128" in deep and "1 micro-batches of 4 packed rows" in deep
     assert "| dpr (" in deep and "| chunks (" not in deep
     assert "0 failed, 1 passed, 0 skipped" in (out / "doctor.txt").read_text()
-    # what the device tool brings back: 8 files at most, none deeper than $OUT/a/b
+    # $OUT stays small to copy off a GPU machine: 8 files at most, none deeper than $OUT/a/b
     files = [f.relative_to(out) for f in out.rglob("*") if f.is_file()]
     assert len(files) <= 8 and all(len(f.parts) <= 3 for f in files), files
     assert "== sdpa" in (out / "train_bench" / "profile.txt").read_text()

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_resume import STEPS, metrics, setup, wait_for_step  # noqa: F401 (setup: the run config fixture)
+from helpers import metrics, wait_for_step
 
 from llara_dist.preempt import PREEMPTED_EXIT, PREEMPTED_MARKER
 
@@ -144,14 +144,16 @@ def torchrun_cmd(root: Path, *args: str) -> list[str]:
     return [str(ROOT / "launch" / "torchrun.sh"), "--config", str(root / "run.yaml"), *args]
 
 
-def test_torchrun_wrapper_turns_preemption_into_42_and_resumes(setup, tmp_path):
+def test_torchrun_wrapper_turns_preemption_into_42_and_resumes(train_setup, tmp_path):
     """2 trainer ranks under torchrun: SIGTERM to the wrapper -> USR1 to the ranks -> they save and
     exit 42 -> torchrun says 1 -> RUN_DIR/PREEMPTED -> 42. The same command resumes and finishes."""
-    root, _ = setup
+    root, _ = train_setup
     run, log = tmp_path / "run", tmp_path / "launch.log"
     env = launch_env(GPUS=2, RUN_DIR=run)
+    # far more steps than the run can take while the signal travels: it ends by the signal only
     with open(log, "w") as out:
-        proc = subprocess.Popen(torchrun_cmd(root), env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(torchrun_cmd(root, "train.steps=100000"), env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
     try:
         try:
             wait_for_step(run, 2, [proc])
@@ -164,25 +166,30 @@ def test_torchrun_wrapper_turns_preemption_into_42_and_resumes(setup, tmp_path):
             proc.kill()
     text = log.read_text()
     assert status == PREEMPTED_EXIT, text
+    assert "[launch] got preemption signal: USR1 to ranks" in text
     assert "[launch] torchrun exited 1;" in text  # what torchrun alone tells the caller
     stopped = metrics(run)[-1]["step"]
-    assert 2 <= stopped < STEPS
+    assert stopped >= 2
+    assert f"SIGUSR1: saved step {stopped}, exiting with {PREEMPTED_EXIT}" in text, text
     assert (run / PREEMPTED_MARKER).read_text() == f"{stopped}\n"
     assert (run / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
 
+    # the same command with a reachable end: it resumes there and finishes
+    end = stopped + 2
     with open(log, "a") as out:
-        again = subprocess.run(torchrun_cmd(root), env=env, stdout=out, stderr=subprocess.STDOUT, timeout=240)
+        again = subprocess.run(torchrun_cmd(root, f"train.steps={end}"), env=env, stdout=out,
+                               stderr=subprocess.STDOUT, timeout=240)
     text = log.read_text()
     assert again.returncode == 0, text
     assert f"resumed from {run / 'checkpoints'}/step{stopped:08d} at step {stopped}" in text
     assert not (run / PREEMPTED_MARKER).exists()
-    assert [m["step"] for m in metrics(run)] == list(range(1, STEPS + 1))
+    assert [m["step"] for m in metrics(run)] == list(range(1, end + 1))
 
 
-def test_torchrun_wrapper_keeps_a_crash_a_crash(setup, tmp_path):
+def test_torchrun_wrapper_keeps_a_crash_a_crash(train_setup, tmp_path):
     """A marker left from an earlier preemption is removed before the start: a run that then fails
     (here a refused batch split, exit 2 under torchrun's 1) is not reported as preempted."""
-    root, _ = setup
+    root, _ = train_setup
     run = tmp_path / "run"
     run.mkdir()
     (run / PREEMPTED_MARKER).write_text("3\n")

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_train_resume import launch, metrics, wait
+from helpers import launch, metrics, wait
 
 from llara_dist import cli
 from llara_dist.tokenizer import load_tokenizer, pad_id, with_pad_token

@@ -159,7 +159,7 @@ def test_too_few_shards_refused(folder, prompt):
 
 def test_bench_data_prints_one_json_line(folder, tokenizer_dir, capsys):
     """The benchmark command end to end on a tiny budget (its figures are not checked: speed
-    is measured by running it, see docs/benchmarks.md)."""
+    is measured by running it, see docs/performance.md)."""
     from llara_dist.cli import main
 
     with pytest.raises(SystemExit) as e:

@@ -19,12 +19,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import load_tiny, make_docs
 
 from llara_dist import objective
 from llara_dist.batch import build_batch, lm_targets
 from llara_dist.config import TrainConfig
 from llara_dist.modeling import forward_hidden
-from test_parity import make_docs, setup
 
 TRAIN = dict(global_batch=2, micro_batch=1, steps=2, lr=1e-3, warmup_steps=0, decay="constant", grad_clip=0.5,
              adam_eps=1e-4, lora_r=4, activation_checkpointing=True)
@@ -62,7 +62,7 @@ def _worker(rank, port, paths, out):
     torch.manual_seed(0)
     tokenizer_dir, tiny_llama_dir, shared_data = paths
     with zero3_loading(ds):
-        tok, preset, model, prompt = setup("released", tokenizer_dir, tiny_llama_dir)
+        tok, preset, model, prompt = load_tiny("released", tokenizer_dir, tiny_llama_dir)
     engine = build_engine(model.train(), train, ds)
     before = full_state_dict(engine.module)
     chunked = types.SimpleNamespace(TERMS=objective.TERMS, batch_counts=objective.batch_counts,
@@ -81,7 +81,7 @@ def reference(paths, init: dict):
     from llara_dist.engine import apply_lora
 
     tokenizer_dir, tiny_llama_dir, shared_data = paths
-    tok, preset, model, prompt = setup("released", tokenizer_dir, tiny_llama_dir)
+    tok, preset, model, prompt = load_tiny("released", tokenizer_dir, tiny_llama_dir)
     model = apply_lora(model.train(), TrainConfig(**TRAIN))
     model.load_state_dict(init)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -125,7 +125,7 @@ def test_lora_released_trains_under_zero3_like_the_unchunked_loss(tmp_path, toke
 def test_frozen_head_gives_the_trainable_heads_sum_and_gradients(tokenizer_dir, tiny_llama_dir, shared_data):
     """Plain PyTorch: the LM sum and every other parameter's gradient are the same whether the head
     trains or not (head_nll computes W's gradient only where it trains)."""
-    tok, preset, model, prompt = setup("released", tokenizer_dir, tiny_llama_dir)
+    tok, preset, model, prompt = load_tiny("released", tokenizer_dir, tiny_llama_dir)
     batch = micro_batches(tok, prompt, shared_data)[0]
     grads = []
     for frozen in (False, True):

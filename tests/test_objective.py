@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import load_tiny, make_docs
 
 from llara_dist.batch import build_batch
 from llara_dist.objective import batch_counts, combine, loss_sums
-from test_parity import make_docs, setup
 
 LENGTHS = [23, 9, 14, 5, 17, 7]
 
@@ -47,7 +47,7 @@ def slow_loss(model, prompt, preset, docs, drop_specials: bool):
 
 @pytest.mark.parametrize("preset_name", ["paper", "released"])
 def test_loss_equals_slow_formula_and_splits_exactly(preset_name, tokenizer_dir, tiny_llama_dir, shared_data):
-    tok, preset, model, prompt = setup(preset_name, tokenizer_dir, tiny_llama_dir)
+    tok, preset, model, prompt = load_tiny(preset_name, tokenizer_dir, tiny_llama_dir)
     docs = make_docs(tok, shared_data, LENGTHS)
     drop = (0, 1, 2) if preset_name == "released" else ()  # released drops ids <= 2
     seq_len = 3 * prompt.overhead + 60
@@ -67,7 +67,7 @@ def test_loss_equals_slow_formula_and_splits_exactly(preset_name, tokenizer_dir,
 
 
 def test_lm_chunks_are_fixed_per_batch_shape_and_exact(tokenizer_dir, tiny_llama_dir, shared_data):
-    tok, preset, model, prompt = setup("released", tokenizer_dir, tiny_llama_dir)
+    tok, preset, model, prompt = load_tiny("released", tokenizer_dir, tiny_llama_dir)
     docs = make_docs(tok, shared_data, LENGTHS)
     seq_len = 3 * prompt.overhead + 60
     full = build_batch([docs[:3], docs[3:]], prompt, seq_len, tok.pad_token_id)
@@ -95,7 +95,7 @@ def test_lm_chunks_are_fixed_per_batch_shape_and_exact(tokenizer_dir, tiny_llama
 
 
 def test_zero_count_term_contributes_nothing(tokenizer_dir, tiny_llama_dir, shared_data):
-    tok, preset, model, prompt = setup("released", tokenizer_dir, tiny_llama_dir)
+    tok, preset, model, prompt = load_tiny("released", tokenizer_dir, tiny_llama_dir)
     docs = [d for d in make_docs(tok, shared_data, LENGTHS) if d.next_set is None]  # no EBAR at all
     b = build_batch([docs], prompt, 4 * prompt.overhead + 60, tok.pad_token_id)
     counts = batch_counts(b, preset)

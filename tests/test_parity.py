@@ -7,42 +7,16 @@ passes over `prefix TEXT self_suffix` and `prefix TEXT next_suffix`.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from helpers import load_tiny, make_docs
 
 from llara_dist.batch import build_batch
-from llara_dist.config import ModelConfig, ObjectiveConfig
 from llara_dist.data.shards import Doc
-from llara_dist.modeling import forward_hidden, gather_states, load_model
-from llara_dist.prompts import prompt_tokens, resolve_preset
-from llara_dist.tokenizer import load_tokenizer
+from llara_dist.modeling import forward_hidden, gather_states
 
 TOL = 1e-5
-
-
-def make_docs(tokenizer, shared_data, lengths, seed=0):
-    """Real Wikipedia chunks cut to `lengths` tokens; every other one without a next chunk."""
-    rows = [json.loads(line) for line in (shared_data / "llara_toy_pretrain.jsonl").read_text().splitlines()]
-    rng = np.random.default_rng(seed)
-    docs = []
-    for i, n in enumerate(lengths):
-        row = rows[i % len(rows)]
-        ids = tokenizer(row["input"], add_special_tokens=False)["input_ids"]
-        start = int(rng.integers(0, max(1, len(ids) - n)))
-        nxt = tokenizer(row["output_predict"], add_special_tokens=False)["input_ids"][:50]
-        docs.append(Doc(f"d{i}", np.asarray(ids[start:start + n], np.int32),
-                        np.unique(np.asarray(nxt, np.int32)) if i % 2 == 0 else None))
-    return docs
-
-
-def setup(preset_name, tokenizer_dir, tiny_llama_dir, attn="sdpa"):
-    tok = load_tokenizer(tokenizer_dir)
-    preset = resolve_preset(ObjectiveConfig(preset=preset_name))
-    model = load_model(ModelConfig(path=str(tiny_llama_dir), attn=attn, dtype="fp32"), tok, preset, device="cpu")
-    return tok, preset, model.eval(), prompt_tokens(tok, preset)
 
 
 def separate_states(model, prompt, doc):
@@ -58,7 +32,7 @@ def separate_states(model, prompt, doc):
 @pytest.mark.parametrize("attn", ["sdpa", "flex", "two-pass"])  # varlen needs CUDA: test_kernels + GPU check
 @pytest.mark.parametrize("preset_name", ["paper", "released"])
 def test_joint_pass_equals_separate_passes(preset_name, attn, tokenizer_dir, tiny_llama_dir, shared_data):
-    tok, preset, model, prompt = setup(preset_name, tokenizer_dir, tiny_llama_dir, attn)
+    tok, preset, model, prompt = load_tiny(preset_name, tokenizer_dir, tiny_llama_dir, attn)
     # rows holding 1, 2 and many documents, with padding at the end of the first two
     docs = make_docs(tok, shared_data, [37, 12, 20, 5, 9, 14, 3, 8, 11])
     rows = [docs[:1], docs[1:3], docs[3:]]
@@ -79,7 +53,7 @@ def test_joint_pass_equals_separate_passes(preset_name, attn, tokenizer_dir, tin
 def test_embeddings_equal_a_separate_pass(preset_name, tokenizer_dir, tiny_llama_dir, shared_data):
     from llara_dist.embed import encode
 
-    tok, preset, model, prompt = setup(preset_name, tokenizer_dir, tiny_llama_dir)
+    tok, preset, model, prompt = load_tiny(preset_name, tokenizer_dir, tiny_llama_dir)
     texts = ["The river flows north.", "A short query", "Anarchism is a political philosophy and movement."]
     got = {kind: encode(model, tok, preset, texts, kind, batch_size=2) for kind in ("passage", "query")}
     model.set_attn_implementation("sdpa")
@@ -100,7 +74,7 @@ def test_varlen_layout_in_the_model_equals_separate_passes(tokenizer_dir, tiny_l
 
     monkeypatch.setattr(registry, "why_unavailable", lambda path, device, backward=False, dtype=None: None)
     monkeypatch.setattr(varlen, "backend", lambda: ("reference", varlen.reference))
-    tok, preset, model, prompt = setup("released", tokenizer_dir, tiny_llama_dir, attn="varlen")
+    tok, preset, model, prompt = load_tiny("released", tokenizer_dir, tiny_llama_dir, attn="varlen")
     docs = make_docs(tok, shared_data, [30, 7, 12, 4, 9])
     batch = build_batch([docs[:1], docs[1:]], prompt, seq_len=prompt.overhead * 4 + 70, pad_id=tok.pad_token_id)
     with torch.no_grad():

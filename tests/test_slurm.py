@@ -147,9 +147,12 @@ def test_trainer_preempted_requeued_resumes_to_same_loss(cluster, tmp_path, tiny
     cmd = f"{sys.executable} -u -m llara_dist train --config {tiny_run}"
     ref_out, pre_out = tmp_path / "reference.log", tmp_path / "preempted.log"
     ref_dir, pre_dir = tmp_path / "reference", tmp_path / "preempted"
-    # both jobs at once: each takes 1 of the 2 CPUs the local nodes declare
+    # both jobs at once: each takes 1 of the 2 CPUs the local nodes declare. The first start of the
+    # preempted job cannot end before the signal: it has far more steps; each task's shell gives the
+    # requeued start the reference's length (the learning rate is constant: the length changes no step)
     ref = submit(cluster, ref_out, cmd, args=[f"run_dir={ref_dir}"])
-    pre = submit(cluster, pre_out, cmd, args=[f"run_dir={pre_dir}"])
+    pre = submit(cluster, pre_out, cmd + f" train.steps=$((${{SLURM_RESTART_COUNT:-0}} > 0 ? {STEPS} : 100000))",
+                 args=[f"run_dir={pre_dir}"])
     wait_until(lambda: len(metrics(pre_dir)) >= 3, 180, "3 training steps", cluster, pre, pre_out)
     # --full: the batch shell (which forwards it) and the trainers themselves get USR1
     subprocess.run(["scancel", "--signal=USR1", "--full", pre], env=cluster, check=True, timeout=30)
@@ -162,7 +165,7 @@ def test_trainer_preempted_requeued_resumes_to_same_loss(cluster, tmp_path, tiny
     saved = re.search(r"saved step (\d+), exiting with 42", log)
     assert saved and "requeueing job" in log, log
     step = int(saved.group(1))
-    assert 3 <= step < STEPS, f"preempted at step {step}: the signal came too late to test a resume"
+    assert 3 <= step < STEPS, f"preempted at step {step}: the signal took too long to leave steps to resume"
     assert f"resumed from {pre_dir / 'checkpoints'}" in log and f"at step {step}" in log
     want, got = metrics(ref_dir), metrics(pre_dir)
     assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))

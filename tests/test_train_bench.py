@@ -1,8 +1,8 @@
 """bench/train_bench.py on CPU: its workloads, and one whole run of a tiny shape through the real engine.
 
-The FLOP counter itself is checked by hand in test_train_units.py; here the report must use it
-with the benchmarked model's shape (hand count below) and every configuration must have
-processed the same documents.
+The report's work is counted here another way: documents, tokens and attention pairs from the
+step's documents and the mask rule, FLOPs from torch's own count over a model of the benchmarked
+shape; every configuration must have processed the same documents.
 """
 
 from __future__ import annotations
@@ -63,7 +63,11 @@ def test_workload_layouts_hold_the_same_documents(bench):
     assert sum(b.text_tokens() for b in w.packed) == sum(b.text_tokens() for b in w.padded)
 
 
-def test_tiny_run_reports_equal_work(tmp_path):
+def test_tiny_run_reports_equal_work(tmp_path, bench):
+    from helpers import allowed_pairs, flops_per_token_and_pair
+
+    from llara_dist.tiny import tiny_llama_config
+
     out = tmp_path / "bench"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "bench" / "train_bench.py"), "--shape", "tiny", "--device", "cpu",
@@ -75,9 +79,20 @@ def test_tiny_run_reports_equal_work(tmp_path):
     assert report["device"] == "cpu" and report["table_peak_tflops"] is None and report["matmul_peak_tflops"] > 0
     assert report["micro_batches"] == 2
     assert [w["docs"] for w in report["workloads"]] == ["dpr", "chunks"]
-    # tiny shape by hand: per layer q, k, v, o 4 x 128^2 + MLP 3 x 128 x 344; LM head 128 x (2000 + 16)
-    n = 2 * (4 * 128 * 128 + 3 * 128 * 344) + 128 * 2016
+    # the tiny shape, its vocabulary with the released preset's 16 tokens: FLOPs per token and per pair
+    # from torch's count of the matmuls a model of that shape runs
+    assert report["shape"] == {"hidden": 128, "heads": 4, "intermediate": 344, "vocab": 2000 + 16, "layers": 2}
+    per_token, per_pair = flops_per_token_and_pair(tiny_llama_config(2016, hidden=128, layers=2, heads=4,
+                                                                     intermediate=344))
+    prompt = bench.released_prompt(2000)
     for w in report["workloads"]:
+        # the step's documents again (the bench's --seed 0), counted from their ids and the mask rule
+        step = bench.make_workload(w["docs"], bench.drawn_docs(w["docs"], 2000, 0), prompt, 256, rows=4,
+                                   micro_batch=2)
+        text = sum(min(len(d.ids), 256 - prompt.overhead) for d in step.docs)
+        counted = {"docs": len(step.docs), "text_tokens": text, "real_tokens": text + len(step.docs) * prompt.overhead,
+                   "pairs": sum(int(allowed_pairs(b).sum()) for b in step.packed)}
+        assert w["documents"] == counted["docs"]
         rows = {r["config"]: r for r in w["results"]}
         # flex/varlen cannot train on CPU; the fastest of ours again with activation checkpointing, then with
         # fused ops, then with compiled layers (first workload)
@@ -94,7 +109,8 @@ def test_tiny_run_reports_equal_work(tmp_path):
             same = ("docs", "docs_hash", "text_tokens", "real_tokens", "pairs")
             assert {k: r[k] for k in same} == {k: base[k] for k in same}, r["config"]
             assert abs(r["loss_at_start"] - base["loss_at_start"]) <= 1e-4 * abs(base["loss_at_start"])
-            assert r["flops"] == 6 * n * r["real_tokens"] + 3 * 4 * 128 * 2 * r["pairs"]
+            assert {k: r[k] for k in counted} == counted, r["config"]
+            assert r["flops"] == per_token * counted["real_tokens"] + per_pair * counted["pairs"]
             assert r["step_s"] > 0 and r["text_tokens_per_s"] == pytest.approx(r["text_tokens"] / r["step_s"])
             assert r["mfu_measured"] == pytest.approx(r["flops"] / r["step_s"] / (report["matmul_peak_tflops"] * 1e12))
             assert r["speedup"] == pytest.approx(base["step_s"] / r["step_s"])

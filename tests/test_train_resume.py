@@ -2,87 +2,28 @@
 
 Ranks are started the way torchrun/deepspeed start them (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT), each `python -m llara_dist train`, on CPU with gloo, fp32.
+Preemption comes at a named step (LLARA_DIST_TEST_PREEMPT_AT_STEP: a real SIGUSR1 the rank
+raises in itself), so where a run stops does not depend on the machine's speed; the launch
+tests (test_launch.py, test_slurm.py) send the signals from outside.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TRAIN_STEPS as STEPS
+from helpers import launch, log_text, metrics, wait, wait_for_step
 
 from llara_dist.checkpoint import KILL_DURING_SAVE_ENV
-from llara_dist.preempt import PREEMPTED_EXIT
+from llara_dist.preempt import PREEMPT_AT_STEP_ENV, PREEMPTED_EXIT, PREEMPTED_MARKER
 
 pytestmark = pytest.mark.slow
-
-STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, wiki_docs, write_test_shards, tokenizer_dir, tiny_llama_dir):
-    """Shards of 40 short documents (rows hold 1-2 of them), and the base config."""
-    root = tmp_path_factory.mktemp("train")
-    docs = [(key, ids[:10 + (i * 7) % 60], nxt, text) for i, (key, ids, nxt, text) in enumerate(wiki_docs[:40])]
-    write_test_shards(root / "shards", docs, 4)
-    config = {
-        "data": {"shards": str(root / "shards"), "seq_len": 128, "num_workers": 1, "pack_buffer": 8},
-        "model": {"path": str(tiny_llama_dir), "dtype": "fp32"},
-        "objective": {"preset": "released"},
-        "train": {"global_batch": 8, "micro_batch": 2, "steps": STEPS, "lr": 1e-3, "warmup_steps": 2,
-                  "ckpt_every": 3, "keep_checkpoints": 2, "tokenizer": str(tokenizer_dir),
-                  "collective_timeout_s": 30},
-    }
-    (root / "run.yaml").write_text(json.dumps(config))  # JSON is YAML
-    return root, [d[0] for d in docs]
-
-
-def launch(root: Path, run_dir: Path, world: int, *args: str, env: dict | None = None) -> list[subprocess.Popen]:
-    """`world` trainer processes; several ranks need `env` from the rendezvous fixture (the store they
-    join), a lone rank binds any free port itself (MASTER_PORT=0)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for rank in range(world):
-        e = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-             **(env or {})}
-        log = open(run_dir / f"log-rank{rank}.txt", "a")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "llara_dist", "train", "--config", str(root / "run.yaml"),
-             f"run_dir={run_dir}", *args], env=e, stdout=log, stderr=subprocess.STDOUT))
-    return procs
-
-
-def wait(procs, timeout: float = 240) -> list[int]:
-    deadline = time.monotonic() + timeout
-    try:
-        return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def wait_for_step(run_dir: Path, step: int, procs, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metrics(run_dir) and metrics(run_dir)[-1]["step"] >= step:
-            return
-        assert all(p.poll() is None for p in procs), f"a rank ended early: {[p.poll() for p in procs]}"
-        time.sleep(0.05)
-    raise TimeoutError(f"{run_dir}: step {step} not reached")
 
 
 def final_weights(run_dir: Path) -> dict:
@@ -102,30 +43,28 @@ def ledger(run_dir: Path, world: int) -> dict:
     return out
 
 
-def log_text(run_dir: Path, rank: int = 0) -> str:
-    return (run_dir / f"log-rank{rank}.txt").read_text()
-
-
-@pytest.mark.parametrize("stage", [3, 2])
-def test_preempt_and_resume_equal_uninterrupted(setup, tmp_path, rendezvous, stage):
-    root, keys = setup
+# ZeRO-3 stops between two checkpoints (every 3 steps): the preemption save is its own; ZeRO-2
+# right after one: there is nothing more to save
+@pytest.mark.parametrize("stage, stop_at", [(3, 4), (2, 3)])
+def test_preempt_and_resume_equal_uninterrupted(train_setup, tmp_path, rendezvous, stage, stop_at):
+    root, keys = train_setup
     ref = tmp_path / "ref"
     zero = f"train.zero_stage={stage}"
     assert wait(launch(root, ref, 2, "--ledger", zero, env=rendezvous())) == [0, 0], log_text(ref)
 
     run = tmp_path / "interrupted"
-    procs = launch(root, run, 2, "--ledger", zero, env=rendezvous())
-    wait_for_step(run, 2, procs)
-    procs[1].send_signal(signal.SIGUSR1)  # one rank only: the all-reduce stops both
-    time.sleep(0.3)
-    procs[0].send_signal(signal.SIGTERM)  # a second signal, likely during the save: changes nothing
+    # rank 1 only gets the signal: the all-reduce stops both
+    procs = launch(root, run, 2, "--ledger", zero, env=rendezvous(), rank_env={1: {PREEMPT_AT_STEP_ENV: str(stop_at)}})
     assert wait(procs) == [PREEMPTED_EXIT, PREEMPTED_EXIT], log_text(run)
-    stopped = metrics(run)[-1]["step"]
-    assert 2 <= stopped < STEPS
-    assert (run / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
+    assert [m["step"] for m in metrics(run)] == list(range(1, stop_at + 1))
+    # rank 0 (which reports) stopped for rank 1's signal
+    assert f"a signal on another rank: saved step {stop_at}, exiting with {PREEMPTED_EXIT}" in log_text(run, 0)
+    assert (run / "checkpoints" / "latest").read_text() == f"step{stop_at:08d}"
+    assert (run / PREEMPTED_MARKER).read_text() == f"{stop_at}\n"
 
     assert wait(launch(root, run, 2, "--ledger", zero, env=rendezvous())) == [0, 0], log_text(run)
-    assert f"at step {stopped}" in log_text(run)
+    assert f"step{stop_at:08d} at step {stop_at}" in log_text(run)
+    assert not (run / PREEMPTED_MARKER).exists()
 
     got, want = metrics(run), metrics(ref)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
@@ -157,8 +96,8 @@ def test_preempt_and_resume_equal_uninterrupted(setup, tmp_path, rendezvous, sta
     assert f"written with train.zero_stage={stage}, and this start has train.zero_stage={5 - stage}" in log_text(ref)
 
 
-def test_dead_rank_ends_the_job(setup, tmp_path, rendezvous):
-    root, _ = setup
+def test_dead_rank_ends_the_job(train_setup, tmp_path, rendezvous):
+    root, _ = train_setup
     run = tmp_path / "dead"
     procs = launch(root, run, 2, "train.steps=100000", env=rendezvous())
     wait_for_step(run, 1, procs)
@@ -169,8 +108,8 @@ def test_dead_rank_ends_the_job(setup, tmp_path, rendezvous):
     assert time.monotonic() - start < 120
 
 
-def test_sigkill_during_checkpoint_write_keeps_previous(setup, tmp_path):
-    root, _ = setup
+def test_sigkill_during_checkpoint_write_keeps_previous(train_setup, tmp_path):
+    root, _ = train_setup
     run = tmp_path / "crash"
     steps = "train.steps=6"
     assert wait(launch(root, run, 1, steps, env={KILL_DURING_SAVE_ENV: "6"})) == [-signal.SIGKILL]
@@ -185,10 +124,10 @@ def test_sigkill_during_checkpoint_write_keeps_previous(setup, tmp_path):
     assert not (folder / "step00000006.partial").exists()
 
 
-def test_lora_trains_only_the_adapters(setup, tmp_path, tiny_llama_dir):
+def test_lora_trains_only_the_adapters(train_setup, tmp_path, tiny_llama_dir):
     from safetensors.torch import load_file
 
-    root, _ = setup
+    root, _ = train_setup
     run = tmp_path / "lora"
     # paper preset: the released one's LM-loss recompute through the frozen head fails under ZeRO-3 (docs/training.md)
     args = ("train.steps=2", "train.lora_r=4", "objective.preset=paper", "train.activation_checkpointing=true")

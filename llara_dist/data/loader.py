@@ -110,7 +110,7 @@ class _Slots:
     """Shared memory through which one DataLoader worker hands its batches' arrays to the trainer.
 
     Through torch's queue a ~350 KB batch costs 0.4-0.7 ms of CPU more than its ~4 KB of
-    metadata (pickling, a pipe in 64 KB pieces, unpickling: docs/benchmarks.md); here the
+    metadata (pickling, a pipe in 64 KB pieces, unpickling: docs/performance-record.md); here the
     worker copies batch n's arrays (the cursor's buffer included) into slot n % S, the queue
     carries where they lie, and the trainer copies them out. The DataLoader sends a worker
     the request for its batch n only after the trainer took its batch n - _PREFETCH, and the
