@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llara_dist.batch import SEG_NEXT, build_batch
+from llara_dist.data.batch import SEG_NEXT, build_batch
 from llara_dist.data.shards import Doc
 from llara_dist.kernels import flex, sdpa, varlen
-from llara_dist.modeling import pass_mask
+from llara_dist.model.decoder import pass_mask
 from llara_dist.prompts import PromptTokens
 
 PROMPT = PromptTokens(prefix=(5,) * 2, self_suffix=(6,) * 19, next_suffix=(7,) * 18, num_emb_tokens=8)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from llara_dist.objective import head_nll
+from llara_dist.model.objective import head_nll
 
 
 def checkpointed(head, h, t, chunk):

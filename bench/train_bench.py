@@ -44,7 +44,7 @@ on CUDA with DeepSpeed's own host wait at each one-rank gather (`<path>+dswait`:
 engine.skip_local_gather_syncs saves), then with activation checkpointing (non-reentrant, every decoder layer; config `<path>+ckpt`):
 its step time and peak memory against the same path without. Then, on CUDA by default (on CPU with
 --compare-fused: compiling takes a while there), the same path with model.fused_ops (config
-`<path>+fused`: llara_dist.fused patched into the engine's modules, taken off again after): its
+`<path>+fused`: llara_dist.model.fused patched into the engine's modules, taken off again after): its
 loss with and without the fused ops at the same weights must agree (else that row fails), then its
 step time and peak memory, the first step compiling (a warm-up step). The same again with
 model.compile_layers (`<path>+compiled`: each decoder layer's forward compiled whole; --compare-compiled
@@ -79,19 +79,19 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters as dynamo_counters
 from transformers import AutoModelForCausalLM
 
-from llara_dist import fused, objective
-from llara_dist.batch import build_batch, lm_targets
+from llara_dist.model import fused, objective
+from llara_dist.data.batch import build_batch, lm_targets
 from llara_dist.config import TrainConfig
 from llara_dist.data.pack import Packer
 from llara_dist.data.shards import Doc
-from llara_dist.engine import BatchPlan, build_engine, deepspeed_config, dist_env, init_distributed, zero3_loading
+from llara_dist.train.engine import BatchPlan, build_engine, deepspeed_config, dist_env, init_distributed, zero3_loading
 from llara_dist.kernels import registry
-from llara_dist.metrics import attention_pairs, peak_flops, train_flops
-from llara_dist.modeling import decoder_layers, set_attention
-from llara_dist.objective import _set_nll_sum
+from llara_dist.train.metrics import attention_pairs, peak_flops, train_flops
+from llara_dist.model.decoder import decoder_layers, set_attention
+from llara_dist.model.objective import _set_nll_sum
 from llara_dist.prompts import PRESETS, PromptTokens
-from llara_dist.tiny import tiny_llama_config
-from llara_dist.train import train_step
+from llara_dist.model.tiny import tiny_llama_config
+from llara_dist.train.trainer import train_step
 
 # model shapes: LLaMA-2-7B's layers cut to a few; tiny for CPU runs; host: the same modules with
 # next to no arithmetic, so a step's time is the host's own work (bench/host_overhead.py)
@@ -222,7 +222,7 @@ def baseline_loss_sums(model, batch, preset) -> dict:
 
 
 def objectives():
-    """config name -> an objective module for train.train_step (TERMS, batch_counts, loss_sums, combine)."""
+    """config name -> an objective module for trainer.train_step (TERMS, batch_counts, loss_sums, combine)."""
     baseline = SimpleNamespace(TERMS=objective.TERMS, batch_counts=objective.batch_counts,
                                combine=objective.combine, loss_sums=baseline_loss_sums)
     return {"baseline": baseline, "ours": objective}
@@ -367,7 +367,7 @@ def set_checkpointing(engine, on: bool) -> None:
 
 
 def set_fused(engine, what: str) -> None:
-    """Compiled forwards switched on a built engine, like checkpointing (llara_dist.fused): "ops"
+    """Compiled forwards switched on a built engine, like checkpointing (llara_dist.model.fused): "ops"
     (model.fused_ops), "layers" (model.compile_layers), or "" (none: HF's own forwards)."""
     fused.unpatch(engine)
     if what == "ops":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from llara_dist.batch import SEG_NEXT, SEG_SELF
+from llara_dist.data.batch import SEG_NEXT, SEG_SELF
 
 
 def mask_mod(doc: torch.Tensor, segment: torch.Tensor):

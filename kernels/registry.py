@@ -6,7 +6,7 @@ __init__.py, so the folder can never shadow the PyPI package `kernels` that tran
     flex      FlexAttention BlockMask, fully masked blocks skipped (CUDA; CPU forward only)
     varlen    two plain-causal sequences per document through varlen flash attention (CUDA)
     two-pass  no joint mask: the model runs over [prefix TEXT SELF] and over
-              [prefix TEXT NEXT] (a baseline and an independent check; see modeling.py)
+              [prefix TEXT NEXT] (a baseline and an independent check; see llara_dist/model/decoder.py)
 
 Each kernel is registered with transformers' AttentionInterface as `llara_<path>`, so any
 HF decoder (LLaMA, Mistral, Qwen2) calls it unchanged. The mask of a micro-batch is
@@ -101,7 +101,7 @@ def _hf_attention(kernel: str):
         # query [R, H, L, D], key/value [R, Hkv, L, D]; HF wants [R, L, H, D] back
         if llara_mask is None:
             raise ValueError(f"attention {hf_name(kernel)!r} needs the packed batch's mask: run the model "
-                             "through llara_dist.modeling.forward_hidden (or set a standard attn_implementation)")
+                             "through llara_dist.model.decoder.forward_hidden (or set a standard attn_implementation)")
         if llara_mask.path != kernel:
             raise ValueError(f"mask prepared for {llara_mask.path!r} given to the {kernel!r} kernel")
         out = attend(query, key, value, llara_mask.payload, scaling, dropout)

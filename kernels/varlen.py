@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llara_dist.batch import SEG_NEXT, SEG_PAD, SEG_SELF
+from llara_dist.data.batch import SEG_NEXT, SEG_PAD, SEG_SELF
 
 DTYPES = (torch.bfloat16, torch.float16)  # what the flash kernels take
 

@@ -9,7 +9,7 @@ devices the launcher gave it (CUDA_VISIBLE_DEVICES) and the all-reduced sum of a
 
 `--until-signal DIR` then plays the trainer's preemption protocol without a model: one
 all-reduced "stop?" flag per step until SIGUSR1/SIGTERM reaches any rank, then rank 0
-writes DIR/preempted and all exit 42 (llara_dist.preempt.PREEMPTED_EXIT). A start that
+writes DIR/preempted and all exit 42 (llara_dist.train.preempt.PREEMPTED_EXIT). A start that
 finds DIR/preempted is a resumed run: it writes DIR/resumed and exits 0. So a launcher's
 signal forwarding and requeue can be tested in seconds. `--kill-rank N` makes rank N die
 by SIGKILL instead, as a crashed or OOM-killed trainer would.
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-PREEMPTED_EXIT = 42  # the trainer's status (llara_dist/preempt.py); a test checks they agree
+PREEMPTED_EXIT = 42  # the trainer's status (llara_dist/train/preempt.py); a test checks they agree
 
 
 def emit(record: dict) -> None:

@@ -8,7 +8,7 @@
 #
 # torchrun reports a rank's exit 42 as its own failure (status 1): a scheduler could not tell
 # "preempted, requeue me" from a crash. The trainer's rank 0 writes RUN_DIR/PREEMPTED once the
-# preemption checkpoint is complete (llara_dist/preempt.py); this script removes a stale one
+# preemption checkpoint is complete (llara_dist/train/preempt.py); this script removes a stale one
 # before it starts and turns a failed torchrun into 42 when one is there. RUN_DIR reaches the
 # trainer as run_dir=RUN_DIR, so both look at the same folder (a shared one on many nodes, as
 # the checkpoints need anyway).
@@ -21,8 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/common.sh
 
-PREEMPTED_EXIT=42             # llara_dist/preempt.py PREEMPTED_EXIT
-PREEMPTED_MARKER=PREEMPTED    # llara_dist/preempt.py PREEMPTED_MARKER
+PREEMPTED_EXIT=42             # llara_dist/train/preempt.py PREEMPTED_EXIT
+PREEMPTED_MARKER=PREEMPTED    # llara_dist/train/preempt.py PREEMPTED_MARKER
 RANK_DEPTH=1                  # torchrun starts the ranks itself
 RUN_DIR=${RUN_DIR:?set RUN_DIR to the run folder (given to the trainer as run_dir=RUN_DIR)}
 GPUS=${GPUS:-$(default_gpus)}

@@ -14,15 +14,15 @@ import sys
 COMMANDS = {
     "prep": ("llara_dist.data.prep", "tokenize a raw corpus into webdataset shards + manifest"),
     "verify-shards": ("llara_dist.data.verify", "check shards against their manifest: size, sha256, documents, token ids"),
-    "bench-data": ("llara_dist.data.bench", "measure shard-to-packed-row throughput and fill"),
+    "bench-data": ("llara_dist.tools.bench_data", "measure shard-to-packed-row throughput and fill"),
     "demo": ("llara_dist.demo", "run the whole pipeline on an embedded tiny default (CPU)"),
-    "train": ("llara_dist.train", "train with DeepSpeed ZeRO-3 or 2 (resumes from the run folder's latest checkpoint)"),
-    "finetune": ("llara_dist.finetune", "contrastive fine-tuning (query/passage groups, LoRA) on the trainer's machinery"),
-    "doctor": ("llara_dist.doctor", "check the attention kernel paths' parity on this machine (table, exit 1 on failure)"),
-    "export": ("llara_dist.export", "write a Hugging Face model folder from a run's checkpoint"),
-    "encode": ("llara_dist.encode", "embed passages or queries with an exported model into a .npy file"),
-    "make-beir": ("llara_dist.data.beir", "turn fine-tuning JSON lines into a small BEIR-layout retrieval set"),
-    "eval": ("llara_dist.evaluate", "retrieval metrics of an exported model on a BEIR-layout folder"),
+    "train": ("llara_dist.train.trainer", "train with DeepSpeed ZeRO-3 or 2 (resumes from the run folder's latest checkpoint)"),
+    "finetune": ("llara_dist.retrieval.finetune", "contrastive fine-tuning (query/passage groups, LoRA) on the trainer's machinery"),
+    "doctor": ("llara_dist.tools.doctor", "check the attention kernel paths' parity on this machine (table, exit 1 on failure)"),
+    "export": ("llara_dist.retrieval.export", "write a Hugging Face model folder from a run's checkpoint"),
+    "encode": ("llara_dist.retrieval.encode", "embed passages or queries with an exported model into a .npy file"),
+    "make-beir": ("llara_dist.retrieval.beir", "turn fine-tuning JSON lines into a small BEIR-layout retrieval set"),
+    "eval": ("llara_dist.retrieval.evaluate", "retrieval metrics of an exported model on a BEIR-layout folder"),
 }
 
 

@@ -321,9 +321,9 @@ class ModelConfig:
     attn: str = opt("sdpa", "attention kernel path: sdpa, flex, varlen or two-pass")
     dtype: str = opt("auto", "parameter dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
     fused_ops: bool | None = opt(None, "compiled fused RMSNorm, SwiGLU product and RoPE in the decoder layers "
-                                       "(llara_dist.fused; same math, compiles at the first step); "
+                                       "(llara_dist.model.fused; same math, compiles at the first step); "
                                        "default: on for a GPU, off on the CPU (compiling costs more than it saves)")
-    compile_layers: bool = opt(False, "torch.compile each decoder layer's forward whole (llara_dist.fused; fewer "
+    compile_layers: bool = opt(False, "torch.compile each decoder layer's forward whole (llara_dist.model.fused; fewer "
                                       "kernels, less host time per layer); needs ZeRO-3 gathering by layer or "
                                       "ZeRO-2: no hooks inside a layer")
 

@@ -110,7 +110,7 @@ def stage_train(d: Demo) -> str:
     import subprocess
     import sys
 
-    from llara_dist.tiny import save_tiny_llama
+    from llara_dist.model.tiny import save_tiny_llama
     from llara_dist.tokenizer import load_tokenizer
 
     model = save_tiny_llama(d.out / "model", vocab_size=len(load_tokenizer(d.tokenizer)))
@@ -153,7 +153,7 @@ STAGES.append(("train", stage_train))
 
 def stage_export(d: Demo) -> str:
     """The latest checkpoint as a Hugging Face model folder (safetensors, tokenizer, llara.json)."""
-    from llara_dist.export import export_run
+    from llara_dist.retrieval.export import export_run
 
     d.export = export_run(d.run_dir, d.out / "export", dtype="fp32", overwrite=True)  # a rerun replaces it
     files = sorted(p.name for p in d.export.iterdir())
@@ -180,9 +180,9 @@ def _retrieval_set(d: Demo) -> Path:
 def stage_evaluate(d: Demo) -> str:
     """Retrieval metrics of the trained model next to its untrained starting point, same run."""
     from llara_dist.config import ModelConfig, ObjectiveConfig
-    from llara_dist.encode import load_encoder
-    from llara_dist.evaluate import evaluate_model
-    from llara_dist.modeling import load_model
+    from llara_dist.retrieval.encode import load_encoder
+    from llara_dist.retrieval.evaluate import evaluate_model
+    from llara_dist.model.decoder import load_model
     from llara_dist.prompts import resolve_preset
     from llara_dist.tokenizer import load_tokenizer
 

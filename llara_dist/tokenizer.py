@@ -42,7 +42,7 @@ def pad_id(tokenizer) -> int:
     """The id that fills padding slots: the tokenizer's pad token, else unk, else eos, else 0.
 
     LLaMA-2's tokenizer has no pad token. Padding slots are outside every document: no real
-    token attends them and no loss reads them (batch.py), so which id fills them changes no
+    token attends them and no loss reads them (data/batch.py), so which id fills them changes no
     result. Unk is the fallback because the released LLaRA code pads with it
     (`tokenizer.pad_token = tokenizer.unk_token`), so an exported model pads as there.
     """

@@ -40,7 +40,7 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
     Its vocabulary is the base tokenizer's; loading code resizes it for a preset's new tokens.
     """
-    from llara_dist.tiny import save_tiny_llama
+    from llara_dist.model.tiny import save_tiny_llama
     from llara_dist.tokenizer import load_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_llama")

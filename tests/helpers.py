@@ -41,7 +41,7 @@ def make_docs(tokenizer, shared_data, lengths, seed=0):
 def load_tiny(preset_name, tokenizer_dir, tiny_llama_dir, attn="sdpa"):
     """(tokenizer with the preset's tokens, preset, the tiny LLaMA in eval mode on CPU fp32, PromptTokens)."""
     from llara_dist.config import ModelConfig, ObjectiveConfig
-    from llara_dist.modeling import load_model
+    from llara_dist.model.decoder import load_model
     from llara_dist.prompts import prompt_tokens, resolve_preset
     from llara_dist.tokenizer import load_tokenizer
 
@@ -53,19 +53,19 @@ def load_tiny(preset_name, tokenizer_dir, tiny_llama_dir, attn="sdpa"):
 
 def micro_batches(tok, prompt, shared_data):
     """Two packed micro-batches of one row each (3 real documents per row, padding at the end)."""
-    from llara_dist.batch import build_batch
+    from llara_dist.data.batch import build_batch
 
     docs = make_docs(tok, shared_data, [23, 9, 14, 5, 17, 7])
     return [build_batch([row], prompt, 3 * prompt.overhead + 60, tok.pad_token_id) for row in (docs[:3], docs[3:])]
 
 
-# --- what a step does, counted another way than llara_dist.metrics counts it ----------------------
+# --- what a step does, counted another way than llara_dist.train.metrics counts it ----------------------
 
 
 def allowed_pairs(batch) -> torch.Tensor:
     """[rows, L, L] bool, brute force over the mask rule (docs/objective.md): query i may attend key j
     when both are of one document, j <= i, and not (i NEXT and j SELF); padding attends nothing."""
-    from llara_dist.batch import SEG_NEXT, SEG_PAD, SEG_SELF
+    from llara_dist.data.batch import SEG_NEXT, SEG_PAD, SEG_SELF
 
     doc, seg = batch.doc, batch.segment
     i = torch.arange(doc.shape[1])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llara_dist.config import TrainConfig
-from llara_dist.engine import batch_plan, deepspeed_config, dist_env
+from llara_dist.train.engine import batch_plan, deepspeed_config, dist_env
 
 
 def _gloo_worker(rank, world, port, folder):
@@ -20,9 +20,9 @@ def _gloo_worker(rank, world, port, folder):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from llara_dist.checkpoint import CheckpointManager
-    from llara_dist.engine import build_engine, full_state_dict, init_distributed
-    from llara_dist.preempt import Preemption
+    from llara_dist.train.checkpoint import CheckpointManager
+    from llara_dist.train.engine import build_engine, full_state_dict, init_distributed
+    from llara_dist.train.preempt import Preemption
 
     init_distributed(dist_env(), timeout_s=60)
     # preemption: a signal to rank 1 only stops both ranks at the same boundary
@@ -71,7 +71,7 @@ def test_preemption_agreement_and_checkpoint_manager(tmp_path, spawn_ranks):
 
 def test_preempt_at_step_is_the_real_signal_at_that_step(monkeypatch):
     """The tests' stop at a named step goes through the installed handler, at that step and not before."""
-    from llara_dist.preempt import PREEMPT_AT_STEP_ENV, Preemption
+    from llara_dist.train.preempt import PREEMPT_AT_STEP_ENV, Preemption
 
     monkeypatch.setenv(PREEMPT_AT_STEP_ENV, "3")
     pre = Preemption()

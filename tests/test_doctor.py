@@ -69,7 +69,7 @@ def test_every_gpu_path_bf16_forward_and_backward_against_fp32_sdpa():
     import numpy as np
 
     from llara_dist.kernels import registry
-    from llara_dist.doctor import run_checks, synthetic, tiny_model
+    from llara_dist.tools.doctor import run_checks, synthetic, tiny_model
 
     torch.manual_seed(0)
     model = tiny_model()

@@ -12,7 +12,7 @@ import torch
 from helpers import load_tiny, micro_batches
 
 from llara_dist.config import TrainConfig
-from llara_dist.engine import batch_plan, deepspeed_config, dist_env
+from llara_dist.train.engine import batch_plan, deepspeed_config, dist_env
 
 
 # how the engine holds the weights: ZeRO-3 gathering per module (DeepSpeed's way), per decoder layer
@@ -28,10 +28,10 @@ def _gathering_worker(rank, world, port, paths, out):
     torch.set_num_threads(1)
     from deepspeed.utils import z3_leaf_module
 
-    from llara_dist import fused, objective
-    from llara_dist.engine import build_engine, init_distributed, zero3_loading
-    from llara_dist.modeling import decoder_layers
-    from llara_dist.train import train_step
+    from llara_dist.model import fused, objective
+    from llara_dist.train.engine import build_engine, init_distributed, zero3_loading
+    from llara_dist.model.decoder import decoder_layers
+    from llara_dist.train.trainer import train_step
 
     init_distributed(dist_env(), timeout_s=60)
     tokenizer_dir, tiny_llama_dir, shared_data = paths
@@ -92,7 +92,7 @@ def test_gathering_by_layer_or_zero2_trains_the_same(tmp_path, run_ranks, tokeni
 
 
 def test_layer_gather_refuses_a_model_without_layer_classes():
-    from llara_dist.engine import gather_by_layer
+    from llara_dist.train.engine import gather_by_layer
 
     with pytest.raises(ValueError, match="train.zero3_layer_gather: Sequential names no decoder layer class"):
         gather_by_layer(torch.nn.Sequential(torch.nn.Linear(2, 2)))
@@ -103,8 +103,8 @@ def test_layer_gather_refuses_a_model_without_layer_classes():
 def test_forward_hidden_is_the_decoders_final_output(lora, tokenizer_dir, tiny_llama_dir, shared_data):
     """The decoder's output taken by a hook equals, bit for bit, the model's own last hidden state."""
     from llara_dist.kernels import registry
-    from llara_dist.engine import apply_lora
-    from llara_dist.modeling import forward_hidden
+    from llara_dist.train.engine import apply_lora
+    from llara_dist.model.decoder import forward_hidden
 
     tok, preset, model, prompt = load_tiny("released", tokenizer_dir, tiny_llama_dir)
     if lora:  # through peft's wrappers

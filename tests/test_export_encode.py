@@ -42,11 +42,11 @@ def test_export_matches_training_weights(trained_run, tmp_path, shared_data):
     from transformers import AutoModelForCausalLM
 
     from llara_dist.config import ModelConfig, ObjectiveConfig
-    from llara_dist.embed import encode
-    from llara_dist.encode import encode_texts, load_encoder
-    from llara_dist.evaluate import evaluate_model
-    from llara_dist.export import export_run
-    from llara_dist.modeling import load_model
+    from llara_dist.model.embed import encode
+    from llara_dist.retrieval.encode import encode_texts, load_encoder
+    from llara_dist.retrieval.evaluate import evaluate_model
+    from llara_dist.retrieval.export import export_run
+    from llara_dist.model.decoder import load_model
     from llara_dist.prompts import resolve_preset
     from llara_dist.tokenizer import load_tokenizer
 
@@ -79,7 +79,7 @@ def test_export_matches_training_weights(trained_run, tmp_path, shared_data):
     q = encode_texts(model, tokenizer, p, TEXTS, "query")
     assert not np.allclose(q, got)  # the NEXT prompt gives other vectors
 
-    from llara_dist.data.beir import finetune_to_beir
+    from llara_dist.retrieval.beir import finetune_to_beir
 
     beir = finetune_to_beir(shared_data / "llara_toy_finetune.jsonl", tmp_path / "beir")
     metrics = evaluate_model(model, tokenizer, p, tmp_path / "beir", k=1000, trec=str(tmp_path / "run.trec"))
@@ -91,7 +91,7 @@ def test_export_matches_training_weights(trained_run, tmp_path, shared_data):
 
 
 def test_cli_encode_and_missing_checkpoint(trained_run, tmp_path):
-    from llara_dist.export import export_run
+    from llara_dist.retrieval.export import export_run
 
     out = export_run(trained_run, tmp_path / "export", dtype="fp32")
     inp = tmp_path / "in.jsonl"

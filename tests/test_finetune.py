@@ -17,9 +17,9 @@ from helpers import metrics
 
 from llara_dist.config import ConfigError, FinetuneConfig, FinetuneRunConfig, ModelConfig, ObjectiveConfig, \
     TrainConfig, load_config
-from llara_dist.data.finetune_data import GroupLoader, read_examples
-from llara_dist.engine import batch_plan
-from llara_dist.preempt import PREEMPT_AT_STEP_ENV, PREEMPTED_EXIT
+from llara_dist.retrieval.finetune_data import GroupLoader, read_examples
+from llara_dist.train.engine import batch_plan
+from llara_dist.train.preempt import PREEMPT_AT_STEP_ENV, PREEMPTED_EXIT
 
 TOY = "llara_toy_finetune.jsonl"
 GROUP, QUERIES = 3, 8  # passages per query; queries per optimizer step
@@ -64,7 +64,7 @@ def test_bad_lines_name_file_and_line(tmp_path):
         load_config(FinetuneRunConfig, None, ["finetune.data=x", "train.lora_r=8"])
     with pytest.raises(ConfigError, match="train.zero3_layer_gather: fine-tuning runs each decoder layer twice"):
         load_config(FinetuneRunConfig, None, ["finetune.data=x", "train.zero3_layer_gather=true"])
-    from llara_dist.finetune import engine_train_config
+    from llara_dist.retrieval.finetune import engine_train_config
 
     assert engine_train_config(load_config(FinetuneRunConfig, None, ["finetune.data=x"])).zero3_layer_gather is False
 
@@ -110,9 +110,9 @@ def test_groups_are_deterministic_split_by_rank_and_resume(shared_data, tokenize
 @pytest.mark.parametrize("preset_name", ["paper", "released"])
 def test_loss_equals_direct_computation(shared_data, tokenizer_dir, tiny_llama_dir, preset_name):
     """Training-time embeddings and loss == inference embeddings (embed.encode) + a hand-written softmax."""
-    from llara_dist.embed import encode
-    from llara_dist.finetune import contrastive_sums, embed
-    from llara_dist.modeling import load_model
+    from llara_dist.model.embed import encode
+    from llara_dist.retrieval.finetune import contrastive_sums, embed
+    from llara_dist.model.decoder import load_model
 
     cfg = ft_config(shared_data)
     loader, tok, preset = make_loader(tokenizer_dir, cfg, micro=4, world=1, rank=0, preset_name=preset_name)
@@ -148,10 +148,10 @@ def _worker(rank, world, port, paths, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    from llara_dist.engine import build_engine, deepspeed_config, dist_env, full_state_dict, init_distributed, \
+    from llara_dist.train.engine import build_engine, deepspeed_config, dist_env, full_state_dict, init_distributed, \
         zero3_loading
-    from llara_dist.finetune import engine_train_config, finetune_step
-    from llara_dist.modeling import load_model
+    from llara_dist.retrieval.finetune import engine_train_config, finetune_step
+    from llara_dist.model.decoder import load_model
 
     shared_data, tokenizer_dir, tiny_llama_dir = paths
     init_distributed(dist_env(), timeout_s=60)
@@ -177,9 +177,9 @@ def _worker(rank, world, port, paths, out):
 
 def reference(paths, init: dict):
     """One process, plain PyTorch: each 4-query slice scored against its 12 passages, / 8, backward, clip, AdamW."""
-    from llara_dist.engine import apply_lora
-    from llara_dist.finetune import contrastive_sums, embed, engine_train_config
-    from llara_dist.modeling import load_model
+    from llara_dist.train.engine import apply_lora
+    from llara_dist.retrieval.finetune import contrastive_sums, embed, engine_train_config
+    from llara_dist.model.decoder import load_model
 
     shared_data, tokenizer_dir, tiny_llama_dir = paths
     cfg = FinetuneRunConfig(train=TrainConfig(micro_batch=4, **TRAIN), finetune=ft_config(shared_data))
@@ -266,7 +266,7 @@ def check_export(run_dir, weights, tmp_path):
     """A LoRA fine-tuning run exports merged (plain transformers loads it) or as a peft adapter."""
     from transformers import AutoModelForCausalLM
 
-    from llara_dist.export import export_run, load_run_config, lora_settings
+    from llara_dist.retrieval.export import export_run, load_run_config, lora_settings
 
     merged = AutoModelForCausalLM.from_pretrained(export_run(run_dir, tmp_path / "merged", dtype="fp32"))
     lora = lora_settings(load_run_config(run_dir))
@@ -282,13 +282,13 @@ def check_export(run_dir, weights, tmp_path):
 def test_command_refuses_bad_data_before_starting(tmp_path, tokenizer_dir, capsys):
     import argparse
 
-    from llara_dist import finetune
+    from llara_dist.retrieval import finetune
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q", "pos": ["p"], "neg": ["n"]}\n{"query": "q", "pos": "p"}\n')
     args = argparse.Namespace(config=None, ledger=False, overrides=[
         f"run_dir={tmp_path / 'run'}", f"train.tokenizer={tokenizer_dir}", f"finetune.data={bad}"])
-    assert finetune.run(args) == finetune.train.REFUSED_EXIT
+    assert finetune.run(args) == finetune.trainer.REFUSED_EXIT
     assert f"llara-dist finetune: {bad}:2: 'pos' must be a list" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -298,5 +298,5 @@ def test_command_refuses_bad_data_before_starting(tmp_path, tokenizer_dir, capsy
     args.overrides[-1] = f"finetune.data={bad.with_name('good.jsonl')}"
     bad.with_name("good.jsonl").write_text('{"query": "q", "pos": ["p"], "neg": ["n"]}\n')
     args.overrides.append(f"model.path={model}")
-    assert finetune.run(args) == finetune.train.REFUSED_EXIT  # the default objective.preset is released
+    assert finetune.run(args) == finetune.trainer.REFUSED_EXIT  # the default objective.preset is released
     assert "set objective.preset=paper" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""model.fused_ops (llara_dist.fused): the compiled norms, SwiGLU product and RoPE compute HF's eager math.
+"""model.fused_ops (llara_dist.model.fused): the compiled norms, SwiGLU product and RoPE compute HF's eager math.
 
 Tolerance, fp32 on CPU: the same operations in the same dtypes, but a compiled reduction (RMSNorm's
 mean) and fused multiply-adds round in another order, a few fp32 ulps (1 ulp = 1.2e-7 relative) per
@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llara_dist import fused
+from llara_dist.model import fused
 from llara_dist.config import ModelConfig
-from llara_dist.modeling import decoder_layers, forward_hidden, load_model
-from llara_dist.objective import batch_counts, combine, loss_sums
+from llara_dist.model.decoder import decoder_layers, forward_hidden, load_model
+from llara_dist.model.objective import batch_counts, combine, loss_sums
 
 RTOL = 2e-6
 COMPILED = "Torch-Compiled Region"  # torch.profiler's event for each call of compiled code (then the code's id)
@@ -132,7 +132,7 @@ def test_fused_ops_default_on_a_gpu_only(capsys):
     HF's ops with a line on stderr when unset, and is an error when asked for."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from llara_dist.modeling import apply_fused_ops
+    from llara_dist.model.decoder import apply_fused_ops
 
     llama = _tiny_llama()
     assert not apply_fused_ops(llama, None, torch.device("cpu")) and fused.unpatch(llama) == 0
@@ -157,7 +157,7 @@ def test_transformers_releases_not_tested_are_refused(monkeypatch):
         fused.patch(llama)
     known = ", ".join(v + ".x" for v in fused.KNOWN_TRANSFORMERS)
     for part in ("model.fused_ops: transformers 5.26.0 is not a release", f"({known})", "model.fused_ops=false",
-                 "llara_dist.fused.KNOWN_TRANSFORMERS"):
+                 "llara_dist.model.fused.KNOWN_TRANSFORMERS"):
         assert part in str(refusal.value)
     monkeypatch.setattr(transformers, "__version__", f"{fused.KNOWN_TRANSFORMERS[-1]}.3")  # a patch release: known
     monkeypatch.setattr(fused, "is_kernels_available", lambda: False)
@@ -181,7 +181,7 @@ def test_importing_fused_leaves_the_repos_kernels_folder_alone():
     package `kernels`, whose hooks these fused ops use: not even from the repo root, first on sys.path."""
     import kernels
 
-    code = ("import sys, llara_dist.fused, kernels; print(kernels.__file__); "
+    code = ("import sys, llara_dist.model.fused, kernels; print(kernels.__file__); "
             "print([n for n, m in list(sys.modules.items()) if n.startswith('llara_dist.kernels') "
             "or str(getattr(m, '__file__', '') or '').startswith(sys.argv[1])])")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "kernels")], cwd=ROOT, capture_output=True,
@@ -237,10 +237,10 @@ def _zero3_worker(rank, world, port, paths, out):
     from helpers import micro_batches
     from torch._dynamo.utils import counters
 
-    from llara_dist import objective
+    from llara_dist.model import objective
     from llara_dist.config import TrainConfig
-    from llara_dist.engine import BatchPlan, build_engine, deepspeed_config, dist_env, init_distributed, zero3_loading
-    from llara_dist.train import train_step
+    from llara_dist.train.engine import BatchPlan, build_engine, deepspeed_config, dist_env, init_distributed, zero3_loading
+    from llara_dist.train.trainer import train_step
 
     init_distributed(dist_env(), timeout_s=60)
     tokenizer_dir, tiny_llama_dir, shared_data = paths

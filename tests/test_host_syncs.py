@@ -12,7 +12,7 @@ import torch
 from helpers import SyncWatch, load_tiny, micro_batches
 
 from llara_dist.config import TrainConfig
-from llara_dist.engine import batch_plan, deepspeed_config, dist_env
+from llara_dist.train.engine import batch_plan, deepspeed_config, dist_env
 
 
 def _gather_sync_worker(rank, world, port, paths, out):
@@ -21,7 +21,7 @@ def _gather_sync_worker(rank, world, port, paths, out):
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.zero import partition_parameters as pp
 
-    from llara_dist.engine import build_engine, init_distributed
+    from llara_dist.train.engine import build_engine, init_distributed
 
     init_distributed(dist_env(), timeout_s=60)
     t = TrainConfig(global_batch=1, micro_batch=1, lr=0.1, warmup_steps=0)
@@ -70,8 +70,8 @@ def test_single_rank_gathers_do_not_wait_on_the_host(tmp_path, run_ranks):
 def test_micro_batch_path_reads_nothing_back(preset_name, attn, frozen_head, tokenizer_dir, tiny_llama_dir,
                                              shared_data):
     """Forward, loss and backward of a micro-batch: nothing that would wait for a GPU."""
-    from llara_dist.batch import lm_targets
-    from llara_dist.objective import batch_counts, combine, loss_sums
+    from llara_dist.data.batch import lm_targets
+    from llara_dist.model.objective import batch_counts, combine, loss_sums
 
     tok, preset, model, prompt = load_tiny(preset_name, tokenizer_dir, tiny_llama_dir, attn=attn)
     model.train().lm_head.weight.requires_grad_(not frozen_head)  # frozen: LoRA's LM-loss path
@@ -98,9 +98,9 @@ def _step_worker(rank, world, port, paths, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    from llara_dist import objective
-    from llara_dist.engine import build_engine, init_distributed, zero3_loading
-    from llara_dist.train import train_step
+    from llara_dist.model import objective
+    from llara_dist.train.engine import build_engine, init_distributed, zero3_loading
+    from llara_dist.train.trainer import train_step
 
     init_distributed(dist_env(), timeout_s=60)
     train = TrainConfig(global_batch=2, micro_batch=1, lr=1e-3, warmup_steps=0,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llara_dist.kernels import registry
-from llara_dist.batch import SEG_NEXT, SEG_SELF, build_batch
+from llara_dist.data.batch import SEG_NEXT, SEG_SELF, build_batch
 from llara_dist.data.shards import Doc
 from llara_dist.kernels import flex, mask, sdpa, varlen
 from llara_dist.prompts import PromptTokens
@@ -85,7 +85,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_varlen_layout_from_the_host_equals_the_device_built(device, rows, two_pass):
     """forward_hidden's mask (modeling.pass_mask) takes varlen's layout from the batch's host copy:
     the same layout as built from the device tensors; two-pass: both passes' rows, blanked, stacked."""
-    from llara_dist.modeling import pass_mask
+    from llara_dist.model.decoder import pass_mask
 
     b = packed(rows).to(device)
     if two_pass:
@@ -118,7 +118,7 @@ def test_mask_preparation_reads_nothing_from_the_device(kernel, two_pass):
     (varlen: its layout comes from the host copy). SyncWatch (helpers.py) sees the operations:
     sdpa and flex prepare on the device without one, and varlen's device side (the layout's copy,
     the gather, a kernel that takes cu_seqlens on the device, the scatter) has none either."""
-    from llara_dist.modeling import pass_mask
+    from llara_dist.model.decoder import pass_mask
     from helpers import SyncWatch
 
     b = packed([[5, 9], [12, 3, 4]])

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import metrics, wait_for_step
 
-from llara_dist.preempt import PREEMPTED_EXIT, PREEMPTED_MARKER
+from llara_dist.train.preempt import PREEMPTED_EXIT, PREEMPTED_MARKER
 
 pytestmark = pytest.mark.slow
 

@@ -49,7 +49,7 @@ def in_process(capsys, *args: str) -> str:
 @pytest.fixture(scope="module")
 def llama2(shared_data, tmp_path_factory):
     """(tokenizer folder, work folder holding a tiny random LLaMA over its vocabulary and a run config)."""
-    from llara_dist.tiny import save_tiny_llama
+    from llara_dist.model.tiny import save_tiny_llama
 
     tok_dir = shared_data / "llama2-tokenizer"
     root = tmp_path_factory.mktemp("llama2")
@@ -167,7 +167,7 @@ def test_export_loads_and_embeds_on_plain_transformers(exported, run1):
     released inference over it gives our embeddings."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llara_dist.encode import encode_texts, load_encoder
+    from llara_dist.retrieval.encode import encode_texts, load_encoder
     from llara_dist.prompts import PRESETS
 
     assert load_tokenizer(run1 / "tokenizer").pad_token is None  # the run's own tokenizer has none
@@ -184,7 +184,7 @@ def test_export_loads_and_embeds_on_plain_transformers(exported, run1):
 
 def test_encode_command(exported, tmp_path):
     """Batches padded to their longest text give the vectors of texts encoded one by one (no padding)."""
-    from llara_dist.encode import encode_texts, load_encoder
+    from llara_dist.retrieval.encode import encode_texts, load_encoder
 
     inp = tmp_path / "texts.jsonl"
     inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))

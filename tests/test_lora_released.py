@@ -21,10 +21,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from helpers import load_tiny, make_docs
 
-from llara_dist import objective
-from llara_dist.batch import build_batch, lm_targets
+from llara_dist.model import objective
+from llara_dist.data.batch import build_batch, lm_targets
 from llara_dist.config import TrainConfig
-from llara_dist.modeling import forward_hidden
+from llara_dist.model.decoder import forward_hidden
 
 TRAIN = dict(global_batch=2, micro_batch=1, steps=2, lr=1e-3, warmup_steps=0, decay="constant", grad_clip=0.5,
              adam_eps=1e-4, lora_r=4, activation_checkpointing=True)
@@ -52,9 +52,9 @@ def _worker(rank, port, paths, out):
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    from llara_dist.engine import (batch_plan, build_engine, deepspeed_config, dist_env, full_state_dict,
+    from llara_dist.train.engine import (batch_plan, build_engine, deepspeed_config, dist_env, full_state_dict,
                                    init_distributed, zero3_loading)
-    from llara_dist.train import train_step
+    from llara_dist.train.trainer import train_step
 
     init_distributed(dist_env(), timeout_s=60)
     train = TrainConfig(**TRAIN)
@@ -78,7 +78,7 @@ def _worker(rank, port, paths, out):
 
 def reference(paths, init: dict):
     """Plain PyTorch + peft, same weights: unchunked loss, backward, clip, torch AdamW, twice."""
-    from llara_dist.engine import apply_lora
+    from llara_dist.train.engine import apply_lora
 
     tokenizer_dir, tiny_llama_dir, shared_data = paths
     tok, preset, model, prompt = load_tiny("released", tokenizer_dir, tiny_llama_dir)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from helpers import load_tiny, make_docs
 
-from llara_dist.batch import build_batch
-from llara_dist.objective import batch_counts, combine, loss_sums
+from llara_dist.data.batch import build_batch
+from llara_dist.model.objective import batch_counts, combine, loss_sums
 
 LENGTHS = [23, 9, 14, 5, 17, 7]
 
@@ -115,7 +115,7 @@ def test_head_nll_is_cross_entropy_of_the_heads_logits(dtype, bias, frozen):
     """objective.head_nll (gradients in the forward, chunk by chunk) against eager cross-entropy of
     head(h).float(): the sum and the gradients of h, W and b; chunk sizes that do and do not divide T;
     a frozen head; no rows at all."""
-    from llara_dist.objective import head_nll
+    from llara_dist.model.objective import head_nll
 
     torch.manual_seed(0)
     head = torch.nn.Linear(24, 50, bias=bias).to(dtype)
@@ -150,7 +150,7 @@ def test_head_nll_is_cross_entropy_of_the_heads_logits(dtype, bias, frozen):
 
 
 def test_head_nll_refuses_a_wrapped_head():
-    from llara_dist.objective import head_nll
+    from llara_dist.model.objective import head_nll
 
     class Adapted(torch.nn.Linear):
         pass

@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers import load_tiny, make_docs
 
-from llara_dist.batch import build_batch
+from llara_dist.data.batch import build_batch
 from llara_dist.data.shards import Doc
-from llara_dist.modeling import forward_hidden, gather_states
+from llara_dist.model.decoder import forward_hidden, gather_states
 
 TOL = 1e-5
 
@@ -51,7 +51,7 @@ def test_joint_pass_equals_separate_passes(preset_name, attn, tokenizer_dir, tin
 
 @pytest.mark.parametrize("preset_name", ["paper", "released"])
 def test_embeddings_equal_a_separate_pass(preset_name, tokenizer_dir, tiny_llama_dir, shared_data):
-    from llara_dist.embed import encode
+    from llara_dist.model.embed import encode
 
     tok, preset, model, prompt = load_tiny(preset_name, tokenizer_dir, tiny_llama_dir)
     texts = ["The river flows north.", "A short query", "Anarchism is a political philosophy and movement."]

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from llara_dist.data.beir import finetune_to_beir, load_beir
-from llara_dist.retrieval import evaluate_run, search, write_trec_run
+from llara_dist.retrieval.beir import finetune_to_beir, load_beir
+from llara_dist.retrieval.search import evaluate_run, search, write_trec_run
 
 
 def test_metrics_hand_computed():

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from helpers import allowed_pairs, counted_train_flops
 
-from llara_dist.batch import build_batch
+from llara_dist.data.batch import build_batch
 from llara_dist.data.shards import Doc
-from llara_dist.metrics import attention_pairs, matmul_params, train_flops
+from llara_dist.train.metrics import attention_pairs, matmul_params, train_flops
 from llara_dist.prompts import PromptTokens
 
 
@@ -39,7 +39,7 @@ def test_train_flops_count_the_models_matmuls():
     of a real forward and backward (a shape with grouped-query attention: 1 key/value head of 2)."""
     from transformers import AutoModelForCausalLM
 
-    from llara_dist.tiny import tiny_llama_config
+    from llara_dist.model.tiny import tiny_llama_config
 
     c = tiny_llama_config(vocab_size=100, hidden=8, layers=2, heads=2, kv_heads=1, intermediate=16)
     linears = [m for m in AutoModelForCausalLM.from_config(c).modules() if isinstance(m, torch.nn.Linear)]
@@ -51,7 +51,7 @@ def test_train_flops_count_the_models_matmuls():
 
 
 def test_batch_carries_its_lm_targets():
-    from llara_dist.batch import lm_targets
+    from llara_dist.data.batch import lm_targets
 
     b = _batch()
     where = lm_targets(b).reshape(-1).nonzero().squeeze(1)

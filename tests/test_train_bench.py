@@ -66,7 +66,7 @@ def test_workload_layouts_hold_the_same_documents(bench):
 def test_tiny_run_reports_equal_work(tmp_path, bench):
     from helpers import allowed_pairs, flops_per_token_and_pair
 
-    from llara_dist.tiny import tiny_llama_config
+    from llara_dist.model.tiny import tiny_llama_config
 
     out = tmp_path / "bench"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -144,8 +144,8 @@ def _checkpointing_worker(rank, world, port, paths, out):
     torch.set_num_threads(1)
     from deepspeed.utils import safe_get_full_grad
 
-    from llara_dist import objective
-    from llara_dist.modeling import set_attention
+    from llara_dist.model import objective
+    from llara_dist.model.decoder import set_attention
     from llara_dist.prompts import PRESETS
 
     bench = load_bench()

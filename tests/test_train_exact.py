@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from llara_dist.batch import build_batch
+from llara_dist.data.batch import build_batch
 from llara_dist.config import ModelConfig, ObjectiveConfig, TrainConfig
 from llara_dist.data.shards import Doc
 
@@ -30,7 +30,7 @@ TRAIN = dict(global_batch=ROWS, micro_batch=MICRO, steps=1, lr=1e-3, warmup_step
 
 def setup(tokenizer_dir, tiny_llama_dir, wiki_docs):
     """Tokenizer, preset, loaded model (plain) and the 8 rows as micro-batches."""
-    from llara_dist.modeling import load_model
+    from llara_dist.model.decoder import load_model
     from llara_dist.prompts import prompt_tokens, resolve_preset
     from llara_dist.tokenizer import load_tokenizer
 
@@ -62,10 +62,10 @@ def _worker(rank, world, port, paths, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    from llara_dist import objective
-    from llara_dist.engine import (batch_plan, build_engine, deepspeed_config, dist_env, full_state_dict,
+    from llara_dist.model import objective
+    from llara_dist.train.engine import (batch_plan, build_engine, deepspeed_config, dist_env, full_state_dict,
                                    init_distributed, zero3_loading)
-    from llara_dist.train import train_step
+    from llara_dist.train.trainer import train_step
 
     init_distributed(dist_env(), timeout_s=60)
     train = TrainConfig(**TRAIN)
@@ -86,7 +86,7 @@ def _worker(rank, world, port, paths, out):
 
 def reference(paths, init: dict):
     """Plain PyTorch: mean over all documents of the 8 rows, one backward, clip, AdamW."""
-    from llara_dist import objective
+    from llara_dist.model import objective
 
     model, preset, micro = setup(*paths)
     model.load_state_dict(init)

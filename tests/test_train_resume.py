@@ -20,8 +20,8 @@ import torch
 from helpers import TRAIN_STEPS as STEPS
 from helpers import launch, log_text, metrics, wait, wait_for_step
 
-from llara_dist.checkpoint import KILL_DURING_SAVE_ENV
-from llara_dist.preempt import PREEMPT_AT_STEP_ENV, PREEMPTED_EXIT, PREEMPTED_MARKER
+from llara_dist.train.checkpoint import KILL_DURING_SAVE_ENV
+from llara_dist.train.preempt import PREEMPT_AT_STEP_ENV, PREEMPTED_EXIT, PREEMPTED_MARKER
 
 pytestmark = pytest.mark.slow
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from llara_dist.config import ConfigError, RunConfig, load_config, save_config, to_dict
-from llara_dist.engine import BatchPlan, batch_plan, dist_env
+from llara_dist.train.engine import BatchPlan, batch_plan, dist_env
 
 REFUSED_EXIT = 2
 
@@ -64,7 +64,7 @@ def start(args, config_cls, task_cls, command: str) -> int:
     except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"llara-dist {command}: {e}", file=sys.stderr)
         return REFUSED_EXIT
-    from llara_dist.engine import init_distributed
+    from llara_dist.train.engine import init_distributed
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # DeepSpeed's ZeRO-3 calls torch.distributed functions that torch marks deprecated, once per call
@@ -74,7 +74,7 @@ def start(args, config_cls, task_cls, command: str) -> int:
 
 
 def checkpoints(cfg: RunConfig, rank: int = 0):
-    from llara_dist.checkpoint import CheckpointManager
+    from llara_dist.train.checkpoint import CheckpointManager
 
     return CheckpointManager(Path(cfg.run_dir) / "checkpoints", cfg.train.keep_checkpoints, rank)
 
@@ -144,7 +144,7 @@ class Pretrain:
         return {"manifest_fingerprint": loader.shards.fingerprint, "data": self.cfg.data.shards}
 
     def step(self, engine, micro: list, preset, world: int) -> dict:
-        from llara_dist import objective
+        from llara_dist.model import objective
 
         return train_step(engine, micro, preset, world, objective, self.cfg.objective.lm_chunk)
 
@@ -156,11 +156,11 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
 
     def fit(self) -> int:
-        from llara_dist.checkpoint import rng_state
-        from llara_dist.engine import build_engine, deepspeed_config, zero3_loading
-        from llara_dist.metrics import MetricsLog, StepTimer, peak_flops, train_flops
-        from llara_dist.modeling import default_device, load_model, resolve_dtype
-        from llara_dist.preempt import PREEMPTED_EXIT, Preemption, clear_preempted, mark_preempted
+        from llara_dist.train.checkpoint import rng_state
+        from llara_dist.train.engine import build_engine, deepspeed_config, zero3_loading
+        from llara_dist.train.metrics import MetricsLog, StepTimer, peak_flops, train_flops
+        from llara_dist.model.decoder import default_device, load_model, resolve_dtype
+        from llara_dist.train.preempt import PREEMPTED_EXIT, Preemption, clear_preempted, mark_preempted
         from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
         from llara_dist.tokenizer import load_tokenizer, pad_id
 
@@ -252,7 +252,7 @@ class Trainer:
         (self.run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
 
     def _open_ledger(self, resume_step: int):
-        from llara_dist.metrics import truncate_after
+        from llara_dist.train.metrics import truncate_after
 
         path = self.run_dir / f"ledger-rank{self.rank:05d}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,8 +277,8 @@ def train_step(engine, micro_batches: list, preset, world: int, objective, lm_ch
     """
     import torch
 
-    from llara_dist.engine import all_reduce_sum
-    from llara_dist.metrics import attention_pairs
+    from llara_dist.train.engine import all_reduce_sum
+    from llara_dist.train.metrics import attention_pairs
 
     terms = objective.TERMS
     chunking = {} if lm_chunk is None else {"lm_chunk": lm_chunk}  # else the objective's own default

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llara_dist.batch import build_batch
+from llara_dist.data.batch import build_batch
 from llara_dist.data.shards import Doc
-from llara_dist.modeling import forward_hidden, gather_states, unwrap
+from llara_dist.model.decoder import forward_hidden, gather_states, unwrap
 from llara_dist.prompts import Preset, prompt_tokens
 from llara_dist.tokenizer import pad_id
 

@@ -36,7 +36,7 @@ def saved_objective(model_dir: str | Path):
 def load_encoder(model_dir: str | Path, attn: str = "sdpa", dtype: str = "auto", preset: str | None = None):
     """(model, tokenizer, Preset) from a model folder; the preset comes from its llara.json."""
     from llara_dist.config import ModelConfig, ObjectiveConfig
-    from llara_dist.modeling import default_device, load_model
+    from llara_dist.model.decoder import default_device, load_model
     from llara_dist.prompts import resolve_preset
     from llara_dist.tokenizer import load_tokenizer
 
@@ -61,7 +61,7 @@ def load_encoder(model_dir: str | Path, attn: str = "sdpa", dtype: str = "auto",
 def encode_texts(model, tokenizer, preset, texts: list[str], kind: str, batch_size: int = 32,
                  max_text_tokens: int = 512, progress: bool = False) -> np.ndarray:
     """[N, hidden] float32 unit vectors, in the order of `texts`; batched by length."""
-    from llara_dist.embed import encode
+    from llara_dist.model.embed import encode
 
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
     out = torch.zeros(0)

@@ -1,7 +1,7 @@
 """Fused elementwise ops for LLaMA-style decoder layers (`model.fused_ops`): compiled pure functions.
 And whole decoder layers compiled (`model.compile_layers`).
 
-    from llara_dist import fused
+    from llara_dist.model import fused
     fused.patch(model)           # every RMSNorm, MLP activation product and rotary embedding; a model or an engine
     fused.compile_layers(layers) # every decoder layer's forward, whole (modeling.decoder_layers)
     fused.unpatch(model)         # back to the classes' own forwards (both)
@@ -133,7 +133,7 @@ class _Repository:
         return self.layer
 
     def __str__(self):
-        return f"llara_dist.fused.{self.layer.__name__}"
+        return f"llara_dist.model.fused.{self.layer.__name__}"
 
 
 _REPOSITORIES = {NORM: _Repository(RMSNormLayer), ROPE: _Repository(RoPELayer)}
@@ -212,7 +212,7 @@ def check_versions() -> None:
             f"({', '.join(v + '.x' for v in KNOWN_TRANSFORMERS)}): they replace code inside its LLaMA modules, "
             f"which a release may change. Set model.fused_ops=false to run HF's own ops, or install transformers "
             f"{KNOWN_TRANSFORMERS[-1]}.x (to add a release: run tests/test_fused.py on it, then list it in "
-            f"llara_dist.fused.KNOWN_TRANSFORMERS)")
+            f"llara_dist.model.fused.KNOWN_TRANSFORMERS)")
     if not is_kernels_available():
         from transformers.utils.import_utils import KERNELS_MAX_VERSION, KERNELS_MIN_VERSION
 

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from llara_dist.kernels import registry
-from llara_dist.batch import build_batch
+from llara_dist.data.batch import build_batch
 from llara_dist.config import ObjectiveConfig
 from llara_dist.data.shards import Doc
-from llara_dist.modeling import DTYPES, default_device, forward_hidden, gather_states, resolve_dtype, set_attention
-from llara_dist.objective import batch_counts, combine, loss_sums
+from llara_dist.model.decoder import DTYPES, default_device, forward_hidden, gather_states, resolve_dtype, set_attention
+from llara_dist.model.objective import batch_counts, combine, loss_sums
 from llara_dist.prompts import PromptTokens, resolve_preset
 
 FP32_BOUND = 1e-4
@@ -66,7 +66,7 @@ class Row:
 def tiny_model(vocab: int = 512):
     from transformers import LlamaForCausalLM
 
-    from llara_dist.tiny import tiny_llama_config
+    from llara_dist.model.tiny import tiny_llama_config
 
     return LlamaForCausalLM(tiny_llama_config(vocab, hidden=128, layers=2, heads=4, kv_heads=2))
 

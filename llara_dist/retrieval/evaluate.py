@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from llara_dist.data.beir import load_beir
-from llara_dist.encode import encode_texts, load_encoder
-from llara_dist.retrieval import evaluate_run, search, write_trec_run
+from llara_dist.retrieval.beir import load_beir
+from llara_dist.retrieval.encode import encode_texts, load_encoder
+from llara_dist.retrieval.search import evaluate_run, search, write_trec_run
 
 
 def evaluate_model(model, tokenizer, preset, beir_dir, split: str = "test", k: int = 1000,

@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch
 
 from llara_dist.config import ConfigError, deepspeed_override_problems, merge
-from llara_dist.modeling import decoder_layers
+from llara_dist.model.decoder import decoder_layers
 
 
 @dataclass(frozen=True)

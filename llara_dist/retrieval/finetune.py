@@ -10,7 +10,7 @@
 
 The config is a FinetuneRunConfig: the trainer's sections (run_dir, objective, model,
 train) plus `finetune` (data, group_size, temperature, max lengths, LoRA). The loop is
-the trainer's (train.Trainer: resume from `latest`, preemption at step boundaries with
+the trainer's (trainer.Trainer: resume from `latest`, preemption at step boundaries with
 exit 42, checkpoints, metrics.jsonl, --ledger); this module gives it the task: groups
 of 1 positive + group_size - 1 hard negatives per query (data/finetune_data.py), queries
 embedded with the preset's NEXT prompt, passages with its SELF prompt, pooled as at
@@ -25,25 +25,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llara_dist import train
+from llara_dist.train import trainer
 from llara_dist.config import FinetuneRunConfig
-from llara_dist.embed import KINDS, pool
-from llara_dist.modeling import forward_hidden, gather_states
+from llara_dist.model.embed import KINDS, pool
+from llara_dist.model.decoder import forward_hidden, gather_states
 
-configure = train.configure
+configure = trainer.configure
 
 
 def run(args) -> int:
-    return train.start(args, FinetuneRunConfig, Finetune, "finetune")
+    return trainer.start(args, FinetuneRunConfig, Finetune, "finetune")
 
 
 class Finetune:
-    """The trainer's task for fine-tuning (see train.Pretrain for the interface)."""
+    """The trainer's task for fine-tuning (see trainer.Pretrain for the interface)."""
 
     METRICS = ("accuracy",)  # share of queries whose positive scores highest
 
     def __init__(self, cfg: FinetuneRunConfig):
-        from llara_dist.data.finetune_data import read_examples
+        from llara_dist.retrieval.finetune_data import read_examples
 
         self.cfg = cfg
         check_preset(cfg)
@@ -51,7 +51,7 @@ class Finetune:
         self.engine_train = engine_train_config(cfg)
 
     def loader(self, tokenizer, prompt, pad_id: int, plan, rank: int):
-        from llara_dist.data.finetune_data import GroupLoader
+        from llara_dist.retrieval.finetune_data import GroupLoader
 
         return GroupLoader(self.examples, tokenizer, prompt, self.cfg.finetune, plan, rank, pad_id)
 
@@ -67,7 +67,7 @@ def check_preset(cfg: FinetuneRunConfig) -> None:
     """An exported model folder records its prompts (llara.json): fine-tuning with others is refused."""
     from pathlib import Path
 
-    from llara_dist.encode import LLARA_JSON, saved_objective
+    from llara_dist.retrieval.encode import LLARA_JSON, saved_objective
     from llara_dist.prompts import resolve_preset
 
     saved = saved_objective(cfg.model.path)
@@ -140,14 +140,14 @@ def finetune_step(engine, micro_batches: list, preset, world: int, temperature: 
 
     The loss is the mean cross-entropy over all queries of the global batch. Each backward
     carries its micro-batch's share (sum / global queries); DeepSpeed's division by
-    grad_accum is off and its average over ranks is undone (x world), as in train.train_step.
+    grad_accum is off and its average over ranks is undone (x world), as in trainer.train_step.
     With cross-device negatives a query on rank r is scored against the passages of all
     ranks at the same micro-step (the loader makes them one contiguous slice of the batch).
     """
     import torch.distributed as dist
 
-    from llara_dist.engine import all_reduce_sum
-    from llara_dist.metrics import attention_pairs
+    from llara_dist.train.engine import all_reduce_sum
+    from llara_dist.train.metrics import attention_pairs
 
     gather = cross_device and world > 1
     rank = dist.get_rank() if gather else 0

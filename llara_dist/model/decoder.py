@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from llara_dist import fused
-from llara_dist.batch import SEG_NEXT, SEG_SELF, PackedBatch
+from llara_dist.model import fused
+from llara_dist.data.batch import SEG_NEXT, SEG_SELF, PackedBatch
 from llara_dist.kernels import registry
 from llara_dist.prompts import Preset, add_special_tokens
 
@@ -72,7 +72,7 @@ def load_model(model_cfg, tokenizer, preset: Preset, device: torch.device | str 
 
 
 def apply_fused_ops(model, requested: bool | None, device: torch.device) -> bool:
-    """`model.fused_ops`: true patches (a model llara_dist.fused does not know is an error); unset
+    """`model.fused_ops`: true patches (a model llara_dist.model.fused does not know is an error); unset
     patches on a GPU (2-18% faster steps, docs/performance.md), where a model it does not know keeps
     HF's ops, said on stderr; false, or unset on a CPU (compiling costs more than it saves), does not.
     Whether the model was patched."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from llara_dist.config import RunConfig, load_config, to_dict
-from llara_dist.encode import LLARA_JSON
+from llara_dist.retrieval.encode import LLARA_JSON
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 LORA_MARK = ".lora_"
@@ -57,7 +57,7 @@ def load_run_config(run_dir: Path):
 def lora_settings(cfg):
     """The TrainConfig that carries a run's LoRA settings (fine-tuning keeps them in `finetune`)."""
     if hasattr(cfg, "finetune"):
-        from llara_dist.finetune import engine_train_config
+        from llara_dist.retrieval.finetune import engine_train_config
 
         return engine_train_config(cfg)
     return cfg.train
@@ -139,7 +139,7 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, dty
                lora: str = "merge", max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from llara_dist.checkpoint import CheckpointManager
+    from llara_dist.train.checkpoint import CheckpointManager
     from llara_dist.tokenizer import load_tokenizer
 
     run_dir, out = Path(run_dir), Path(out)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llara_dist.batch import PackedBatch
-from llara_dist.modeling import forward_hidden, gather_states, unwrap
+from llara_dist.data.batch import PackedBatch
+from llara_dist.model.decoder import forward_hidden, gather_states, unwrap
 from llara_dist.prompts import Preset
 
 TERMS = ("ebae", "ebar", "lm")

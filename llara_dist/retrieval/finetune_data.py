@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llara_dist.batch import PackedBatch, build_batch
+from llara_dist.data.batch import PackedBatch, build_batch
 from llara_dist.data.shards import Doc
 
 
