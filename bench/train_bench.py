@@ -41,7 +41,7 @@ no-sync claim checked on the device; n/a on CPU). Before any step, every configu
 documents is evaluated at the same starting weights: they must agree (same documents, same
 objective), else the run fails. Last, the fastest of our paths on the first workload runs again:
 on CUDA with DeepSpeed's own host wait at each one-rank gather (`<path>+dswait`: what
-engine.skip_local_gather_syncs saves), then with activation checkpointing (non-reentrant, every decoder layer; config `<path>+ckpt`):
+patches.skip_local_gather_syncs saves), then with activation checkpointing (non-reentrant, every decoder layer; config `<path>+ckpt`):
 its step time and peak memory against the same path without. Then, on CUDA by default (on CPU with
 --compare-fused: compiling takes a while there), the same path with model.fused_ops (config
 `<path>+fused`: llara_dist.model.fused patched into the engine's modules, taken off again after): its
@@ -521,7 +521,7 @@ def main(argv=None) -> int:
                                    starts[cname], prof))
             save(report, results, w.name, hf_config, table_peak, matmul_peak, out)
     first, fastest = report["workloads"][0]["results"], fastest_ours(report["workloads"][0]["results"])
-    if device.type == "cuda" and fastest is not None:  # what engine.skip_local_gather_syncs saves
+    if device.type == "cuda" and fastest is not None:  # what patches.skip_local_gather_syncs saves
         with deepspeed_gather_waits():
             first.append(measure(engine, loads[0].name, f"{fastest['config']}+dswait", fastest["path"],
                                  loads[0].packed, preset, objs["ours"], args, device, fastest["loss_at_start"]))

@@ -11,8 +11,9 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from llara_dist import patches
 from llara_dist.kernels.mask import mask_mod
 
 BLOCK = 128
@@ -21,8 +22,7 @@ _compiled = None
 
 def prepare(doc: torch.Tensor, segment: torch.Tensor, block: int = BLOCK) -> BlockMask:
     R, L = doc.shape
-    return create_block_mask(mask_mod(doc, segment), R, None, L, L, device=doc.device,
-                             BLOCK_SIZE=block, _compile=doc.is_cuda)
+    return patches.block_mask(mask_mod(doc, segment), R, L, doc.device, block, compiled=doc.is_cuda)
 
 
 def _compiled_flex():

@@ -115,7 +115,11 @@ def _coerce(value: Any, t: Any, where: str, problems: list[str]) -> Any:
     return value
 
 
-def _build(cls, data: dict, prefix: str, problems: list[str]):
+def _build(cls, data: dict, prefix: str, problems: list[str], failed: set[str], base=None):
+    """Phase one: `cls` from `data`, every value coerced to its field's type. A value that cannot be
+    is a problem, its dotted name goes to `failed`, and the default stands in for it, so that phase
+    two's checks see only values of the right types. `base`: the instance whose values are the
+    defaults (a section's default in its parent, e.g. fine-tuning's LoRA rank)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     for key in data:
@@ -131,11 +135,17 @@ def _build(cls, data: dict, prefix: str, problems: list[str]):
         if is_dataclass(t):
             if not isinstance(v, dict):
                 problems.append(f"{where}: expected a section (mapping), got {v!r}")
+                failed.add(where)
                 continue
-            kwargs[f.name] = _build(t, v, where + ".", problems)
+            kwargs[f.name] = _build(t, v, where + ".", problems, failed, getattr(base, f.name, f.default_factory()))
+            continue
+        before = len(problems)
+        value = _coerce(v, t, where, problems)
+        if len(problems) == before:
+            kwargs[f.name] = value
         else:
-            kwargs[f.name] = _coerce(v, t, where, problems)
-    obj = cls(**kwargs)
+            failed.add(where)
+    obj = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     for f in fields(cls):  # defaults included: runs/llara is where the command started
         if f.metadata.get("path") and isinstance(getattr(obj, f.name), str):
             setattr(obj, f.name, absolute_path(getattr(obj, f.name)))
@@ -143,7 +153,7 @@ def _build(cls, data: dict, prefix: str, problems: list[str]):
 
 
 def _validate(obj, prefix: str, problems: list[str]) -> None:
-    """Run `check()` of every section (each returns a list of problems)."""
+    """Phase two: run `check()` of every section (each returns a list of problems about values)."""
     for f in fields(obj):
         v = getattr(obj, f.name)
         if is_dataclass(v):
@@ -192,8 +202,12 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     extra, bad = parse_overrides(overrides or [])
     problems += bad
     data = merge(data, extra)
-    cfg = _build(cls, data, "", problems)
-    _validate(cfg, "", problems)
+    failed: set[str] = set()
+    cfg = _build(cls, data, "", problems, failed)
+    checks: list[str] = []
+    _validate(cfg, "", checks)
+    # a check of a value that failed phase one saw its default: what it says is not the user's value
+    problems += [p for p in checks if p.split(":", 1)[0] not in failed]
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -383,9 +397,6 @@ class TrainConfig:
                                         "the trainer sets from train.* are refused")
 
     def check(self) -> list[str]:
-        if any(isinstance(getattr(self, f.name), str) for f in fields(self)
-               if f.name not in ("decay", "tokenizer", "adam_impl")):
-            return []  # a value of the wrong type is already reported; comparisons would fail
         out = []
         for name in ("global_batch", "micro_batch", "steps", "ckpt_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
@@ -396,6 +407,8 @@ class TrainConfig:
             out.append(f"lr: {self.lr} must be > 0")
         if self.warmup_steps < 0 or self.lora_r < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             out.append("warmup_steps, lora_r, grad_clip and weight_decay must be >= 0")
+        if not 0 <= self.lora_dropout < 1:
+            out.append(f"lora_dropout: {self.lora_dropout} is not in [0, 1)")
         if self.decay not in ("cosine", "linear", "constant"):
             out.append(f"decay: {self.decay!r} is not one of cosine, linear, constant")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -410,8 +423,7 @@ class TrainConfig:
             out.append("offload_params: needs zero_stage 3 (ZeRO-2 keeps the weights whole on every rank's device)")
         if self.adam_impl not in ("torch", "deepspeed"):
             out.append(f"adam_impl: {self.adam_impl!r} is not one of torch, deepspeed")
-        if isinstance(self.deepspeed, dict):
-            out += deepspeed_override_problems(self.deepspeed)
+        out += deepspeed_override_problems(self.deepspeed)
         return out
 
 
@@ -449,16 +461,8 @@ class FinetuneConfig:
     passage_max_len: int = opt(128, "passage text tokens kept (the prompt comes on top)")
     cross_device: bool = opt(True, "score each query against the passages of all ranks, not only its own rank's")
     seed: int = opt(0, "seed of the example order and of the negative sampling; the epoch is mixed in")
-    lora_r: int = opt(64, "LoRA rank (0: train all weights)")
-    lora_alpha: float = opt(16.0, "LoRA alpha")
-    lora_dropout: float = opt(0.1, "LoRA dropout")
-    lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                  "module names LoRA adapts")
 
     def check(self) -> list[str]:
-        if any(isinstance(getattr(self, n), str) for n in ("group_size", "temperature", "query_max_len",
-                                                           "passage_max_len", "seed", "lora_r", "lora_dropout")):
-            return []  # a value of the wrong type is already reported
         out = []
         if not self.data:
             out.append("data: set the training JSON lines file")
@@ -467,10 +471,8 @@ class FinetuneConfig:
                 out.append(f"{name}: must be >= 1")
         if self.temperature <= 0:
             out.append(f"temperature: {self.temperature} must be > 0")
-        if self.seed < 0 or self.lora_r < 0:
-            out.append("seed and lora_r must be >= 0")
-        if not 0 <= self.lora_dropout < 1:
-            out.append(f"lora_dropout: {self.lora_dropout} is not in [0, 1)")
+        if self.seed < 0:
+            out.append("seed: must be >= 0")
         return out
 
 
@@ -481,14 +483,14 @@ class FinetuneRunConfig:
     run_dir: str = opt("runs/llara-finetune", "run folder: config, metrics, checkpoints", path=True)
     objective: ObjectiveConfig = opt(ObjectiveConfig(), "prompts and pooling (the loss terms are not used)")
     model: ModelConfig = opt(ModelConfig(), "model (an exported LLaRA folder, see llara-dist export)")
-    train: TrainConfig = opt(TrainConfig(), "optimisation; global_batch and micro_batch count queries "
-                                            "(the released recipe: lr 3e-4)")
-    finetune: FinetuneConfig = opt(FinetuneConfig(), "data, contrastive loss, LoRA")
+    # LoRA as the released recipe fine-tunes (FlagEmbedding research/LLARA/finetune): rank 64, dropout 0.1
+    train: TrainConfig = opt(TrainConfig(lora_r=64, lora_dropout=0.1),
+                             "optimisation and LoRA; global_batch and micro_batch count queries "
+                             "(the released recipe: lr 3e-4)")
+    finetune: FinetuneConfig = opt(FinetuneConfig(), "data and contrastive loss")
 
     def check(self) -> list[str]:
         out = []
-        if isinstance(self.train.lora_r, int) and self.train.lora_r:
-            out.append("train.lora_r: fine-tuning takes its LoRA settings from finetune.lora_* (leave train.lora_r 0)")
         if self.train.zero3_layer_gather is True:  # DeepSpeed reduces a leaf module's gradients at its first backward
             out.append("train.zero3_layer_gather: fine-tuning runs each decoder layer twice per backward (queries, "
                        "then passages), which ZeRO-3's gathering by layer cannot reduce; leave it unset or false")

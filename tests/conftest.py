@@ -101,22 +101,13 @@ def wiki_docs(shared_data, tokenizer_dir) -> list:
 def train_setup(tmp_path_factory, wiki_docs, write_test_shards, tokenizer_dir, tiny_llama_dir):
     """(folder holding run.yaml and its shards, the documents' keys): 40 short WikiText documents in
     4 shards (rows hold 1-2 of them); the run: helpers.TRAIN_STEPS steps of 8 rows, fp32, 1 or 2 ranks."""
-    import json
-
-    from helpers import TRAIN_STEPS
+    from helpers import TRAIN_STEPS, write_run
 
     root = tmp_path_factory.mktemp("train")
     docs = [(key, ids[:10 + (i * 7) % 60], nxt, text) for i, (key, ids, nxt, text) in enumerate(wiki_docs[:40])]
-    write_test_shards(root / "shards", docs, 4)
-    config = {
-        "data": {"shards": str(root / "shards"), "seq_len": 128, "num_workers": 1, "pack_buffer": 8},
-        "model": {"path": str(tiny_llama_dir), "dtype": "fp32"},
-        "objective": {"preset": "released"},
-        "train": {"global_batch": 8, "micro_batch": 2, "steps": TRAIN_STEPS, "lr": 1e-3, "warmup_steps": 2,
-                  "ckpt_every": 3, "keep_checkpoints": 2, "tokenizer": str(tokenizer_dir),
-                  "collective_timeout_s": 30},
-    }
-    (root / "run.yaml").write_text(json.dumps(config))  # JSON is YAML
+    write_run(root, docs, write_test_shards, tiny_llama_dir, data={"num_workers": 1},
+              train={"steps": TRAIN_STEPS, "ckpt_every": 3, "keep_checkpoints": 2, "tokenizer": str(tokenizer_dir),
+                     "collective_timeout_s": 30})
     return root, [d[0] for d in docs]
 
 

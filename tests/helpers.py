@@ -101,6 +101,20 @@ def flops_per_token_and_pair(hf_config) -> tuple[float, float]:
 TRAIN_STEPS = 12  # the train_setup fixture's run length
 
 
+def write_run(root: Path, docs, write_test_shards, tiny_llama_dir, data: dict, train: dict) -> Path:
+    """root/shards (docs in 4 shards) and root/run.yaml: a tiny fp32 LLaMA, the released preset, and
+    the data and train sections given; returns root."""
+    write_test_shards(root / "shards", docs, 4)
+    config = {
+        "data": {"shards": str(root / "shards"), "seq_len": 128, "pack_buffer": 8, **data},
+        "model": {"path": str(tiny_llama_dir), "dtype": "fp32"},
+        "objective": {"preset": "released"},
+        "train": {"global_batch": 8, "micro_batch": 2, "lr": 1e-3, "warmup_steps": 2, **train},
+    }
+    (root / "run.yaml").write_text(json.dumps(config))  # JSON is YAML
+    return root
+
+
 def launch(root: Path, run_dir: Path, world: int, *args: str, env: dict | None = None,
            rank_env: dict | None = None) -> list[subprocess.Popen]:
     """`world` trainer processes on root/run.yaml; several ranks need `env` from the rendezvous fixture

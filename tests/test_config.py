@@ -52,3 +52,18 @@ def test_paths_are_made_absolute(tmp_path, monkeypatch):
     for url in ("s3://bucket/shards", "pipe:aws s3 cp s3://b/{name} -"):
         assert load_config(RunConfig, None, [f"data.shards={url}"]).data.shards == url
     assert load_config(RunConfig, None, []).train.tokenizer == ""  # empty: "look elsewhere", kept
+
+
+def test_values_of_the_wrong_type_are_reported_with_every_other_problem():
+    """Phase one coerces every field and collects what cannot be; phase two checks values, with the
+    default standing in for a value that failed (no TypeError, no other problem hidden)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(RunConfig, None, ["data.seq_len=abc", "train.micro_batch=x", "train.global_batch=0",
+                                      "train.deepspeed=7", "train.lora_dropout=1.5"])
+    assert sorted(e.value.problems) == sorted([
+        "data.seq_len: expected an integer, got 'abc'",
+        "train.micro_batch: expected an integer, got 'x'",
+        "train.deepspeed: expected a mapping, got 7",
+        "train.global_batch: must be >= 1",
+        "train.lora_dropout: 1.5 is not in [0, 1)",
+    ])

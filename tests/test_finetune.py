@@ -23,13 +23,13 @@ from llara_dist.train.preempt import PREEMPT_AT_STEP_ENV, PREEMPTED_EXIT
 
 TOY = "llara_toy_finetune.jsonl"
 GROUP, QUERIES = 3, 8  # passages per query; queries per optimizer step
+# adam_eps above fp32 noise on near-zero gradients (test_train_exact)
 TRAIN = dict(global_batch=QUERIES, steps=1, lr=1e-3, warmup_steps=0, decay="constant", grad_clip=0.5,
-             weight_decay=0.01, adam_eps=1e-4)  # eps above fp32 noise on near-zero gradients (test_train_exact)
+             weight_decay=0.01, adam_eps=1e-4, lora_r=4, lora_dropout=0.0)
 
 
 def ft_config(shared_data, **kw) -> FinetuneConfig:
-    base = dict(data=str(shared_data / TOY), group_size=GROUP, query_max_len=16, passage_max_len=40,
-                lora_r=4, lora_dropout=0.0)
+    base = dict(data=str(shared_data / TOY), group_size=GROUP, query_max_len=16, passage_max_len=40)
     return FinetuneConfig(**{**base, **kw})
 
 
@@ -60,8 +60,12 @@ def test_bad_lines_name_file_and_line(tmp_path):
         with pytest.raises(ValueError, match=f"ft.jsonl:3: .*{reason}"):
             read_examples(path, group_size=2)
     assert len(read_examples(path, group_size=1)) == 2  # no negatives needed for a group of 1
-    with pytest.raises(ConfigError, match="finetune.lora_"):
-        load_config(FinetuneRunConfig, None, ["finetune.data=x", "train.lora_r=8"])
+    # one LoRA configuration, train.lora_*, with the released recipe's defaults for fine-tuning
+    ft = load_config(FinetuneRunConfig, None, ["finetune.data=x", "train.lr=3e-4"])
+    assert (ft.train.lora_r, ft.train.lora_dropout, ft.train.lr) == (64, 0.1, 3e-4)
+    assert load_config(FinetuneRunConfig, None, ["finetune.data=x", "train.lora_r=8"]).train.lora_r == 8
+    with pytest.raises(ConfigError, match="finetune.lora_r: unknown key"):
+        load_config(FinetuneRunConfig, None, ["finetune.data=x", "finetune.lora_r=8"])
     with pytest.raises(ConfigError, match="train.zero3_layer_gather: fine-tuning runs each decoder layer twice"):
         load_config(FinetuneRunConfig, None, ["finetune.data=x", "train.zero3_layer_gather=true"])
     from llara_dist.retrieval.finetune import engine_train_config
@@ -266,10 +270,10 @@ def check_export(run_dir, weights, tmp_path):
     """A LoRA fine-tuning run exports merged (plain transformers loads it) or as a peft adapter."""
     from transformers import AutoModelForCausalLM
 
-    from llara_dist.retrieval.export import export_run, load_run_config, lora_settings
+    from llara_dist.retrieval.export import export_run, load_run_config
 
     merged = AutoModelForCausalLM.from_pretrained(export_run(run_dir, tmp_path / "merged", dtype="fp32"))
-    lora = lora_settings(load_run_config(run_dir))
+    lora = load_run_config(run_dir).train
     stem = "base_model.model.model.layers.0.self_attn.q_proj"
     a, b = weights[f"{stem}.lora_A.default.weight"], weights[f"{stem}.lora_B.default.weight"]
     want = weights[f"{stem}.base_layer.weight"] + (b @ a) * (lora.lora_alpha / lora.lora_r)

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import launch, log_text, metrics, wait
+from helpers import launch, log_text, metrics, wait, write_run
 
 pytestmark = pytest.mark.slow
 
@@ -42,17 +42,11 @@ def golden_run(tmp_path_factory, wiki_docs, write_test_shards, tokenizer_dir, ti
     """The folder holding run.yaml: 48 WikiText documents in 4 shards, 1 rank, 8 rows of 128 per step."""
     root = tmp_path_factory.mktemp("golden")
     docs = [(key, ids[:16 + (i * 11) % 80], nxt, text) for i, (key, ids, nxt, text) in enumerate(wiki_docs[:48])]
-    write_test_shards(root / "shards", docs, 4)
-    config = {
-        "data": {"shards": str(root / "shards"), "seq_len": 128, "num_workers": 0, "pack_buffer": 8},
-        "model": {"path": str(tiny_llama_dir), "dtype": "fp32"},
-        "objective": {"preset": "released"},
-        # adam_eps well above the gradients' rounding noise: Adam's early steps divide by |g| + eps, and
-        # would blow another CPU's summation-order noise on near-zero gradients up to full lr steps
-        "train": {"global_batch": 8, "micro_batch": 2, "steps": STEPS, "lr": 1e-3, "warmup_steps": 2,
-                  "adam_eps": 1e-4, "ckpt_every": STEPS, "tokenizer": str(tokenizer_dir), "seed": 0},
-    }
-    (root / "run.yaml").write_text(json.dumps(config))  # JSON is YAML
+    # adam_eps well above the gradients' rounding noise: Adam's early steps divide by |g| + eps, and
+    # would blow another CPU's summation-order noise on near-zero gradients up to full lr steps
+    write_run(root, docs, write_test_shards, tiny_llama_dir, data={"num_workers": 0},
+              train={"steps": STEPS, "adam_eps": 1e-4, "ckpt_every": STEPS, "tokenizer": str(tokenizer_dir),
+                     "seed": 0})
     return root
 
 

@@ -1,6 +1,6 @@
 """No host sync inside a step, seen on CPU: helpers.SyncWatch records the operations whose CUDA form
 makes the host wait for the device, over a micro-batch's forward, loss and backward, over one step of
-the real ZeRO-3 engine, and DeepSpeed's one-rank gathers (engine.skip_local_gather_syncs).
+the real ZeRO-3 engine, and DeepSpeed's one-rank gathers (patches.skip_local_gather_syncs).
 """
 
 from __future__ import annotations

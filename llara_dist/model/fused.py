@@ -46,14 +46,14 @@ Versions: `patch` first checks that transformers is a release these ops were tes
 saying what to do. Recognising by code compares with the installed LLaMA, which would not notice a
 release changing LLaMA's math along with it; and three details used here are no public API: the
 MLPs' forwards replaced, the attention's wrappers read from its `_kernel_funcs` (where kernelize
-finds them too), and the wrapped function read from the closure of kernels' wrapper class. A
+finds them too), and the wrapped function read from the closure of kernels' wrapper class (the
+last two in llara_dist/patches.py, with every other use of a third-party internal). A
 transformers without its kernels integration (`kernels` missing, or a version it does not accept)
 is refused as well: its decorators are then no-ops that leave no hook.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import types
@@ -66,6 +66,8 @@ from transformers.activations import SiLUActivation
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.utils import is_kernels_available
+
+from llara_dist.patches import kernel_function, rotary_wrapper, torch_linear
 
 # transformers releases (major.minor) whose LLaMA code and kernel hooks this file was tested with
 # (tests/test_fused.py). Patch releases do not change modeling code.
@@ -86,18 +88,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _wrapped(kernel_func) -> types.FunctionType:
-    """The plain function inside a kernels function wrapper (`use_kernel_forward_from_hub` on a
-    function makes it an nn.Module): kernels keeps it, as `func`, in the closure of the wrapper
-    class's forward."""
-    forward = type(kernel_func).forward
-    return dict(zip(forward.__code__.co_freevars, (c.cell_contents for c in forward.__closure__ or ())))["func"]
-
-
 @functools.cache
 def _llama_rope() -> types.FunctionType:
     """LLaMA's own apply_rotary_pos_emb, the plain function: what the RoPE layer compiles."""
-    return _wrapped(modeling_llama.apply_rotary_pos_emb)
+    return kernel_function(modeling_llama.apply_rotary_pos_emb)
 
 
 @functools.cache
@@ -184,13 +178,6 @@ def _same_code(a, b) -> bool:
     return (a.co_code, a.co_names, a.co_consts) == (b.co_code, b.co_names, b.co_consts)
 
 
-def _rope_wrapper(attention):
-    """The attention instance's private wrapper of its rotary function (kernels' use_kernelized_func
-    gives each instance one, in `_kernel_funcs`), or None."""
-    return next((f for f in vars(attention).get("_kernel_funcs", {}).values()
-                 if getattr(type(f), "kernel_layer_name", None) == ROPE), None)
-
-
 def _hub_kernels_off(model) -> None:
     """transformers kernelizes a model it loads (from_pretrained: `use_kernels`, on by default) with
     its own Hub mapping, and again at each train()/eval() switch: that would put its layers, or on a
@@ -241,10 +228,11 @@ def _fused_forward(m):
                            f"(act_fn {type(m.act_fn).__name__})")
         return "mlp", functools.partial(_set_forward, m, _mlp_forward)
     if cls.__name__.endswith("Attention") and hasattr(m, "q_proj"):
-        wrapper = _rope_wrapper(m)
+        wrapper = rotary_wrapper(m, ROPE)
         if wrapper is None:
             return "attention", f"no kernel hook {ROPE!r} for its rotary function (kernels' use_kernelized_func)"
-        if not _same_code(_wrapped(wrapper), _llama_rope()):
+        rope = kernel_function(wrapper)
+        if rope is None or not _same_code(rope, _llama_rope()):
             return "attention", f"its {ROPE} function is not LLaMA's apply_rotary_pos_emb"
         return "attention", functools.partial(_kernelize, wrapper, _FUSED)
     return None
@@ -318,23 +306,6 @@ def _compiled_forward(cls):
             return layer_forward(self, *args, **kwargs)
 
     return forward
-
-
-@contextlib.contextmanager
-def torch_linear():
-    """torch's own F.linear for a compiled layer. DeepSpeed's zero.Init replaces F.linear, for the
-    whole process, by an autograd Function whose backward looks each weight's ZeRO-3 state up
-    (memory_efficient_linear). Traced into a compiled layer, that lookup made torch 2.11 guard on
-    each weight's `ds_id`: one compile per layer, and past torch's recompile limit (8) the layers ran
-    eagerly (seen on an H100 at 8 layers). A compiled layer needs none of it: its weights are gathered
-    whole by the layer's own hooks (ZeRO-3 by layer) or never partitioned (ZeRO-2), and the compiled
-    backward uses them as saved, as DeepSpeed's traced Function did."""
-    patched = F.linear
-    F.linear = torch._C._nn.linear
-    try:
-        yield
-    finally:
-        F.linear = patched
 
 
 def unpatch(model) -> int:

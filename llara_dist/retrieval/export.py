@@ -54,15 +54,6 @@ def load_run_config(run_dir: Path):
     return load_config(FinetuneRunConfig if is_finetune else RunConfig, path)
 
 
-def lora_settings(cfg):
-    """The TrainConfig that carries a run's LoRA settings (fine-tuning keeps them in `finetune`)."""
-    if hasattr(cfg, "finetune"):
-        from llara_dist.retrieval.finetune import engine_train_config
-
-        return engine_train_config(cfg)
-    return cfg.train
-
-
 def save_tokenizer(tokenizer, out: Path) -> None:
     """The tokenizer as an exported folder carries it: llara-dist itself needs no pad token
     (tokenizer.pad_id), but Hugging Face's own batching does (LLaMA-2 has none), and the released
@@ -178,7 +169,7 @@ def _export_lora(state, cfg, tokenizer, out: Path, dtype: torch.dtype, mode: str
 
     embed = next(n for n in state if n.endswith("embed_tokens.weight"))
     model = AutoModelForCausalLM.from_config(_hf_config(cfg, state[embed].shape[0]), dtype=torch.float32)
-    t = lora_settings(cfg)
+    t = cfg.train  # LoRA settings, for fine-tuning runs too
     model = get_peft_model(model, LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
                                              target_modules=list(t.lora_targets), bias="none"))
     sd = {k: (v if isinstance(v, torch.Tensor) else v.contiguous()) for k, v in state.items()}

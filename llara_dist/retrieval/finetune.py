@@ -82,13 +82,11 @@ def check_preset(cfg: FinetuneRunConfig) -> None:
 
 
 def engine_train_config(cfg: FinetuneRunConfig):
-    """The TrainConfig for engine.build_engine, which applies LoRA from it: ours come from `finetune`."""
+    """The TrainConfig for engine.build_engine: the run's, gathering per module (each decoder layer
+    runs twice per backward: see FinetuneRunConfig)."""
     import dataclasses
 
-    ft = cfg.finetune
-    return dataclasses.replace(cfg.train, lora_r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
-                               lora_targets=list(ft.lora_targets),
-                               zero3_layer_gather=False)  # each layer runs twice per backward (FinetuneRunConfig)
+    return dataclasses.replace(cfg.train, zero3_layer_gather=False)
 
 
 def embed(model, batch, kind: str, preset) -> torch.Tensor:

@@ -23,6 +23,7 @@ from datetime import timedelta
 import torch
 
 from llara_dist.config import ConfigError, deepspeed_override_problems, merge
+from llara_dist.patches import skip_local_gather_syncs
 from llara_dist.model.decoder import decoder_layers
 
 
@@ -258,45 +259,6 @@ def gather_by_layer(model, required: bool = True) -> list:
     for layer in layers:
         set_z3_leaf_module(layer, True)
     return layers
-
-
-def skip_local_gather_syncs() -> None:
-    """No host sync when ZeRO-3 'gathers' a parameter that is whole on this device already.
-
-    With partitions of one rank (one GPU), DeepSpeed's gather is a view of the rank's own partition,
-    yet its NoGather handles wait on the host for the current stream: on the H100 bench about 25
-    syncs per micro-batch, the GPU idle while the host catches up. That wait guards a copy from an
-    offloaded (CPU) partition; where the partition is on the parameter's device no copy was made, so
-    the handle completes without it (DeepSpeed's own wait, told the device orders the data). Idempotent."""
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.runtime.zero import partition_parameters as pp
-
-    for cls, attr in ((pp.NoGatherHandle, "_NoGatherHandle__param"),
-                      (pp.NoGatherCoalescedHandle, "_NoGatherCoalescedHandle__params")):
-        original = cls.wait
-        if getattr(original, "skips_local_sync", False):
-            continue
-
-        def wait(self, *args, _original=original, _attr=attr, **kwargs):
-            params = getattr(self, _attr, None)
-            params = [params] if isinstance(params, torch.nn.Parameter) else params
-            local = bool(params) and all(getattr(p, "ds_tensor", None) is not None
-                                         and p.ds_tensor.device == p.data.device for p in params)
-            if not local:  # a copy crossed devices (offload), or a DeepSpeed we do not know: its wait
-                return _original(self, *args, **kwargs)
-            accelerator = get_accelerator()
-            shadowed = accelerator.__dict__.get("resolves_data_dependency")
-            accelerator.resolves_data_dependency = lambda: True  # for this call only
-            try:
-                return _original(self, *args, **kwargs)
-            finally:
-                if shadowed is None:
-                    del accelerator.resolves_data_dependency
-                else:
-                    accelerator.resolves_data_dependency = shadowed
-
-        wait.skips_local_sync, wait.original = True, original
-        cls.wait = wait
 
 
 def full_state_dict(module) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llara_dist import patches
 from llara_dist.config import ConfigError, RunConfig, load_config, save_config, to_dict
 from llara_dist.train.engine import BatchPlan, batch_plan, dist_env
 
@@ -54,6 +55,10 @@ def start(args, config_cls, task_cls, command: str) -> int:
     """Shared by `train` and `finetune`: load and check the config, join the ranks, fit the task."""
     try:
         cfg = load_config(config_cls, args.config, args.overrides)
+        found = patches.problems()
+        if found:  # before any work: a renamed third-party internal would otherwise fail deep in a step
+            raise ValueError("the installed packages lack what llara_dist/patches.py relies on:\n  - "
+                             + "\n  - ".join(found))
         if args.ledger:
             cfg.train.ledger = True
         env = dist_env()
