@@ -91,7 +91,7 @@ from llara_dist.model.decoder import decoder_layers, set_attention
 from llara_dist.model.objective import _set_nll_sum
 from llara_dist.prompts import PRESETS, PromptTokens
 from llara_dist.model.tiny import tiny_llama_config
-from llara_dist.train.trainer import train_step
+from llara_dist.train.pretrain import train_step
 
 # model shapes: LLaMA-2-7B's layers cut to a few; tiny for CPU runs; host: the same modules with
 # next to no arithmetic, so a step's time is the host's own work (bench/host_overhead.py)
@@ -222,7 +222,7 @@ def baseline_loss_sums(model, batch, preset) -> dict:
 
 
 def objectives():
-    """config name -> an objective module for trainer.train_step (TERMS, batch_counts, loss_sums, combine)."""
+    """config name -> an objective module for pretrain.train_step (TERMS, batch_counts, loss_sums, combine)."""
     baseline = SimpleNamespace(TERMS=objective.TERMS, batch_counts=objective.batch_counts,
                                combine=objective.combine, loss_sums=baseline_loss_sums)
     return {"baseline": baseline, "ours": objective}

@@ -16,7 +16,7 @@ COMMANDS = {
     "verify-shards": ("llara_dist.data.verify", "check shards against their manifest: size, sha256, documents, token ids"),
     "bench-data": ("llara_dist.tools.bench_data", "measure shard-to-packed-row throughput and fill"),
     "demo": ("llara_dist.demo", "run the whole pipeline on an embedded tiny default (CPU)"),
-    "train": ("llara_dist.train.trainer", "train with DeepSpeed ZeRO-3 or 2 (resumes from the run folder's latest checkpoint)"),
+    "train": ("llara_dist.train.pretrain", "train with DeepSpeed ZeRO-3 or 2 (resumes from the run folder's latest checkpoint)"),
     "finetune": ("llara_dist.retrieval.finetune", "contrastive fine-tuning (query/passage groups, LoRA) on the trainer's machinery"),
     "doctor": ("llara_dist.tools.doctor", "check the attention kernel paths' parity on this machine (table, exit 1 on failure)"),
     "export": ("llara_dist.retrieval.export", "write a Hugging Face model folder from a run's checkpoint"),

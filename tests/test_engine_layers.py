@@ -31,7 +31,7 @@ def _gathering_worker(rank, world, port, paths, out):
     from llara_dist.model import fused, objective
     from llara_dist.train.engine import build_engine, init_distributed, zero3_loading
     from llara_dist.model.decoder import decoder_layers
-    from llara_dist.train.trainer import train_step
+    from llara_dist.train.pretrain import train_step
 
     init_distributed(dist_env(), timeout_s=60)
     tokenizer_dir, tiny_llama_dir, shared_data = paths

@@ -100,7 +100,7 @@ def _step_worker(rank, world, port, paths, out):
     torch.set_num_threads(1)
     from llara_dist.model import objective
     from llara_dist.train.engine import build_engine, init_distributed, zero3_loading
-    from llara_dist.train.trainer import train_step
+    from llara_dist.train.pretrain import train_step
 
     init_distributed(dist_env(), timeout_s=60)
     train = TrainConfig(global_batch=2, micro_batch=1, lr=1e-3, warmup_steps=0,

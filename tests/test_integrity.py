@@ -204,24 +204,24 @@ def test_train_refuses_before_any_step(wikitext_shards, tokenizer_dir, other_tok
     assert "llara-dist train:" in proc.stderr and "vocabulary size 2000 != 1000" in proc.stderr
     assert "Traceback" not in proc.stderr and not run_dir.exists()
 
-    from llara_dist.train import trainer
+    from llara_dist.train import pretrain, trainer
 
     for missing, why in ((tmp_path / "nope", "no such folder"), (tmp_path, "holds no tokenizer")):
         args = argparse.Namespace(config=None, ledger=False, overrides=[*common, f"train.tokenizer={missing}"])
-        assert trainer.run(args) == trainer.REFUSED_EXIT
+        assert pretrain.run(args) == trainer.REFUSED_EXIT
         assert f"llara-dist train: train.tokenizer={missing}: {why}" in capsys.readouterr().err
     assert not run_dir.exists()
 
 
 def test_train_refuses_a_truncated_shard(shards_copy, tokenizer_dir, tiny_llama_dir, tmp_path, capsys):
-    from llara_dist.train import trainer
+    from llara_dist.train import pretrain, trainer
 
     path = shards_copy / sh.shard_name(3)
     path.write_bytes(path.read_bytes()[:200_000])
     args = argparse.Namespace(config=None, ledger=False, overrides=[
         f"run_dir={tmp_path / 'run'}", f"data.shards={shards_copy}", f"model.path={tiny_llama_dir}",
         f"train.tokenizer={tokenizer_dir}", "train.global_batch=2", "train.micro_batch=1"])
-    assert trainer.run(args) == trainer.REFUSED_EXIT
+    assert pretrain.run(args) == trainer.REFUSED_EXIT
     err = capsys.readouterr().err
     assert f"{path}: 200,000 bytes but the manifest says" in err and "truncated" in err
 

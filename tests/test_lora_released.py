@@ -54,7 +54,7 @@ def _worker(rank, port, paths, out):
     torch.set_num_threads(1)
     from llara_dist.train.engine import (batch_plan, build_engine, deepspeed_config, dist_env, full_state_dict,
                                    init_distributed, zero3_loading)
-    from llara_dist.train.trainer import train_step
+    from llara_dist.train.pretrain import train_step
 
     init_distributed(dist_env(), timeout_s=60)
     train = TrainConfig(**TRAIN)

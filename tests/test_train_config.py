@@ -56,7 +56,7 @@ def test_batch_plan_arithmetic():
 
 
 def test_impossible_batch_refused_before_heavy_work(monkeypatch, capsys, tmp_path):
-    from llara_dist.train import trainer
+    from llara_dist.train import pretrain, trainer
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
@@ -64,7 +64,7 @@ def test_impossible_batch_refused_before_heavy_work(monkeypatch, capsys, tmp_pat
     monkeypatch.setenv("MASTER_PORT", "1")  # nothing listens: a process group would fail, not refuse
     args = argparse.Namespace(config=None, ledger=False,
                               overrides=[f"run_dir={tmp_path}", "train.global_batch=8", "train.micro_batch=2"])
-    assert trainer.run(args) == trainer.REFUSED_EXIT
+    assert pretrain.run(args) == trainer.REFUSED_EXIT
     assert "micro_batch 2 x world 3 = 6 rows per pass" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 

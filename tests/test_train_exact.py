@@ -65,7 +65,7 @@ def _worker(rank, world, port, paths, out):
     from llara_dist.model import objective
     from llara_dist.train.engine import (batch_plan, build_engine, deepspeed_config, dist_env, full_state_dict,
                                    init_distributed, zero3_loading)
-    from llara_dist.train.trainer import train_step
+    from llara_dist.train.pretrain import train_step
 
     init_distributed(dist_env(), timeout_s=60)
     train = TrainConfig(**TRAIN)

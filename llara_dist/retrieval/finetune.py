@@ -38,7 +38,7 @@ def run(args) -> int:
 
 
 class Finetune:
-    """The trainer's task for fine-tuning (see trainer.Pretrain for the interface)."""
+    """The trainer's task for fine-tuning (see pretrain.Pretrain for the interface)."""
 
     METRICS = ("accuracy",)  # share of queries whose positive scores highest
 
@@ -138,7 +138,7 @@ def finetune_step(engine, micro_batches: list, preset, world: int, temperature: 
 
     The loss is the mean cross-entropy over all queries of the global batch. Each backward
     carries its micro-batch's share (sum / global queries); DeepSpeed's division by
-    grad_accum is off and its average over ranks is undone (x world), as in trainer.train_step.
+    grad_accum is off and its average over ranks is undone (x world), as in pretrain.train_step.
     With cross-device negatives a query on rank r is scored against the passages of all
     ranks at the same micro-step (the loader makes them one contiguous slice of the batch).
     """
