@@ -84,7 +84,8 @@ from llara_dist.data.batch import build_batch, lm_targets
 from llara_dist.config import TrainConfig
 from llara_dist.data.pack import Packer
 from llara_dist.data.shards import Doc
-from llara_dist.train.engine import BatchPlan, build_engine, deepspeed_config, dist_env, init_distributed, zero3_loading
+from llara_dist.train.distributed import BatchPlan, dist_env, init_distributed
+from llara_dist.train.engine import build_engine, deepspeed_config, zero3_loading
 from llara_dist.kernels import registry
 from llara_dist.train.metrics import attention_pairs, peak_flops, train_flops
 from llara_dist.model.decoder import decoder_layers, set_attention

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from llara_dist.config import TrainConfig
-from llara_dist.train.engine import batch_plan, deepspeed_config, dist_env
+from llara_dist.train.distributed import batch_plan, dist_env
+from llara_dist.train.engine import deepspeed_config
 
 
 def _gloo_worker(rank, world, port, folder):
@@ -21,7 +22,8 @@ def _gloo_worker(rank, world, port, folder):
     import torch.distributed as dist
 
     from llara_dist.train.checkpoint import CheckpointManager
-    from llara_dist.train.engine import build_engine, full_state_dict, init_distributed
+    from llara_dist.train.distributed import init_distributed
+    from llara_dist.train.engine import build_engine, full_state_dict
     from llara_dist.train.preempt import Preemption
 
     init_distributed(dist_env(), timeout_s=60)

@@ -12,7 +12,8 @@ import torch
 from helpers import load_tiny, micro_batches
 
 from llara_dist.config import TrainConfig
-from llara_dist.train.engine import batch_plan, deepspeed_config, dist_env
+from llara_dist.train.distributed import batch_plan, dist_env
+from llara_dist.train.engine import deepspeed_config
 
 
 # how the engine holds the weights: ZeRO-3 gathering per module (DeepSpeed's way), per decoder layer
@@ -29,7 +30,8 @@ def _gathering_worker(rank, world, port, paths, out):
     from deepspeed.utils import z3_leaf_module
 
     from llara_dist.model import fused, objective
-    from llara_dist.train.engine import build_engine, init_distributed, zero3_loading
+    from llara_dist.train.distributed import init_distributed
+    from llara_dist.train.engine import build_engine, zero3_loading
     from llara_dist.model.decoder import decoder_layers
     from llara_dist.train.pretrain import train_step
 

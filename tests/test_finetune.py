@@ -18,7 +18,7 @@ from helpers import metrics
 from llara_dist.config import ConfigError, FinetuneConfig, FinetuneRunConfig, ModelConfig, ObjectiveConfig, \
     TrainConfig, load_config
 from llara_dist.retrieval.finetune_data import GroupLoader, read_examples
-from llara_dist.train.engine import batch_plan
+from llara_dist.train.distributed import batch_plan
 from llara_dist.train.preempt import PREEMPT_AT_STEP_ENV, PREEMPTED_EXIT
 
 TOY = "llara_toy_finetune.jsonl"
@@ -152,8 +152,8 @@ def _worker(rank, world, port, paths, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    from llara_dist.train.engine import build_engine, deepspeed_config, dist_env, full_state_dict, init_distributed, \
-        zero3_loading
+    from llara_dist.train.distributed import dist_env, init_distributed
+    from llara_dist.train.engine import build_engine, deepspeed_config, full_state_dict, zero3_loading
     from llara_dist.retrieval.finetune import engine_train_config, finetune_step
     from llara_dist.model.decoder import load_model
 

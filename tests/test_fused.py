@@ -239,7 +239,8 @@ def _zero3_worker(rank, world, port, paths, out):
 
     from llara_dist.model import objective
     from llara_dist.config import TrainConfig
-    from llara_dist.train.engine import BatchPlan, build_engine, deepspeed_config, dist_env, init_distributed, zero3_loading
+    from llara_dist.train.distributed import BatchPlan, dist_env, init_distributed
+    from llara_dist.train.engine import build_engine, deepspeed_config, zero3_loading
     from llara_dist.train.pretrain import train_step
 
     init_distributed(dist_env(), timeout_s=60)

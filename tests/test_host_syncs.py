@@ -12,7 +12,8 @@ import torch
 from helpers import SyncWatch, load_tiny, micro_batches
 
 from llara_dist.config import TrainConfig
-from llara_dist.train.engine import batch_plan, deepspeed_config, dist_env
+from llara_dist.train.distributed import batch_plan, dist_env
+from llara_dist.train.engine import deepspeed_config
 
 
 def _gather_sync_worker(rank, world, port, paths, out):
@@ -21,7 +22,8 @@ def _gather_sync_worker(rank, world, port, paths, out):
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.zero import partition_parameters as pp
 
-    from llara_dist.train.engine import build_engine, init_distributed
+    from llara_dist.train.distributed import init_distributed
+    from llara_dist.train.engine import build_engine
 
     init_distributed(dist_env(), timeout_s=60)
     t = TrainConfig(global_batch=1, micro_batch=1, lr=0.1, warmup_steps=0)
@@ -99,7 +101,8 @@ def _step_worker(rank, world, port, paths, out):
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     from llara_dist.model import objective
-    from llara_dist.train.engine import build_engine, init_distributed, zero3_loading
+    from llara_dist.train.distributed import init_distributed
+    from llara_dist.train.engine import build_engine, zero3_loading
     from llara_dist.train.pretrain import train_step
 
     init_distributed(dist_env(), timeout_s=60)

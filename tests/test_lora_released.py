@@ -52,8 +52,8 @@ def _worker(rank, port, paths, out):
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    from llara_dist.train.engine import (batch_plan, build_engine, deepspeed_config, dist_env, full_state_dict,
-                                   init_distributed, zero3_loading)
+    from llara_dist.train.distributed import batch_plan, dist_env, init_distributed
+    from llara_dist.train.engine import build_engine, deepspeed_config, full_state_dict, zero3_loading
     from llara_dist.train.pretrain import train_step
 
     init_distributed(dist_env(), timeout_s=60)

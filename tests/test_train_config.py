@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from llara_dist.config import RunConfig, TrainConfig, load_config
-from llara_dist.train.engine import batch_plan, deepspeed_config, dist_env, lr_factor
+from llara_dist.train.distributed import batch_plan, dist_env
+from llara_dist.train.engine import deepspeed_config, lr_factor
 
 
 @pytest.mark.parametrize("environ, want", [

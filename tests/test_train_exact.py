@@ -63,8 +63,8 @@ def _worker(rank, world, port, paths, out):
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     from llara_dist.model import objective
-    from llara_dist.train.engine import (batch_plan, build_engine, deepspeed_config, dist_env, full_state_dict,
-                                   init_distributed, zero3_loading)
+    from llara_dist.train.distributed import batch_plan, dist_env, init_distributed
+    from llara_dist.train.engine import build_engine, deepspeed_config, full_state_dict, zero3_loading
     from llara_dist.train.pretrain import train_step
 
     init_distributed(dist_env(), timeout_s=60)

@@ -144,7 +144,7 @@ def finetune_step(engine, micro_batches: list, preset, world: int, temperature: 
     """
     import torch.distributed as dist
 
-    from llara_dist.train.engine import all_reduce_sum
+    from llara_dist.train.distributed import all_reduce_sum
     from llara_dist.train.metrics import attention_pairs
 
     gather = cross_device and world > 1

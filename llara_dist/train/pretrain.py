@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from llara_dist.config import RunConfig
 from llara_dist.train import trainer
-from llara_dist.train.engine import BatchPlan
+from llara_dist.train.distributed import BatchPlan
 from llara_dist.train.trainer import tokenizer_path
 
 configure = trainer.configure
@@ -90,7 +90,7 @@ def train_step(engine, micro_batches: list, preset, world: int, objective, lm_ch
     """
     import torch
 
-    from llara_dist.train.engine import all_reduce_sum
+    from llara_dist.train.distributed import all_reduce_sum
     from llara_dist.train.metrics import attention_pairs
 
     terms = objective.TERMS

@@ -2,7 +2,7 @@
 resume checks, and the loop (`Trainer`: resume, preemption, checkpoints, metrics, ledger). What is
 trained comes from a task: `pretrain.Pretrain` (llara-dist train), `retrieval.finetune.Finetune`.
 
-Ranks come from whichever launcher started the process (engine.dist_env). The global
+Ranks come from whichever launcher started the process (distributed.dist_env). The global
 batch (rows per optimizer step) is split into micro_batch x grad_accum x world; a split
 that does not divide is refused before any heavy work.
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from llara_dist import patches
 from llara_dist.config import ConfigError, RunConfig, load_config, save_config, to_dict
-from llara_dist.train.engine import BatchPlan, batch_plan, dist_env
+from llara_dist.train.distributed import BatchPlan, batch_plan, dist_env
 
 REFUSED_EXIT = 2
 
@@ -57,7 +57,7 @@ def start(args, config_cls, task_cls, command: str) -> int:
     except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"llara-dist {command}: {e}", file=sys.stderr)
         return REFUSED_EXIT
-    from llara_dist.train.engine import init_distributed
+    from llara_dist.train.distributed import init_distributed
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # DeepSpeed's ZeRO-3 calls torch.distributed functions that torch marks deprecated, once per call
