@@ -23,12 +23,12 @@ import sys
 import numpy as np
 import torch
 
-from llara_dist.kernels import registry
 from llara_dist.data.batch import build_batch
 from llara_dist.data.shards import Doc
+from llara_dist.kernels import registry
 from llara_dist.model.decoder import forward_hidden, set_attention
-from llara_dist.prompts import PromptTokens
 from llara_dist.model.tiny import tiny_llama_config
+from llara_dist.prompts import PromptTokens
 
 PROMPT = PromptTokens(prefix=(5,) * 2, self_suffix=(6,) * 19, next_suffix=(7,) * 18, num_emb_tokens=8)
 

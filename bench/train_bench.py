@@ -79,19 +79,19 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters as dynamo_counters
 from transformers import AutoModelForCausalLM
 
-from llara_dist.model import fused, objective
-from llara_dist.data.batch import build_batch, lm_targets
 from llara_dist.config import TrainConfig
+from llara_dist.data.batch import build_batch, lm_targets
 from llara_dist.data.pack import Packer
 from llara_dist.data.shards import Doc
-from llara_dist.train.distributed import BatchPlan, dist_env, init_distributed
-from llara_dist.train.engine import build_engine, deepspeed_config, zero3_loading
 from llara_dist.kernels import registry
-from llara_dist.train.metrics import attention_pairs, peak_flops, train_flops
+from llara_dist.model import fused, objective
 from llara_dist.model.decoder import decoder_layers, set_attention
 from llara_dist.model.objective import _set_nll_sum
-from llara_dist.prompts import PRESETS, PromptTokens
 from llara_dist.model.tiny import tiny_llama_config
+from llara_dist.prompts import PRESETS, PromptTokens
+from llara_dist.train.distributed import BatchPlan, dist_env, init_distributed
+from llara_dist.train.engine import build_engine, deepspeed_config, zero3_loading
+from llara_dist.train.metrics import attention_pairs, peak_flops, train_flops
 from llara_dist.train.pretrain import train_step
 
 # model shapes: LLaMA-2-7B's layers cut to a few; tiny for CPU runs; host: the same modules with

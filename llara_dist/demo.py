@@ -180,10 +180,10 @@ def _retrieval_set(d: Demo) -> Path:
 def stage_evaluate(d: Demo) -> str:
     """Retrieval metrics of the trained model next to its untrained starting point, same run."""
     from llara_dist.config import ModelConfig, ObjectiveConfig
-    from llara_dist.retrieval.encode import load_encoder
-    from llara_dist.retrieval.evaluate import evaluate_model
     from llara_dist.model.decoder import load_model
     from llara_dist.prompts import resolve_preset
+    from llara_dist.retrieval.encode import load_encoder
+    from llara_dist.retrieval.evaluate import evaluate_model
     from llara_dist.tokenizer import load_tokenizer
 
     beir = _retrieval_set(d)

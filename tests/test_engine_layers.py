@@ -9,12 +9,12 @@ import os
 
 import pytest
 import torch
-from helpers import load_tiny, micro_batches
 
 from llara_dist.config import TrainConfig
 from llara_dist.train.distributed import batch_plan, dist_env
 from llara_dist.train.engine import deepspeed_config
 
+from helpers import load_tiny, micro_batches
 
 # how the engine holds the weights: ZeRO-3 gathering per module (DeepSpeed's way), per decoder layer
 # (train.zero3_layer_gather, the default), the same with each layer compiled whole (model.compile_layers),
@@ -30,9 +30,9 @@ def _gathering_worker(rank, world, port, paths, out):
     from deepspeed.utils import z3_leaf_module
 
     from llara_dist.model import fused, objective
+    from llara_dist.model.decoder import decoder_layers
     from llara_dist.train.distributed import init_distributed
     from llara_dist.train.engine import build_engine, zero3_loading
-    from llara_dist.model.decoder import decoder_layers
     from llara_dist.train.pretrain import train_step
 
     init_distributed(dist_env(), timeout_s=60)
@@ -105,8 +105,8 @@ def test_layer_gather_refuses_a_model_without_layer_classes():
 def test_forward_hidden_is_the_decoders_final_output(lora, tokenizer_dir, tiny_llama_dir, shared_data):
     """The decoder's output taken by a hook equals, bit for bit, the model's own last hidden state."""
     from llara_dist.kernels import registry
-    from llara_dist.train.engine import apply_lora
     from llara_dist.model.decoder import forward_hidden
+    from llara_dist.train.engine import apply_lora
 
     tok, preset, model, prompt = load_tiny("released", tokenizer_dir, tiny_llama_dir)
     if lora:  # through peft's wrappers

@@ -42,12 +42,12 @@ def test_export_matches_training_weights(trained_run, tmp_path, shared_data):
     from transformers import AutoModelForCausalLM
 
     from llara_dist.config import ModelConfig, ObjectiveConfig
+    from llara_dist.model.decoder import load_model
     from llara_dist.model.embed import encode
+    from llara_dist.prompts import resolve_preset
     from llara_dist.retrieval.encode import encode_texts, load_encoder
     from llara_dist.retrieval.evaluate import evaluate_model
     from llara_dist.retrieval.export import export_run
-    from llara_dist.model.decoder import load_model
-    from llara_dist.prompts import resolve_preset
     from llara_dist.tokenizer import load_tokenizer
 
     out = export_run(trained_run, tmp_path / "export", dtype="fp32", max_shard_size="200KB")

@@ -13,13 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import metrics
 
-from llara_dist.config import ConfigError, FinetuneConfig, FinetuneRunConfig, ModelConfig, ObjectiveConfig, \
-    TrainConfig, load_config
+from llara_dist.config import (
+    ConfigError,
+    FinetuneConfig,
+    FinetuneRunConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    TrainConfig,
+    load_config,
+)
 from llara_dist.retrieval.finetune_data import GroupLoader, read_examples
 from llara_dist.train.distributed import batch_plan
 from llara_dist.train.preempt import PREEMPT_AT_STEP_ENV, PREEMPTED_EXIT
+
+from helpers import metrics
 
 TOY = "llara_toy_finetune.jsonl"
 GROUP, QUERIES = 3, 8  # passages per query; queries per optimizer step
@@ -114,9 +122,9 @@ def test_groups_are_deterministic_split_by_rank_and_resume(shared_data, tokenize
 @pytest.mark.parametrize("preset_name", ["paper", "released"])
 def test_loss_equals_direct_computation(shared_data, tokenizer_dir, tiny_llama_dir, preset_name):
     """Training-time embeddings and loss == inference embeddings (embed.encode) + a hand-written softmax."""
+    from llara_dist.model.decoder import load_model
     from llara_dist.model.embed import encode
     from llara_dist.retrieval.finetune import contrastive_sums, embed
-    from llara_dist.model.decoder import load_model
 
     cfg = ft_config(shared_data)
     loader, tok, preset = make_loader(tokenizer_dir, cfg, micro=4, world=1, rank=0, preset_name=preset_name)
@@ -152,10 +160,10 @@ def _worker(rank, world, port, paths, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
+    from llara_dist.model.decoder import load_model
+    from llara_dist.retrieval.finetune import engine_train_config, finetune_step
     from llara_dist.train.distributed import dist_env, init_distributed
     from llara_dist.train.engine import build_engine, deepspeed_config, full_state_dict, zero3_loading
-    from llara_dist.retrieval.finetune import engine_train_config, finetune_step
-    from llara_dist.model.decoder import load_model
 
     shared_data, tokenizer_dir, tiny_llama_dir = paths
     init_distributed(dist_env(), timeout_s=60)
@@ -181,9 +189,9 @@ def _worker(rank, world, port, paths, out):
 
 def reference(paths, init: dict):
     """One process, plain PyTorch: each 4-query slice scored against its 12 passages, / 8, backward, clip, AdamW."""
-    from llara_dist.train.engine import apply_lora
-    from llara_dist.retrieval.finetune import contrastive_sums, embed, engine_train_config
     from llara_dist.model.decoder import load_model
+    from llara_dist.retrieval.finetune import contrastive_sums, embed, engine_train_config
+    from llara_dist.train.engine import apply_lora
 
     shared_data, tokenizer_dir, tiny_llama_dir = paths
     cfg = FinetuneRunConfig(train=TrainConfig(micro_batch=4, **TRAIN), finetune=ft_config(shared_data))

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llara_dist.model import fused
 from llara_dist.config import ModelConfig
+from llara_dist.model import fused
 from llara_dist.model.decoder import decoder_layers, forward_hidden, load_model
 from llara_dist.model.objective import batch_counts, combine, loss_sums
 
@@ -62,9 +62,11 @@ def _tiny_llama():
 
 def test_fused_model_computes_the_eager_math(tokenizer_dir, tiny_llama_dir, shared_data):
     """Hidden states, loss and every gradient of a packed batch: load_model with fused_ops on vs off."""
-    from helpers import micro_batches
-    from kernels import get_kernelized_layers
     from transformers.models.llama import modeling_llama
+
+    from kernels import get_kernelized_layers
+
+    from helpers import micro_batches
 
     rope = modeling_llama.apply_rotary_pos_emb
     tok, preset, eager, prompt = _setup(tokenizer_dir, tiny_llama_dir, False)
@@ -234,14 +236,15 @@ def _zero3_worker(rank, world, port, paths, out):
                       DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
-    from helpers import micro_batches
     from torch._dynamo.utils import counters
 
-    from llara_dist.model import objective
     from llara_dist.config import TrainConfig
+    from llara_dist.model import objective
     from llara_dist.train.distributed import BatchPlan, dist_env, init_distributed
     from llara_dist.train.engine import build_engine, deepspeed_config, zero3_loading
     from llara_dist.train.pretrain import train_step
+
+    from helpers import micro_batches
 
     init_distributed(dist_env(), timeout_s=60)
     tokenizer_dir, tiny_llama_dir, shared_data = paths

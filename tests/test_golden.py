@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from helpers import launch, log_text, metrics, wait, write_run
 
 pytestmark = pytest.mark.slow

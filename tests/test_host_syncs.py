@@ -9,11 +9,12 @@ import os
 
 import pytest
 import torch
-from helpers import SyncWatch, load_tiny, micro_batches
 
 from llara_dist.config import TrainConfig
 from llara_dist.train.distributed import batch_plan, dist_env
 from llara_dist.train.engine import deepspeed_config
+
+from helpers import SyncWatch, load_tiny, micro_batches
 
 
 def _gather_sync_worker(rank, world, port, paths, out):

@@ -11,10 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llara_dist.kernels import registry
 from llara_dist.data.batch import SEG_NEXT, SEG_SELF, build_batch
 from llara_dist.data.shards import Doc
-from llara_dist.kernels import flex, mask, sdpa, varlen
+from llara_dist.kernels import flex, mask, registry, sdpa, varlen
 from llara_dist.prompts import PromptTokens
 
 PROMPT = PromptTokens(prefix=(1, 7), self_suffix=(11, 12, 13), next_suffix=(21, 22, 23, 24), num_emb_tokens=2)
@@ -119,6 +118,7 @@ def test_mask_preparation_reads_nothing_from_the_device(kernel, two_pass):
     sdpa and flex prepare on the device without one, and varlen's device side (the layout's copy,
     the gather, a kernel that takes cu_seqlens on the device, the scatter) has none either."""
     from llara_dist.model.decoder import pass_mask
+
     from helpers import SyncWatch
 
     b = packed([[5, 9], [12, 3, 4]])

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import metrics, wait_for_step
 
 from llara_dist.train.preempt import PREEMPTED_EXIT, PREEMPTED_MARKER
+
+from helpers import metrics, wait_for_step
 
 pytestmark = pytest.mark.slow
 

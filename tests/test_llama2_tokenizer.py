@@ -16,10 +16,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import launch, metrics, wait
 
 from llara_dist import cli
 from llara_dist.tokenizer import load_tokenizer, pad_id, with_pad_token
+
+from helpers import launch, metrics, wait
 
 pytestmark = pytest.mark.slow
 
@@ -167,8 +168,8 @@ def test_export_loads_and_embeds_on_plain_transformers(exported, run1):
     released inference over it gives our embeddings."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llara_dist.retrieval.encode import encode_texts, load_encoder
     from llara_dist.prompts import PRESETS
+    from llara_dist.retrieval.encode import encode_texts, load_encoder
 
     assert load_tokenizer(run1 / "tokenizer").pad_token is None  # the run's own tokenizer has none
     tok = AutoTokenizer.from_pretrained(exported)

@@ -11,8 +11,8 @@ from dataclasses import fields
 import pytest
 import torch
 
-from llara_dist.data.batch import PackedBatch
 from llara_dist.config import DataConfig, ObjectiveConfig
+from llara_dist.data.batch import PackedBatch
 from llara_dist.data.loader import PackedLoader, _InSlot, _jsonable, _Slots
 from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
 from llara_dist.tokenizer import load_tokenizer

@@ -19,12 +19,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import load_tiny, make_docs
 
-from llara_dist.model import objective
-from llara_dist.data.batch import build_batch, lm_targets
 from llara_dist.config import TrainConfig
+from llara_dist.data.batch import build_batch, lm_targets
+from llara_dist.model import objective
 from llara_dist.model.decoder import forward_hidden
+
+from helpers import load_tiny, make_docs
 
 TRAIN = dict(global_batch=2, micro_batch=1, steps=2, lr=1e-3, warmup_steps=0, decay="constant", grad_clip=0.5,
              adam_eps=1e-4, lora_r=4, activation_checkpointing=True)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from llara_dist.data.batch import SEG_NEXT, SEG_PAD, SEG_SELF, SEG_TEXT, build_batch
 from llara_dist.config import ObjectiveConfig
+from llara_dist.data.batch import SEG_NEXT, SEG_PAD, SEG_SELF, SEG_TEXT, build_batch
 from llara_dist.data.pack import Packer
 from llara_dist.data.shards import Doc
 from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset

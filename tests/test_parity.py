@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import load_tiny, make_docs
 
 from llara_dist.data.batch import build_batch
 from llara_dist.data.shards import Doc
 from llara_dist.model.decoder import forward_hidden, gather_states
+
+from helpers import load_tiny, make_docs
 
 TOL = 1e-5
 
@@ -69,8 +70,7 @@ def test_embeddings_equal_a_separate_pass(preset_name, tokenizer_dir, tiny_llama
 
 def test_varlen_layout_in_the_model_equals_separate_passes(tokenizer_dir, tiny_llama_dir, shared_data, monkeypatch):
     """The varlen path end to end on CPU: its CUDA kernel swapped for per-sequence SDPA."""
-    from llara_dist.kernels import registry
-    from llara_dist.kernels import varlen
+    from llara_dist.kernels import registry, varlen
 
     monkeypatch.setattr(registry, "why_unavailable", lambda path, device, backward=False, dtype=None: None)
     monkeypatch.setattr(varlen, "backend", lambda: ("reference", varlen.reference))

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from llara_dist.data.batch import build_batch
 from llara_dist.config import ModelConfig, ObjectiveConfig, TrainConfig
+from llara_dist.data.batch import build_batch
 from llara_dist.data.shards import Doc
 
 pytestmark = pytest.mark.slow

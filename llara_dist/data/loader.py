@@ -30,8 +30,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from llara_dist.data.batch import PackedBatch, build_batch
 from llara_dist.config import DataConfig
+from llara_dist.data.batch import PackedBatch, build_batch
 from llara_dist.data.pack import Packer
 from llara_dist.data.stream import Reader, ShardSet
 from llara_dist.prompts import PromptTokens

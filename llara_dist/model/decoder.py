@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from llara_dist.model import fused
 from llara_dist.data.batch import SEG_NEXT, SEG_SELF, PackedBatch
 from llara_dist.kernels import registry
+from llara_dist.model import fused
 from llara_dist.prompts import Preset, add_special_tokens
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

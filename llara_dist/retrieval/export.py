@@ -130,8 +130,8 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, dty
                lora: str = "merge", max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from llara_dist.train.checkpoint import CheckpointManager
     from llara_dist.tokenizer import load_tokenizer
+    from llara_dist.train.checkpoint import CheckpointManager
 
     run_dir, out = Path(run_dir), Path(out)
     check_out(out, overwrite)

@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llara_dist.train import trainer
 from llara_dist.config import FinetuneRunConfig
-from llara_dist.model.embed import KINDS, pool
 from llara_dist.model.decoder import forward_hidden, gather_states
+from llara_dist.model.embed import KINDS, pool
+from llara_dist.train import trainer
 
 configure = trainer.configure
 
@@ -67,8 +67,8 @@ def check_preset(cfg: FinetuneRunConfig) -> None:
     """An exported model folder records its prompts (llara.json): fine-tuning with others is refused."""
     from pathlib import Path
 
-    from llara_dist.retrieval.encode import LLARA_JSON, saved_objective
     from llara_dist.prompts import resolve_preset
+    from llara_dist.retrieval.encode import LLARA_JSON, saved_objective
 
     saved = saved_objective(cfg.model.path)
     if saved is None:

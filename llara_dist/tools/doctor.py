@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llara_dist.kernels import registry
-from llara_dist.data.batch import build_batch
 from llara_dist.config import ObjectiveConfig
+from llara_dist.data.batch import build_batch
 from llara_dist.data.shards import Doc
+from llara_dist.kernels import registry
 from llara_dist.model.decoder import DTYPES, default_device, forward_hidden, gather_states, resolve_dtype, set_attention
 from llara_dist.model.objective import batch_counts, combine, loss_sums
 from llara_dist.prompts import PromptTokens, resolve_preset

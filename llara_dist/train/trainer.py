@@ -109,13 +109,13 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
 
     def fit(self) -> int:
+        from llara_dist.model.decoder import default_device, load_model, resolve_dtype
+        from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
+        from llara_dist.tokenizer import load_tokenizer, pad_id
         from llara_dist.train.checkpoint import rng_state
         from llara_dist.train.engine import build_engine, deepspeed_config, zero3_loading
         from llara_dist.train.metrics import MetricsLog, StepTimer, peak_flops, train_flops
-        from llara_dist.model.decoder import default_device, load_model, resolve_dtype
         from llara_dist.train.preempt import PREEMPTED_EXIT, Preemption, clear_preempted, mark_preempted
-        from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
-        from llara_dist.tokenizer import load_tokenizer, pad_id
 
         cfg, plan, rank, task = self.cfg, self.plan, self.rank, self.task
         preemption = Preemption()  # before the slow start: a signal during loading is not lost
