@@ -71,7 +71,6 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -84,9 +83,9 @@ from llara_dist.data.batch import build_batch, lm_targets
 from llara_dist.data.pack import Packer
 from llara_dist.data.shards import Doc
 from llara_dist.kernels import registry
-from llara_dist.model import fused, objective
+from llara_dist.model import fused
 from llara_dist.model.decoder import decoder_layers, set_attention
-from llara_dist.model.objective import _set_nll_sum
+from llara_dist.model.objective import Objective, _set_nll_sum
 from llara_dist.model.tiny import tiny_llama_config
 from llara_dist.prompts import PRESETS, PromptTokens
 from llara_dist.train.distributed import BatchPlan, dist_env, init_distributed
@@ -222,22 +221,26 @@ def baseline_loss_sums(model, batch, preset) -> dict:
     return sums
 
 
-def objectives():
-    """config name -> an objective module for pretrain.train_step (TERMS, batch_counts, loss_sums, combine)."""
-    baseline = SimpleNamespace(TERMS=objective.TERMS, batch_counts=objective.batch_counts,
-                               combine=objective.combine, loss_sums=baseline_loss_sums)
-    return {"baseline": baseline, "ours": objective}
+class BaselineObjective(Objective):
+    """The same objective, its sums computed as the released code does (baseline_loss_sums)."""
+
+    def sums(self, model, batch) -> dict:
+        return baseline_loss_sums(model, batch, self.preset)
 
 
-def eval_loss(engine, micro: list, preset, objective) -> float:
+def objectives(preset) -> dict:
+    """config name -> the Objective that pretrain.train_step computes the loss with."""
+    return {"baseline": BaselineObjective(preset), "ours": Objective(preset)}
+
+
+def eval_loss(engine, micro: list, objective) -> float:
     """The step's loss without a backward: what train_step would report."""
     counts = {t: 0 for t in objective.TERMS}
     for b in micro:
-        for t, c in objective.batch_counts(b, preset).items():
+        for t, c in objective.counts(b).items():
             counts[t] += c
     with torch.no_grad():
-        return sum(float(objective.combine(objective.loss_sums(engine, b.to(engine.device), preset),
-                                           counts, preset)[0]) for b in micro)
+        return sum(float(objective.combine(objective.sums(engine, b.to(engine.device)), counts)[0]) for b in micro)
 
 
 def measure_matmul_peak(device, dtype) -> float:
@@ -264,28 +267,28 @@ def docs_hash(batches: list) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
-def run_config(engine, name: str, path: str, micro: list, preset, objective, args, device,
+def run_config(engine, name: str, path: str, micro: list, objective, args, device,
                profile: Path | None = None, checkpointing: bool = False, fused: str = "") -> dict:
     """Warm-up steps, then --steps timed optimizer steps over the same micro-batches."""
     graphs = dynamo_counters["stats"]["unique_graphs"]  # torch.compile's graphs made since: recompiles show
     set_attention(engine, path, device)
     set_checkpointing(engine, checkpointing)
     set_fused(engine, "")
-    fused_gap = fused_loss_gap(engine, micro, preset, objective, args.loss_rtol, fused) if fused else None
+    fused_gap = fused_loss_gap(engine, micro, objective, args.loss_rtol, fused) if fused else None
     for _ in range(args.warmup):
-        train_step(engine, micro, preset, 1, objective)
+        train_step(engine, micro, objective, 1)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
-        result = train_step(engine, micro, preset, 1, objective)
+        result = train_step(engine, micro, objective, 1)
         sync(device)
         times.append(time.perf_counter() - t)
     if profile:
-        profile_step(engine, micro, preset, objective, device, profile, name)
-    syncs = count_syncs(engine, micro, preset, objective, device)
+        profile_step(engine, micro, objective, device, profile, name)
+    syncs = count_syncs(engine, micro, objective, device)
     step_s = statistics.median(times)
     text = sum(b.text_tokens() for b in micro)
     real = sum(b.real_tokens() for b in micro)
@@ -303,7 +306,7 @@ def run_config(engine, name: str, path: str, micro: list, preset, objective, arg
     }
 
 
-def count_syncs(engine, micro, preset, objective, device) -> dict | None:
+def count_syncs(engine, micro, objective, device) -> dict | None:
     """One more (untimed) step under torch.cuda.set_sync_debug_mode("warn"): where the host waited for
     the device, {"folder/file:line" of the first caller outside torch: count}; None on CPU. torch warns
     on reads back, blocking copies and stream waits (item, .cpu(), Stream.synchronize, ...), not on
@@ -323,7 +326,7 @@ def count_syncs(engine, micro, preset, objective, device) -> dict | None:
         warnings.showwarning = note  # catch_warnings puts the original back
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_step(engine, micro, preset, 1, objective)
+            train_step(engine, micro, objective, 1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sites
@@ -377,12 +380,12 @@ def set_fused(engine, what: str) -> None:
         fused.compile_layers(decoder_layers(engine))
 
 
-def fused_loss_gap(engine, micro, preset, objective, rtol: float, what: str) -> float:
+def fused_loss_gap(engine, micro, objective, rtol: float, what: str) -> float:
     """Switch `what` (set_fused) on, checked: the step's loss with and without at the current weights
     (same documents) must agree within rtol. Returns their relative gap."""
-    eager = eval_loss(engine, micro, preset, objective)
+    eager = eval_loss(engine, micro, objective)
     set_fused(engine, what)
-    got = eval_loss(engine, micro, preset, objective)
+    got = eval_loss(engine, micro, objective)
     gap = abs(got - eager) / abs(eager)
     if not gap <= rtol:
         raise RuntimeError(f"compiled {what} changed the loss at the same weights: {got:.6f}, eager {eager:.6f} "
@@ -390,7 +393,7 @@ def fused_loss_gap(engine, micro, preset, objective, rtol: float, what: str) -> 
     return gap
 
 
-def profile_step(engine, micro, preset, objective, device, path: Path, title: str) -> None:
+def profile_step(engine, micro, objective, device, path: Path, title: str) -> None:
     """One more step under torch.profiler; the top operators by self time appended to `path` under
     a `== title` line (one file for all configurations: the device run brings back 8 files at most)."""
     from torch.autograd import DeviceType
@@ -399,7 +402,7 @@ def profile_step(engine, micro, preset, objective, device, path: Path, title: st
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         start = time.perf_counter()
-        train_step(engine, micro, preset, 1, objective)
+        train_step(engine, micro, objective, 1)
         sync(device)
         wall_ms = (time.perf_counter() - start) * 1e3
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # both torch 2.11 and 2.13
@@ -499,7 +502,7 @@ def main(argv=None) -> int:
     hf_config = engine.module.config
     matmul_peak = measure_matmul_peak(device, dtype)
     table_peak = peak_flops()
-    objs = objectives()
+    objs = objectives(preset)
     configs = [("baseline", "sdpa", "padded", objs["baseline"])]
     configs += [(path, path, "packed", objs["ours"]) for path in paths]
     rtol = args.loss_rtol = args.loss_rtol or (1e-4 if dtype == torch.float32 else 2e-2)  # run_config: +fused
@@ -513,30 +516,30 @@ def main(argv=None) -> int:
               "workloads": []}
 
     for i, w in enumerate(loads):
-        starts = start_losses(engine, w, configs, preset, device, rtol)
+        starts = start_losses(engine, w, configs, device, rtol)
         results = []
         report["workloads"].append({"docs": w.name, "documents": len(w.docs), "results": results})
         for cname, path, layout, obj in configs:
             prof = out / "profile.txt" if args.profile and i == 0 else None
-            results.append(measure(engine, w.name, cname, path, getattr(w, layout), preset, obj, args, device,
+            results.append(measure(engine, w.name, cname, path, getattr(w, layout), obj, args, device,
                                    starts[cname], prof))
             save(report, results, w.name, hf_config, table_peak, matmul_peak, out)
     first, fastest = report["workloads"][0]["results"], fastest_ours(report["workloads"][0]["results"])
     if device.type == "cuda" and fastest is not None:  # what patches.skip_local_gather_syncs saves
         with deepspeed_gather_waits():
             first.append(measure(engine, loads[0].name, f"{fastest['config']}+dswait", fastest["path"],
-                                 loads[0].packed, preset, objs["ours"], args, device, fastest["loss_at_start"]))
+                                 loads[0].packed, objs["ours"], args, device, fastest["loss_at_start"]))
         save(report, first, loads[0].name, hf_config, table_peak, matmul_peak, out)
     if args.compare_checkpointing and fastest is not None:  # last: what it costs comes after every other figure
         first.append(measure(engine, loads[0].name, f"{fastest['config']}+ckpt", fastest["path"], loads[0].packed,
-                             preset, objs["ours"], args, device, fastest["loss_at_start"], checkpointing=True))
+                             objs["ours"], args, device, fastest["loss_at_start"], checkpointing=True))
         save(report, first, loads[0].name, hf_config, table_peak, matmul_peak, out)
     hookless_layers = args.zero3_layer_gather or args.zero_stage == 2  # model.compile_layers can trace them
     for variant, what, wanted in (("fused", "ops", args.compare_fused), ("compiled", "layers", args.compare_compiled)):
         if (device.type == "cuda" if wanted is None else wanted) and fastest is not None \
                 and (what != "layers" or hookless_layers):
             first.append(measure(engine, loads[0].name, f"{fastest['config']}+{variant}", fastest["path"],
-                                 loads[0].packed, preset, objs["ours"], args, device, fastest["loss_at_start"],
+                                 loads[0].packed, objs["ours"], args, device, fastest["loss_at_start"],
                                  fused=what, profile=out / "profile.txt" if args.profile else None))
             set_fused(engine, "")  # the engine as it was
             save(report, first, loads[0].name, hf_config, table_peak, matmul_peak, out)
@@ -545,13 +548,13 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def measure(engine, docs: str, cname: str, path: str, micro: list, preset, obj, args, device, start,
+def measure(engine, docs: str, cname: str, path: str, micro: list, obj, args, device, start,
             profile: Path | None = None, checkpointing: bool = False, fused: str = "") -> dict:
     """run_config's result, or {config, path, error} if it failed: one failing path must not lose the others'."""
     try:
         if isinstance(start, str):
             raise RuntimeError(start)
-        r = run_config(engine, cname, path, micro, preset, obj, args, device, profile, checkpointing, fused)
+        r = run_config(engine, cname, path, micro, obj, args, device, profile, checkpointing, fused)
     except Exception as e:  # noqa: BLE001 - reported in the table
         traceback.print_exc()
         if device.type == "cuda":
@@ -582,7 +585,7 @@ def fastest_ours(results: list) -> dict | None:
     return max(ours, key=lambda r: r["text_tokens_per_s"], default=None)
 
 
-def start_losses(engine, w: Workload, configs: list, preset, device, rtol: float) -> dict:
+def start_losses(engine, w: Workload, configs: list, device, rtol: float) -> dict:
     """Each configuration's loss on the step's documents at the same (starting) weights; they must agree.
 
     A configuration that fails here gets its error message instead of a loss."""
@@ -590,7 +593,7 @@ def start_losses(engine, w: Workload, configs: list, preset, device, rtol: float
     for cname, path, layout, obj in configs:
         try:
             set_attention(engine, path, device)
-            losses[cname] = eval_loss(engine, getattr(w, layout), preset, obj)
+            losses[cname] = eval_loss(engine, getattr(w, layout), obj)
         except Exception as e:  # noqa: BLE001 - reported per configuration
             traceback.print_exc()
             losses[cname] = f"{type(e).__name__}: {e}"

@@ -9,12 +9,11 @@ import os
 
 import pytest
 import torch
+from helpers import load_tiny, micro_batches
 
 from llara_dist.config import TrainConfig
 from llara_dist.train.distributed import batch_plan, dist_env
 from llara_dist.train.engine import deepspeed_config
-
-from helpers import load_tiny, micro_batches
 
 # how the engine holds the weights: ZeRO-3 gathering per module (DeepSpeed's way), per decoder layer
 # (train.zero3_layer_gather, the default), the same with each layer compiled whole (model.compile_layers),
@@ -29,8 +28,9 @@ def _gathering_worker(rank, world, port, paths, out):
     torch.set_num_threads(1)
     from deepspeed.utils import z3_leaf_module
 
-    from llara_dist.model import fused, objective
+    from llara_dist.model import fused
     from llara_dist.model.decoder import decoder_layers
+    from llara_dist.model.objective import Objective
     from llara_dist.train.distributed import init_distributed
     from llara_dist.train.engine import build_engine, zero3_loading
     from llara_dist.train.pretrain import train_step
@@ -52,7 +52,7 @@ def _gathering_worker(rank, world, port, paths, out):
             fused.compile_layers(decoder_layers(engine))
         micro = micro_batches(tok, prompt, shared_data)
         layers = engine.module.model.layers
-        got[name] = {"losses": [train_step(engine, micro, preset, world, objective, lm_chunk=16)["loss"]
+        got[name] = {"losses": [train_step(engine, micro, Objective(preset, lm_chunk=16), world)["loss"]
                                 for _ in range(3)],
                      "leaves": [z3_leaf_module(m) for m in layers],
                      "partitioned": sum(hasattr(p, "ds_id") for p in engine.module.parameters()),

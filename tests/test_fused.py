@@ -62,11 +62,10 @@ def _tiny_llama():
 
 def test_fused_model_computes_the_eager_math(tokenizer_dir, tiny_llama_dir, shared_data):
     """Hidden states, loss and every gradient of a packed batch: load_model with fused_ops on vs off."""
+    from helpers import micro_batches
     from transformers.models.llama import modeling_llama
 
     from kernels import get_kernelized_layers
-
-    from helpers import micro_batches
 
     rope = modeling_llama.apply_rotary_pos_emb
     tok, preset, eager, prompt = _setup(tokenizer_dir, tiny_llama_dir, False)
@@ -236,15 +235,14 @@ def _zero3_worker(rank, world, port, paths, out):
                       DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from helpers import micro_batches
     from torch._dynamo.utils import counters
 
     from llara_dist.config import TrainConfig
-    from llara_dist.model import objective
+    from llara_dist.model.objective import TERMS, Objective
     from llara_dist.train.distributed import BatchPlan, dist_env, init_distributed
     from llara_dist.train.engine import build_engine, deepspeed_config, zero3_loading
     from llara_dist.train.pretrain import train_step
-
-    from helpers import micro_batches
 
     init_distributed(dist_env(), timeout_s=60)
     tokenizer_dir, tiny_llama_dir, shared_data = paths
@@ -272,12 +270,12 @@ def _zero3_worker(rank, world, port, paths, out):
     # zero.Init put DeepSpeed's linear in place for the process, and the compiled layers left it there
     runs["linear_after"] = torch.nn.functional.linear.__name__
     fused.unpatch(engine)  # the step's loss at these weights, eager: what train_step must report
-    counts = {t: sum(batch_counts(b, preset)[t] for b in micro) for t in objective.TERMS}
+    counts = {t: sum(batch_counts(b, preset)[t] for b in micro) for t in TERMS}
     with torch.no_grad():
         runs["eager_step_loss"] = sum(float(combine(loss_sums(engine, b, preset), counts, preset)[0]) for b in micro)
     fused.patch(engine)
     before = safe_get_full_fp32_param(engine.module.lm_head.weight).clone()
-    runs["step"] = train_step(engine, micro, preset, 1, objective)  # fused: both micro-batches, the AdamW step
+    runs["step"] = train_step(engine, micro, Objective(preset), 1)  # fused: both micro-batches, the AdamW step
     runs["moved"] = float((safe_get_full_fp32_param(engine.module.lm_head.weight) - before).abs().max())
     per_module = dataclasses.replace(train, zero3_layer_gather=False)
     with zero3_loading(ds):

@@ -9,12 +9,11 @@ import os
 
 import pytest
 import torch
+from helpers import SyncWatch, load_tiny, micro_batches
 
 from llara_dist.config import TrainConfig
 from llara_dist.train.distributed import batch_plan, dist_env
 from llara_dist.train.engine import deepspeed_config
-
-from helpers import SyncWatch, load_tiny, micro_batches
 
 
 def _gather_sync_worker(rank, world, port, paths, out):
@@ -101,7 +100,7 @@ def _step_worker(rank, world, port, paths, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    from llara_dist.model import objective
+    from llara_dist.model.objective import Objective
     from llara_dist.train.distributed import init_distributed
     from llara_dist.train.engine import build_engine, zero3_loading
     from llara_dist.train.pretrain import train_step
@@ -117,7 +116,7 @@ def _step_worker(rank, world, port, paths, out):
     micro = micro_batches(tok, prompt, shared_data)
     with SyncWatch() as watch:
         engine.module.register_forward_pre_hook(lambda *_: watch.events.append(("forward", [])))  # a marker
-        result = train_step(engine, micro, preset, world, objective, lm_chunk=16)
+        result = train_step(engine, micro, Objective(preset, lm_chunk=16), world)
     torch.save({"events": watch.events, "result": result, "prefetch": engine.zero_prefetch_bucket_size()}, out)
 
 

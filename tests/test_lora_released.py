@@ -11,21 +11,18 @@ unchunked loss (all [T, V] logits at once, one autograd graph).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-import types
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import load_tiny, make_docs
 
 from llara_dist.config import TrainConfig
 from llara_dist.data.batch import build_batch, lm_targets
 from llara_dist.model import objective
 from llara_dist.model.decoder import forward_hidden
-
-from helpers import load_tiny, make_docs
 
 TRAIN = dict(global_batch=2, micro_batch=1, steps=2, lr=1e-3, warmup_steps=0, decay="constant", grad_clip=0.5,
              adam_eps=1e-4, lora_r=4, activation_checkpointing=True)
@@ -66,13 +63,11 @@ def _worker(rank, port, paths, out):
         tok, preset, model, prompt = load_tiny("released", tokenizer_dir, tiny_llama_dir)
     engine = build_engine(model.train(), train, ds)
     before = full_state_dict(engine.module)
-    chunked = types.SimpleNamespace(TERMS=objective.TERMS, batch_counts=objective.batch_counts,
-                                    combine=objective.combine,
-                                    loss_sums=functools.partial(objective.loss_sums, lm_chunk=LM_CHUNK))
+    chunked = objective.Objective(preset, lm_chunk=LM_CHUNK)
     micro = micro_batches(tok, prompt, shared_data)
     steps = []
     for _ in range(TRAIN["steps"]):
-        result = train_step(engine, micro, preset, 1, chunked)
+        result = train_step(engine, micro, chunked, 1)
         steps.append((result["loss"], result["lm"], float(engine.get_global_grad_norm())))
     torch.save({"before": before, "after": full_state_dict(engine.module), "steps": steps}, out)
 

@@ -77,7 +77,7 @@ def _worker(rank, world, port, paths, out):
     engine = build_engine(model, train, ds)
     before = full_state_dict(engine.module)
     mine = micro[rank * plan.grad_accum:(rank + 1) * plan.grad_accum]
-    result = train_step(engine, mine, preset, world, objective)
+    result = train_step(engine, mine, objective.Objective(preset), world)
     after = full_state_dict(engine.module)
     if rank == 0:
         torch.save({"before": before, "after": after, "result": result,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from llara_dist.data.batch import PackedBatch
+from llara_dist.errors import UserError
 from llara_dist.model.decoder import forward_hidden, gather_states, unwrap
 from llara_dist.prompts import Preset
 
@@ -101,7 +102,7 @@ def head_nll(head, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.
     for the backward, where the weight's gradient goes to it as from any module), a frozen head (LoRA)
     included; one call a micro-batch, so every rank calls the head equally often."""
     if type(head) is not torch.nn.Linear:
-        raise ValueError(f"objective: the LM loss needs a plain Linear LM head, not {type(head).__name__} "
+        raise UserError(f"objective: the LM loss needs a plain Linear LM head, not {type(head).__name__} "
                          f"(is lm_head in train.lora_targets?)")
     head.forward = lambda x: _HeadNLL.apply(x, head.weight, head.bias, targets, chunk)  # this call only
     try:
@@ -152,3 +153,24 @@ def combine(sums: dict[str, torch.Tensor], counts: dict[str, int], preset: Prese
     loss = preset.bow_scale * bow + preset.lm_weight * means["lm"]
     parts = {t: means[t].detach() for t in TERMS}
     return loss, {t: float(v) for t, v in parts.items()} if as_floats else parts
+
+
+class Objective:
+    """The objective of one preset, as the training step calls it: `counts` of a micro-batch (CPU
+    metadata), the `sums` of one forward, and `combine` over global counts. Another way to compute
+    the same sums (the benchmark's plain baseline) is a subclass that overrides `sums`."""
+
+    TERMS = TERMS
+
+    def __init__(self, preset: Preset, lm_chunk: int | None = None):
+        self.preset = preset
+        self.lm_chunk = LM_CHUNK if lm_chunk is None else lm_chunk
+
+    def counts(self, batch: PackedBatch) -> dict[str, int]:
+        return batch_counts(batch, self.preset)
+
+    def sums(self, model, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        return loss_sums(model, batch, self.preset, self.lm_chunk)
+
+    def combine(self, sums: dict[str, torch.Tensor], counts: dict[str, int], as_floats: bool = True):
+        return combine(sums, counts, self.preset, as_floats)

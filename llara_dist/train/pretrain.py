@@ -4,7 +4,7 @@
     DS_ACCELERATOR=cpu llara-dist train --config run.yaml model.path=tiny data.shards=shards \\
         train.global_batch=8 train.micro_batch=2 data.seq_len=128 train.steps=20
     # one node, 8 GPUs
-    deepspeed --num_gpus 8 -m llara_dist train --config run.yaml
+    deepspeed --num_gpus 8 --module llara_dist train --config run.yaml
     torchrun --nproc-per-node 8 -m llara_dist train --config run.yaml   # exit 42 lost: use launch/torchrun.sh
     # many nodes: launch/ (sbatch + srun, one task per GPU; or one deepspeed launcher per node)
 
@@ -45,7 +45,8 @@ class Pretrain:
 
     METRICS = ("ebae", "ebar", "lm")
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, plan: BatchPlan):
+        from llara_dist.data.stream import ShardSet
         from llara_dist.data.verify import check_before_training
         from llara_dist.prompts import resolve_preset
 
@@ -55,6 +56,8 @@ class Pretrain:
         # shards'. Every id read must then be a text token of this one (not a preset token).
         self.text_vocab = check_before_training(cfg.data.shards, tokenizer_path(cfg),
                                                 resolve_preset(cfg.objective).new_tokens)
+        workers = max(cfg.data.num_workers, 1)  # readers per rank (the loader's)
+        ShardSet.open(cfg.data.shards).check_readers(plan.world * workers, plan.world, workers)
 
     def loader(self, tokenizer, prompt, pad_id: int, plan: BatchPlan, rank: int):
         from llara_dist.data.loader import PackedLoader
@@ -68,13 +71,14 @@ class Pretrain:
         return {"manifest_fingerprint": loader.shards.fingerprint, "data": self.cfg.data.shards}
 
     def step(self, engine, micro: list, preset, world: int) -> dict:
-        from llara_dist.model import objective
+        from llara_dist.model.objective import Objective
 
-        return train_step(engine, micro, preset, world, objective, self.cfg.objective.lm_chunk)
+        return train_step(engine, micro, Objective(preset, self.cfg.objective.lm_chunk), world)
 
 
-def train_step(engine, micro_batches: list, preset, world: int, objective, lm_chunk: int | None = None) -> dict:
+def train_step(engine, micro_batches: list, objective, world: int) -> dict:
     """One optimizer step over this rank's micro-batches; returns the step's global numbers.
+    `objective`: a model.objective.Objective (counts, sums, combine).
 
     The counts of all micro-batches of all ranks are all-reduced first, so that each
     micro-batch's combine() is its exact share of the global mean. DeepSpeed would divide
@@ -94,17 +98,16 @@ def train_step(engine, micro_batches: list, preset, world: int, objective, lm_ch
     from llara_dist.train.metrics import attention_pairs
 
     terms = objective.TERMS
-    chunking = {} if lm_chunk is None else {"lm_chunk": lm_chunk}  # else the objective's own default
     local = [0.0] * len(terms)
     for b in micro_batches:  # batch metadata, on the CPU
-        c = objective.batch_counts(b, preset)
+        c = objective.counts(b)
         local = [x + c[t] for x, t in zip(local, terms)]
     counts = dict(zip(terms, (int(x) for x in all_reduce_sum(local, engine.device))))
     # [loss, *parts] summed on the device in float64, as Python floats summed them before
     step_sums = torch.zeros(1 + len(terms), dtype=torch.float64, device=engine.device)
     for b in micro_batches:
-        sums = objective.loss_sums(engine, b.to(engine.device, non_blocking=True), preset, **chunking)
-        loss, parts = objective.combine(sums, counts, preset, as_floats=False)
+        sums = objective.sums(engine, b.to(engine.device, non_blocking=True))
+        loss, parts = objective.combine(sums, counts, as_floats=False)
         engine.backward(loss * world, scale_wrt_gas=False)
         engine.step()  # the optimizer steps at the last micro-batch only
         step_sums += torch.stack([loss.detach(), *(parts[t] for t in terms)]).double()
