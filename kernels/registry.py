@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from llara_dist.errors import UserError
 from llara_dist.kernels import flex, sdpa, varlen
 
 PATHS = ("sdpa", "flex", "varlen", "two-pass")
@@ -59,7 +60,7 @@ def check_path(path: str, device: torch.device | str, backward: bool = False, dt
     why = why_unavailable(path, device, backward, dtype)
     if why is not None:
         need = "forward and backward" if backward else "forward"
-        raise ValueError(f"attention path {path!r} is not available on {torch.device(device).type} "
+        raise UserError(f"attention path {path!r} is not available on {torch.device(device).type} "
                          f"({why}); available here ({need}): {', '.join(available(device, backward, dtype))}")
 
 

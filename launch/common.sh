@@ -7,6 +7,15 @@
 # background, the wrapper catches USR1/TERM and sends USR1 straight to the ranks; they save
 # at the next step boundary and exit 42, which launch.py and the runner pass on as their
 # own status (torchrun does not: see torchrun.sh).
+#
+# The wrappers stay in the folder they were started from (the deepspeed runner and torchrun start
+# the ranks there): relative paths given to them or to the trainer (--config, run_dir=, data.shards=,
+# HOSTFILE, RUN_DIR, ENTRY) are taken from there, as the user meant them. The repository goes on
+# PYTHONPATH so that `--module llara_dist` imports this checkout from any folder, as it did when the
+# repository root was the working folder (the deepspeed runner passes PYTHON* variables on to
+# other nodes).
+LLARA_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$LLARA_REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 # The program every rank runs: the trainer by default; ENTRY=launch/probe.py checks the wiring.
 ENTRY=${ENTRY:---module llara_dist train}
@@ -39,5 +48,8 @@ run_launcher() {  # run_launcher CMD...: run it, forward preemption signals, ret
     while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done  # a trapped signal ends `wait` early
     local status=0
     wait "$pid" || status=$?
+    if ((status == 42)); then  # the launchers log it as a failed rank ("[ERROR] ... return code = 42")
+        echo "[launch] preempted: every rank saved its checkpoint (exit 42); start the same command again to resume" >&2
+    fi
     return "$status"
 }

@@ -18,8 +18,8 @@
 # ENTRY="--module llara_dist finetune" for the contrastive stage. SIGUSR1/SIGTERM to this script
 # reach the ranks as USR1 (see common.sh). DRY_RUN=1 prints the command.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source launch/common.sh
+# no cd: relative paths mean what they mean in the caller's folder (see common.sh)
+source "$(dirname "$0")/common.sh"
 
 PREEMPTED_EXIT=42             # llara_dist/train/preempt.py PREEMPTED_EXIT
 PREEMPTED_MARKER=PREEMPTED    # llara_dist/train/preempt.py PREEMPTED_MARKER

@@ -10,8 +10,8 @@
 # SIGUSR1/SIGTERM to this script reach the ranks as USR1 (see common.sh); exit 42 means
 # "preempted, checkpoint saved": start the same command again to resume.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source launch/common.sh
+# no cd: relative paths mean what they mean in the caller's folder (see common.sh)
+source "$(dirname "$0")/common.sh"
 
 GPUS=${GPUS:-$(default_gpus)}
 MASTER_PORT=${MASTER_PORT:-29500}

@@ -12,8 +12,8 @@
 # INCLUDE/EXCLUDE: NODE[:SLOT,SLOT...][@NODE...] (deepspeed's syntax), never both.
 # Signals and exit 42 work as in train.sh (see common.sh). DRY_RUN=1 prints the command.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source launch/common.sh
+# no cd: relative paths mean what they mean in the caller's folder (see common.sh)
+source "$(dirname "$0")/common.sh"
 
 HOSTFILE=${HOSTFILE:?set HOSTFILE to a hostfile, e.g. hostfiles/2x8.txt}
 INCLUDE=${INCLUDE:-}

@@ -10,7 +10,6 @@ one ConfigError, so a user fixes a config in one round trip.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -18,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from llara_dist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """All problems of one configuration, one per line."""
 
     def __init__(self, problems: list[str]):
@@ -49,16 +50,69 @@ def absolute_path(value: str) -> str:
 
 def help_of(cls) -> list[tuple[str, str, Any]]:
     """(dotted name, help, default) for every leaf field of a config class."""
+    return [(name, help, default) for name, _, help, default in fields_of(cls)]
+
+
+def fields_of(cls, base=None) -> list[tuple[str, str, str, Any]]:
+    """(dotted name, type as written, help, default) for every leaf field of a config class; `base`:
+    the instance whose values are the defaults (a section's default in its parent)."""
     out = []
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         t = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = getattr(base, f.name) if base is not None else (
+            f.default if f.default is not dataclasses.MISSING else f.default_factory())
         if is_dataclass(t):
-            out += [(f"{f.name}.{n}", h, d) for n, h, d in help_of(t)]
+            out += [(f"{f.name}.{n}", ty, h, d) for n, ty, h, d in fields_of(t, default)]
         else:
-            out.append((f.name, f.metadata.get("help", ""), default))
+            out.append((f.name, _type_name(t), f.metadata.get("help", ""), default))
     return out
+
+
+def _type_name(t) -> str:
+    if typing.get_origin(t) is typing.Literal:
+        return "|".join(map(str, typing.get_args(t)))
+    if typing.get_origin(t) is not None:  # list[str], str | None
+        return str(t).replace("typing.", "")
+    return getattr(t, "__name__", None) or str(t)
+
+
+def config_help(cls) -> str:
+    """Every key of a config class, its type, default and help: the `--help` of train and finetune."""
+    lines = ["configuration keys (YAML sections, or key=value overrides):"]
+    for name, ty, help, default in fields_of(cls):
+        lines.append(f"  {name} ({ty}, default {default!r})")
+        lines.append(f"      {help}")
+    return "\n".join(lines)
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest single-character insertions, deletions and substitutions."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def closest(key: str, names) -> str | None:
+    """The name a mistyped `key` most likely meant. First a name whose words (split at `_`) begin the
+    key's, or the key's words begin its (`lr_rate` -> `lr`, `warmup` -> `warmup_steps`), the shortest
+    such; else the fewest edits, then the shorter name, unless even that rewrites more than half of
+    the key (a guess that far off misleads more than it helps)."""
+    words = key.split("_")
+
+    def word_prefix(name: str) -> bool:
+        other = name.split("_")
+        n = min(len(words), len(other))
+        return words[:n] == other[:n]
+
+    related = sorted((n for n in names if word_prefix(n)), key=lambda n: (len(n), n))
+    if related:
+        return related[0]
+    best = min(sorted(names), key=lambda n: (edit_distance(key, n), len(n)), default=None)
+    return best if best is not None and edit_distance(key, best) <= max(2, (len(key) + 1) // 2) else None
 
 
 def _coerce(value: Any, t: Any, where: str, problems: list[str]) -> Any:
@@ -124,8 +178,8 @@ def _build(cls, data: dict, prefix: str, problems: list[str], failed: set[str], 
     names = {f.name for f in fields(cls)}
     for key in data:
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            close = closest(key, names)
+            hint = f" (did you mean {prefix}{close}?)" if close else ""
             problems.append(f"{prefix}{key}: unknown key{hint}")
     kwargs = {}
     for f in fields(cls):
@@ -395,6 +449,10 @@ class TrainConfig:
     deepspeed: dict[str, Any] = opt({}, "DeepSpeed config entries merged into the generated config (ZeRO-3 "
                                         "knobs, e.g. zero_optimization.stage3_prefetch_bucket_size); entries "
                                         "the trainer sets from train.* are refused")
+    trackers: list[str] = opt([], "metric trackers fed besides metrics.jsonl (rank 0): tensorboard (into "
+                                  "run_dir/tensorboard), wandb; each needs its extra: pip install "
+                                  "'llara-dist[NAME]'")
+    wandb_project: str = opt("llara-dist", "Weights & Biases project of the run when train.trackers has wandb")
 
     def check(self) -> list[str]:
         out = []
@@ -424,6 +482,9 @@ class TrainConfig:
         if self.adam_impl not in ("torch", "deepspeed"):
             out.append(f"adam_impl: {self.adam_impl!r} is not one of torch, deepspeed")
         out += deepspeed_override_problems(self.deepspeed)
+        trackers = ("tensorboard", "wandb")  # train.trackers.TRACKERS; the ground floor imports nothing from train/
+        out += [f"trackers: {name!r} is not one of {', '.join(trackers)}" for name in self.trackers
+                if name not in trackers]
         return out
 
 

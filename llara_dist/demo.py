@@ -135,7 +135,9 @@ def stage_train(d: Demo) -> str:
            "-m", "llara_dist", "train", "--config", str(d.out / "train.yaml")]
     log = d.out / "train.log"
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, DS_ACCELERATOR="cpu")).returncode
+        # OMP_NUM_THREADS: torchrun sets 1 itself, with a banner saying so
+        env = {"OMP_NUM_THREADS": "1", **os.environ, "DS_ACCELERATOR": "cpu"}
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         raise RuntimeError(f"training failed with status {rc}; see {log}")
     records = [json.loads(line) for line in (d.run_dir / "metrics.jsonl").read_text().splitlines()]

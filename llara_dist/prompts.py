@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llara_dist.errors import UserError
+
 EOS = "{eos}"  # placeholder in a template for the tokenizer's own end-of-sequence token
 
 
@@ -98,7 +100,7 @@ def prompt_tokens(tokenizer, preset: Preset) -> PromptTokens:
     """Tokenize a preset's parts; checks that each suffix really ends in k embedding tokens."""
     eos = tokenizer.eos_token
     if EOS in preset.self_suffix + preset.next_suffix and eos is None:
-        raise ValueError("the preset's prompts end in {eos} but the tokenizer has no eos_token")
+        raise UserError("the preset's prompts end in {eos} but the tokenizer has no eos_token")
 
     def ids(text: str) -> tuple[int, ...]:
         return tuple(tokenizer(text.replace(EOS, eos or ""), add_special_tokens=False)["input_ids"])
@@ -111,7 +113,7 @@ def prompt_tokens(tokenizer, preset: Preset) -> PromptTokens:
         template = getattr(preset, name)
         expected = tuple(tokenizer.convert_tokens_to_ids(_emb_tail(template, k, preset.new_tokens, eos)))
         if len(toks) <= k or toks[-k:] != expected:
-            raise ValueError(
+            raise UserError(
                 f"{name} {template!r} does not end in its {k} embedding token(s) under this tokenizer "
                 f"(got ids {list(toks[-k:])}, expected {list(expected)}); "
                 "were the preset's new tokens added to the tokenizer?")
@@ -125,7 +127,7 @@ def _emb_tail(template: str, k: int, new_tokens: tuple[str, ...], eos: str | Non
     while len(tail) < k:
         hit = next((t for t in candidates if rest.endswith(t)), None)
         if hit is None:
-            raise ValueError(f"prompt {template!r} must end in {k} embedding token(s): "
+            raise UserError(f"prompt {template!r} must end in {k} embedding token(s): "
                              "{eos} or tokens listed in new_tokens")
         tail.insert(0, eos if hit == EOS else hit)
         rest = rest[: -len(hit)]

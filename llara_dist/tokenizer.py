@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from llara_dist.errors import UserError, existing_path
+
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2000):
     """Train on `texts`, save a Hugging Face tokenizer folder, return the loaded tokenizer.
@@ -33,9 +35,13 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
 
 def load_tokenizer(path: str | Path):
+    """The tokenizer of a local folder (a model folder, or a tokenizer's own)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    folder = existing_path(path, "tokenizer folder")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise UserError(f"{path}: holds no tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model)")
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def pad_id(tokenizer) -> int:

@@ -35,6 +35,18 @@ def tokenizer_dir(tmp_path_factory, shared_data) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wikitext_shards(tmp_path_factory, tokenizer_dir, shared_data) -> Path:
+    """WikiText under the 2000-token test tokenizer, 5 shards of 100 documents (the last smaller).
+    Shared by the session: copy it before changing it."""
+    from llara_dist.data.prep import PrepSettings, prep
+
+    out = tmp_path_factory.mktemp("integrity") / "shards"
+    prep(PrepSettings(inputs=[str(shared_data / "wikitext2_valid.txt")], format="wikitext", tokenizer=str(tokenizer_dir),
+                      out=str(out), shard_docs=100), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A random 2-layer LLaMA (hidden 64) over the test tokenizer's vocabulary, saved to disk.
 

@@ -213,3 +213,23 @@ class _HostCopies(TorchFunctionMode):
         if getattr(func, "__name__", "") in SyncWatch.TO_HOST:
             self.watch.record(func.__name__)
         return func(*args, **(kwargs or {}))
+
+
+# --- refusals ------------------------------------------------------------------------------------
+
+
+def refused(argv: list[str], capsys) -> str:
+    """Run `llara-dist ARGV` in this process and check that it refused as every command must: exit 2,
+    one `llara-dist CMD: ...` message on stderr, no traceback. Returns what it printed to stderr."""
+    import pytest
+
+    from llara_dist.cli import main
+
+    capsys.readouterr()  # what earlier calls printed is not this command's
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err[-3000:]
+    command = next(a for a in argv if not a.startswith("-"))
+    assert f"llara-dist {command}: " in err and "Traceback" not in err, err[-3000:]
+    return err

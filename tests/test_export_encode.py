@@ -37,6 +37,17 @@ def trained_run(tmp_path_factory, tokenizer_dir, tiny_llama_dir, wiki_docs, writ
     return run_dir
 
 
+def saved_dtypes(folder) -> set:
+    """The dtypes of every tensor in a folder's safetensors files, read from the files themselves."""
+    from safetensors import safe_open
+
+    dtypes = set()
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            dtypes |= {f.get_tensor(name).dtype for name in f.keys()}
+    return dtypes
+
+
 def test_export_matches_training_weights(trained_run, tmp_path, shared_data):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM
@@ -50,9 +61,16 @@ def test_export_matches_training_weights(trained_run, tmp_path, shared_data):
     from llara_dist.retrieval.export import export_run
     from llara_dist.tokenizer import load_tokenizer
 
-    out = export_run(trained_run, tmp_path / "export", dtype="fp32", max_shard_size="200KB")
+    umask = os.umask(0o077)  # as on a cluster that keeps new files private: the export still shares its own
+    try:
+        out = export_run(trained_run, tmp_path / "export", max_shard_size="200KB")  # the run's dtype: fp32
+    finally:
+        os.umask(umask)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # really sharded
+    assert saved_dtypes(out) == {torch.float32} and json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert set(modes.values()) == {0o644} and out.stat().st_mode & 0o777 == 0o755, modes
 
     plain = AutoModelForCausalLM.from_pretrained(out)  # no flags, no custom code
     tok = load_tokenizer(out)
@@ -133,3 +151,44 @@ def test_export_refuses_a_folder_with_files_and_overwrite_replaces_only_its_own(
     (tmp_path / "file").write_text("")
     proc = subprocess.run(cmd[:-4] + ["--out", str(tmp_path / "file")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "exists and is not a folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_dtype_follows_the_run_unless_overridden(trained_run, tmp_path):
+    """--dtype overrides; without it, the run's model.dtype, and `auto` as the trainer resolved it on its
+    device, which the checkpoint's DeepSpeed config records (a GPU run: bf16.enabled)."""
+    import argparse
+    import shutil
+
+    import yaml
+
+    from llara_dist.retrieval import export
+
+    cmd = [sys.executable, "-m", "llara_dist", "export", "--run", str(trained_run), "--out", str(tmp_path / "bf16"),
+           "--dtype", "bf16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert saved_dtypes(tmp_path / "bf16") == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+    # the same run with model.dtype auto, trained on the CPU (as it was: bf16.enabled false), then as if on a GPU
+    run = tmp_path / "auto-run"
+    shutil.copytree(trained_run, run)
+    saved_config = yaml.safe_load((run / "config.yaml").read_text())
+    saved_config["model"]["dtype"] = "auto"
+    (run / "config.yaml").write_text(yaml.safe_dump(saved_config))
+    assert export.load_run_config(run).model.dtype == "auto"
+    assert saved_dtypes(export.export_run(run, tmp_path / "auto-cpu")) == {torch.float32}
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    for states in latest.glob("*model_states.pt"):
+        saved = torch.load(states, weights_only=False)
+        assert saved["ds_config"]["bf16"]["enabled"] is False
+        saved["ds_config"]["bf16"]["enabled"] = True
+        torch.save(saved, states)
+    assert saved_dtypes(export.export_run(run, tmp_path / "auto-gpu")) == {torch.bfloat16}
+    assert saved_dtypes(export.export_run(run, tmp_path / "auto-gpu-fp32", dtype="fp32")) == {torch.float32}
+
+    parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter)  # as the CLI makes it
+    export.configure(parser)
+    text = " ".join(parser.format_help().split())
+    for default in ("(default: latest)", "(default: the run's training dtype", "(default: merge)", "(default: 5GB)"):
+        assert default in text, text

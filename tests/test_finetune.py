@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import metrics, refused
 
+from llara_dist.cli import INTERRUPTED_EXIT
 from llara_dist.config import (
     ConfigError,
     FinetuneConfig,
@@ -25,9 +27,7 @@ from llara_dist.config import (
 )
 from llara_dist.retrieval.finetune_data import GroupLoader, read_examples
 from llara_dist.train.distributed import batch_plan
-from llara_dist.train.preempt import PREEMPT_AT_STEP_ENV, PREEMPTED_EXIT
-
-from helpers import metrics
+from llara_dist.train.preempt import PREEMPT_AT_STEP_ENV, PREEMPT_SIGNALS_ENV, PREEMPTED_EXIT
 
 TOY = "llara_toy_finetune.jsonl"
 GROUP, QUERIES = 3, 8  # passages per query; queries per optimizer step
@@ -256,11 +256,18 @@ def test_command_lowers_loss_and_resumes_exactly(tmp_path, shared_data, tokenize
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4  # 12 steps x 4 queries: ~5 passes over the 10 examples
 
     run = tmp_path / "run"
-    stop_at = 5  # no checkpoint before (ckpt_every 100): the preemption save is the one resumed
-    proc = launch(run, *args[1:], env={PREEMPT_AT_STEP_ENV: str(stop_at)})
+    stop_at = 5  # no checkpoint before (ckpt_every 100): the save of the first Ctrl-C is the one resumed
+    proc = launch(run, *args[1:], env={PREEMPT_AT_STEP_ENV: str(stop_at), PREEMPT_SIGNALS_ENV: "SIGINT"})
     assert proc.wait(timeout=240) == PREEMPTED_EXIT, (run / "log.txt").read_text()
     assert [m["step"] for m in metrics(run)] == list(range(1, stop_at + 1))
-    assert f"SIGUSR1: saved step {stop_at}, exiting with {PREEMPTED_EXIT}" in (run / "log.txt").read_text()
+    log = (run / "log.txt").read_text()
+    assert f"Ctrl-C: saved step {stop_at}; the same command resumes from it" in log and "Traceback" not in log
+    # Ctrl-C twice: out at once, nothing saved; the step-5 checkpoint stays the latest
+    proc = launch(run, *args[1:], env={PREEMPT_AT_STEP_ENV: "7", PREEMPT_SIGNALS_ENV: "SIGINT,SIGINT"})
+    assert proc.wait(timeout=240) == INTERRUPTED_EXIT, (run / "log.txt").read_text()
+    log = (run / "log.txt").read_text()
+    assert log.endswith("llara-dist finetune: interrupted\n") and "Traceback" not in log
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step{stop_at:08d}"
     assert launch(run, *args[1:]).wait(timeout=240) == 0, (run / "log.txt").read_text()
     assert f"step{stop_at:08d} at step {stop_at}" in (run / "log.txt").read_text()
     assert [m["loss"] for m in metrics(run)] == losses  # dropout and the data cursor resumed exactly
@@ -292,23 +299,16 @@ def check_export(run_dir, weights, tmp_path):
 
 
 def test_command_refuses_bad_data_before_starting(tmp_path, tokenizer_dir, capsys):
-    import argparse
-
-    from llara_dist.retrieval import finetune
-
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q", "pos": ["p"], "neg": ["n"]}\n{"query": "q", "pos": "p"}\n')
-    args = argparse.Namespace(config=None, ledger=False, overrides=[
-        f"run_dir={tmp_path / 'run'}", f"train.tokenizer={tokenizer_dir}", f"finetune.data={bad}"])
-    assert finetune.run(args) == finetune.trainer.REFUSED_EXIT
-    assert f"llara-dist finetune: {bad}:2: 'pos' must be a list" in capsys.readouterr().err
+    argv = ["finetune", f"run_dir={tmp_path / 'run'}", f"train.tokenizer={tokenizer_dir}", f"finetune.data={bad}"]
+    assert f"llara-dist finetune: {bad}:2: 'pos' must be a list" in refused(argv, capsys)
     assert not (tmp_path / "run").exists()
 
     model = tmp_path / "exported"  # a model folder adapted with the paper preset (llara.json as export writes it)
     model.mkdir()
     (model / "llara.json").write_text(json.dumps({"objective": {"preset": "paper"}}))
-    args.overrides[-1] = f"finetune.data={bad.with_name('good.jsonl')}"
+    argv[-1] = f"finetune.data={bad.with_name('good.jsonl')}"
     bad.with_name("good.jsonl").write_text('{"query": "q", "pos": ["p"], "neg": ["n"]}\n')
-    args.overrides.append(f"model.path={model}")
-    assert finetune.run(args) == finetune.trainer.REFUSED_EXIT  # the default objective.preset is released
-    assert "set objective.preset=paper" in capsys.readouterr().err
+    argv.append(f"model.path={model}")
+    assert "set objective.preset=paper" in refused(argv, capsys)  # the default objective.preset is released

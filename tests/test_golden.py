@@ -23,7 +23,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from helpers import launch, log_text, metrics, wait, write_run
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import metrics
 
 ROOT = Path(__file__).resolve().parents[1]

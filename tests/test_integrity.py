@@ -3,11 +3,11 @@ shards', token ids against the vocabulary, and corpus text never read as special
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import refused
 
 from llara_dist.data import shards as sh
 from llara_dist.data.chunking import TEXT_ONLY
@@ -30,14 +31,6 @@ RELEASED = PRESETS["released"].new_tokens
 def run_prep(out: Path, tokenizer, inputs, **kw):
     return prep(PrepSettings(inputs=[str(p) for p in inputs], format="wikitext", tokenizer=str(tokenizer),
                              out=str(out), **kw), progress=False)
-
-
-@pytest.fixture(scope="module")
-def wikitext_shards(tmp_path_factory, tokenizer_dir, shared_data) -> Path:
-    """WikiText under the 2000-token test tokenizer, 5 shards of 100 documents (the last smaller)."""
-    out = tmp_path_factory.mktemp("integrity") / "shards"
-    run_prep(out, tokenizer_dir, [shared_data / "wikitext2_valid.txt"], shard_docs=100)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -204,25 +197,17 @@ def test_train_refuses_before_any_step(wikitext_shards, tokenizer_dir, other_tok
     assert "llara-dist train:" in proc.stderr and "vocabulary size 2000 != 1000" in proc.stderr
     assert "Traceback" not in proc.stderr and not run_dir.exists()
 
-    from llara_dist.train import pretrain, trainer
-
     for missing, why in ((tmp_path / "nope", "no such folder"), (tmp_path, "holds no tokenizer")):
-        args = argparse.Namespace(config=None, ledger=False, overrides=[*common, f"train.tokenizer={missing}"])
-        assert pretrain.run(args) == trainer.REFUSED_EXIT
-        assert f"llara-dist train: train.tokenizer={missing}: {why}" in capsys.readouterr().err
+        err = refused(["train", *common, f"train.tokenizer={missing}"], capsys)
+        assert f"llara-dist train: train.tokenizer={missing}: {why}" in err
     assert not run_dir.exists()
 
 
 def test_train_refuses_a_truncated_shard(shards_copy, tokenizer_dir, tiny_llama_dir, tmp_path, capsys):
-    from llara_dist.train import pretrain, trainer
-
     path = shards_copy / sh.shard_name(3)
     path.write_bytes(path.read_bytes()[:200_000])
-    args = argparse.Namespace(config=None, ledger=False, overrides=[
-        f"run_dir={tmp_path / 'run'}", f"data.shards={shards_copy}", f"model.path={tiny_llama_dir}",
-        f"train.tokenizer={tokenizer_dir}", "train.global_batch=2", "train.micro_batch=1"])
-    assert pretrain.run(args) == trainer.REFUSED_EXIT
-    err = capsys.readouterr().err
+    err = refused(["train", f"run_dir={tmp_path / 'run'}", f"data.shards={shards_copy}", f"model.path={tiny_llama_dir}",
+                   f"train.tokenizer={tokenizer_dir}", "train.global_batch=2", "train.micro_batch=1"], capsys)
     assert f"{path}: 200,000 bytes but the manifest says" in err and "truncated" in err
 
 
@@ -270,6 +255,28 @@ def test_first_read_checks_the_sha256_once_per_process(shards_copy):
     assert len(shards.read(1)) == 100
     with pytest.raises(ValueError, match="sha256"):
         ShardSet.open(str(shards_copy)).read(1)  # a fresh reader (another process) hashes it again
+
+
+def test_a_shard_changed_after_prep_stops_training_with_one_message(shards_copy, tokenizer_dir, tiny_llama_dir,
+                                                                    tmp_path):
+    """Found only when a DataLoader worker first reads it, after the start-up checks: still a refusal (exit 2),
+    its message without the worker's traceback that torch puts into the error it re-raises."""
+    for e in manifest(shards_copy)["shards"]:  # every shard: whichever the worker reads first
+        path = shards_copy / e["name"]
+        data = bytearray(path.read_bytes())
+        data[data.index(b" the ") + 1] ^= 0x20
+        path.write_bytes(bytes(data))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-m", "llara_dist", "train", f"run_dir={tmp_path / 'run'}",
+                           f"data.shards={shards_copy}", f"model.path={tiny_llama_dir}", f"train.tokenizer={tokenizer_dir}",
+                           "model.dtype=fp32", "data.seq_len=256", "data.num_workers=1", "train.global_batch=2",
+                           "train.micro_batch=1", "train.steps=2"],
+                          env=dict(env, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"llara-dist train: {re.escape(str(shards_copy))}/\S+: sha256 \w+ but the manifest says \w+: "
+                        r"the shard changed after prep.*", last), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr
 
 
 def test_ids_out_of_range_name_the_shard_and_the_document(shards_copy, tokenizer_dir):
@@ -340,4 +347,4 @@ def test_verify_shards_unreadable_manifest(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as e:
         main(["verify-shards", str(tmp_path)])
-    assert e.value.code == 2 and "cannot read the shard manifest" in capsys.readouterr().out
+    assert e.value.code == 2 and "cannot read the shard manifest" in capsys.readouterr().err

@@ -117,9 +117,9 @@ def test_mask_preparation_reads_nothing_from_the_device(kernel, two_pass):
     (varlen: its layout comes from the host copy). SyncWatch (helpers.py) sees the operations:
     sdpa and flex prepare on the device without one, and varlen's device side (the layout's copy,
     the gather, a kernel that takes cu_seqlens on the device, the scatter) has none either."""
-    from llara_dist.model.decoder import pass_mask
-
     from helpers import SyncWatch
+
+    from llara_dist.model.decoder import pass_mask
 
     b = packed([[5, 9], [12, 3, 4]])
     on_meta = b.to("meta")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,10 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import metrics, wait_for_step
 
 from llara_dist.train.preempt import PREEMPTED_EXIT, PREEMPTED_MARKER
-
-from helpers import metrics, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,8 @@ def test_single_node_wrapper_forwards_preemption(tmp_path, rendezvous):
     log = tmp_path / "launch.log"
     env = launch_env(GPUS=2, ENTRY=f"launch/probe.py --until-signal {tmp_path}", **rendezvous())
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(ROOT / "launch" / "train.sh")], env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([str(ROOT / "launch" / "train.sh")], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=ROOT)  # ENTRY is relative to the caller's folder
     try:
         deadline = time.monotonic() + 120
         while len(probe_lines(log.read_text())) < 2:
@@ -65,6 +66,8 @@ def test_single_node_wrapper_forwards_preemption(tmp_path, rendezvous):
     assert sorted(r["rank"] for r in started) == [0, 1] and {r["world"] for r in started} == {2}, text
     assert {r["rank_sum"] for r in started} == {1}
     assert status == 42, text  # the trainers' "preempted, requeue me" passed through launch.py and the runner
+    assert text.rstrip().endswith("[launch] preempted: every rank saved its checkpoint (exit 42); start the same "
+                                  "command again to resume"), text[-2000:]
     stopped = probe_lines(text, "preempted_at_step")
     assert sorted(r["rank"] for r in stopped) == [0, 1] and len({r["preempted_at_step"] for r in stopped}) == 1
     assert (tmp_path / "preempted").exists()
@@ -75,7 +78,7 @@ def test_one_launcher_per_node_with_include(tmp_path, rendezvous):
     env = launch_env(ENTRY="launch/probe.py", HOSTFILE="hostfiles/localhost-2x2.txt",
                      INCLUDE="node-a:1@node-b:0", **rendezvous())
     procs = [subprocess.Popen([str(ROOT / "launch" / "train_multinode.sh")], env=dict(env, NODE_RANK=str(n)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) for n in (0, 1)]
     outs = []
     for p in procs:
         try:
@@ -90,6 +93,24 @@ def test_one_launcher_per_node_with_include(tmp_path, rendezvous):
     assert {r["world"] for node in lines for r in node} == {2}
     assert {r["rank_sum"] for node in lines for r in node} == {1}
     assert "--no_ssh --node_rank 1" in outs[1]
+
+
+def test_relative_paths_mean_the_callers_folder(tmp_path, tokenizer_dir):
+    """launch/train.sh started in another folder than the repository, with a relative --config whose
+    train.tokenizer is relative too, and a relative data.shards=... override: the trainer looks for all
+    three in the caller's folder. No shards are there, so the trainer refuses at start-up (no model, no
+    process group), naming where it looked: the override's folder under the caller's, past a tokenizer
+    it found there."""
+    work = tmp_path / "work"
+    (work / "configs").mkdir(parents=True)
+    shutil.copytree(tokenizer_dir, work / "tok")
+    (work / "configs" / "run.yaml").write_text("train:\n  tokenizer: tok\ndata:\n  shards: from-config\n")
+    res = subprocess.run([str(ROOT / "launch" / "train.sh"), "--config", "configs/run.yaml", "data.shards=given"],
+                         cwd=work, env=launch_env(GPUS=1), capture_output=True, text=True, timeout=180)
+    assert res.returncode == 2, res.stderr[-3000:]
+    refusal = [line for line in res.stderr.splitlines() if line.startswith("llara-dist train: ")]
+    assert refusal and str(work / "given") in refusal[0], res.stderr[-3000:]
+    assert str(ROOT / "given") not in res.stderr and "cannot read config" not in res.stderr
 
 
 @pytest.mark.parametrize("hostfile", HOSTFILES, ids=[h.name for h in HOSTFILES])
@@ -120,15 +141,15 @@ def test_multinode_wrapper_builds_the_launcher_command():
     """DRY_RUN prints the deepspeed command the wrapper would run; bad settings stop it early."""
     env = launch_env(DRY_RUN=1, HOSTFILE="hostfiles/2x8.txt", EXCLUDE="gpu-node-2:7", MASTER_PORT=29600)
     res = subprocess.run([str(ROOT / "launch" / "train_multinode.sh"), "--config", "run.yaml", "train.lr=2e-5"],
-                         env=env, capture_output=True, text=True, timeout=30)
+                         env=env, capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert ("deepspeed --hostfile hostfiles/2x8.txt --master_port 29600 --exclude gpu-node-2:7 --no_local_rank "
             "--module llara_dist train --config run.yaml train.lr=2e-5") in res.stderr
     bad = subprocess.run([str(ROOT / "launch" / "train_multinode.sh")], env=dict(env, NODE_RANK="0"),
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert bad.returncode == 2 and "NODE_RANK needs MASTER_ADDR" in bad.stderr
     missing = subprocess.run([str(ROOT / "launch" / "train_multinode.sh")], env=dict(env, HOSTFILE="nope.txt"),
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert missing.returncode == 2 and "nope.txt not found" in missing.stderr
 
 

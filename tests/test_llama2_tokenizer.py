@@ -10,17 +10,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import launch, metrics, wait
 
 from llara_dist import cli
 from llara_dist.tokenizer import load_tokenizer, pad_id, with_pad_token
-
-from helpers import launch, metrics, wait
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +28,17 @@ SEQ_LEN = 256
 TEXTS = ["What is a llama?", "The llama is a domesticated South American camelid, widely used as a meat and "
          "pack animal by Andean cultures since the pre-Columbian era.", "A short one.",
          "Tropical storms form over warm water and move west in the trade winds."]
+# What a command may print besides its output: its own lines (`llara-dist CMD: ...` warnings) and the
+# trainer's progress lines. Anything else is a third party talking to the user (a DeepSpeed log line, a
+# Python warning, a progress bar) or a traceback, which a run without --verbose must not show.
+OWN_LINE = re.compile(r"^(llara-dist [\w-]+: |\d\d:\d\d:\d\d step )")
+THIRD_PARTY_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[[A-Z]+\]|Traceback|Warning: |\d+%\|")
+
+
+def noise(stderr: str, stdout: str = "") -> list[str]:
+    """The lines a quiet command should not have printed."""
+    return ([line for line in stderr.splitlines() if line.strip() and not OWN_LINE.match(line)]
+            + [line for line in stdout.splitlines() if THIRD_PARTY_LINE.search(line)])
 
 
 def llara_dist(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -35,6 +46,7 @@ def llara_dist(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "llara_dist", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"llara-dist {args[0]}: {proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert not noise(proc.stderr, proc.stdout), f"llara-dist {args[0]} is not quiet: {noise(proc.stderr, proc.stdout)}"
     return proc
 
 
@@ -42,8 +54,9 @@ def in_process(capsys, *args: str) -> str:
     """A command run through the CLI entry point in this process: its stdout (exit status 0 asserted)."""
     with pytest.raises(SystemExit) as e:
         cli.main(list(args))
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert e.value.code == 0, out
+    assert not noise(err, out), f"llara-dist {args[0]} is not quiet: {noise(err, out)}"
     return out
 
 
@@ -79,6 +92,9 @@ def train(root, world: int, env: dict | None = None):
     run_dir = root / f"run{world}"
     codes = wait(launch(root, run_dir, world, env=env), timeout=300)
     assert codes == [0] * world, (run_dir / "log-rank0.txt").read_text()[-3000:]
+    for rank in range(world):  # each rank's stdout and stderr together
+        log = (run_dir / f"log-rank{rank}.txt").read_text()
+        assert not noise(log), f"rank {rank} is not quiet: {noise(log)}"
     return run_dir
 
 

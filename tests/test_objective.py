@@ -10,11 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import load_tiny, make_docs
 
 from llara_dist.data.batch import build_batch
 from llara_dist.model.objective import batch_counts, combine, loss_sums
-
-from helpers import load_tiny, make_docs
 
 LENGTHS = [23, 9, 14, 5, 17, 7]
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import load_tiny, make_docs
 
 from llara_dist.data.batch import build_batch
 from llara_dist.data.shards import Doc
 from llara_dist.model.decoder import forward_hidden, gather_states
-
-from helpers import load_tiny, make_docs
 
 TOL = 1e-5
 

@@ -3,7 +3,7 @@ versions, and a release without one is refused before any work, naming it."""
 
 from __future__ import annotations
 
-import argparse
+from helpers import refused
 
 from llara_dist import patches
 
@@ -49,11 +49,7 @@ def test_a_kernels_wrapper_without_its_function_is_refused(monkeypatch):
 def test_train_refuses_to_start_naming_what_is_missing(monkeypatch, capsys, tmp_path):
     from deepspeed.runtime.zero import partition_parameters as pp
 
-    from llara_dist.train import pretrain, trainer
-
     monkeypatch.setattr(pp.NoGatherCoalescedHandle, "__init__", lambda self, params: None)
-    args = argparse.Namespace(config=None, ledger=False, overrides=[f"run_dir={tmp_path / 'run'}"])
-    assert pretrain.run(args) == trainer.REFUSED_EXIT
-    err = capsys.readouterr().err
+    err = refused(["train", f"run_dir={tmp_path / 'run'}"], capsys)
     assert "llara_dist/patches.py" in err and "NoGatherCoalescedHandle" in err
     assert not (tmp_path / "run").exists()

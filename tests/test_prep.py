@@ -224,14 +224,15 @@ def test_cli(tmp_path, tokenizer_dir, shared_data, capsys):
     missing = tmp_path / "missing.jsonl"
     p = subprocess.run(cli() + ["prep", "--input", str(missing), "--format", "wiki-jsonl", "--tokenizer",
                                 str(tokenizer_dir), "--out", str(tmp_path / "o")], capture_output=True, text=True)
-    assert p.returncode == 1 and f"llara-dist prep: error: {missing}: no such file" in p.stderr
+    assert p.returncode == 2 and f"llara-dist prep: {missing}: no such file" in p.stderr
+    assert "Traceback" not in p.stderr
     from llara_dist.cli import main  # the same entry point, in this process (no second import of transformers)
 
     with pytest.raises(SystemExit) as e:
         main(["prep", "--input", str(shared_data / "wikitext2_valid.txt"), "--format", "wiki-jsonl",
               "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert e.value.code == 1 and "wikitext2_valid.txt:2: not wiki-jsonl input" in err, err
+    assert e.value.code == 2 and "wikitext2_valid.txt:2: not wiki-jsonl input" in err, err
     assert not list((tmp_path / "o").glob("shard-*"))
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import allowed_pairs, counted_train_flops
 
 from llara_dist.data.batch import build_batch
 from llara_dist.data.shards import Doc
 from llara_dist.prompts import PromptTokens
 from llara_dist.train.metrics import attention_pairs, matmul_params, train_flops
-
-from helpers import allowed_pairs, counted_train_flops
 
 
 def _batch():

@@ -64,9 +64,9 @@ def test_workload_layouts_hold_the_same_documents(bench):
 
 
 def test_tiny_run_reports_equal_work(tmp_path, bench):
-    from llara_dist.model.tiny import tiny_llama_config
-
     from helpers import allowed_pairs, flops_per_token_and_pair
+
+    from llara_dist.model.tiny import tiny_llama_config
 
     out = tmp_path / "bench"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

@@ -5,12 +5,12 @@ train config (optimizer per device, `train.deepspeed` overrides and what they ma
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
+from helpers import refused
 
 from llara_dist.config import RunConfig, TrainConfig, load_config
+from llara_dist.errors import UserError
 from llara_dist.train.distributed import batch_plan, dist_env
 from llara_dist.train.engine import deepspeed_config, lr_factor
 
@@ -36,13 +36,13 @@ def test_dist_env_single_and_errors():
     e = dist_env({})
     # port 0: the lone rank's store binds any free port itself, nothing to race for
     assert (e.rank, e.world, e.launcher, e.master_addr, e.master_port) == (0, 1, "single", "127.0.0.1", 0)
-    with pytest.raises(RuntimeError, match="MASTER_ADDR/MASTER_PORT are not set"):
+    with pytest.raises(UserError, match="MASTER_ADDR/MASTER_PORT are not set"):
         dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
-    with pytest.raises(RuntimeError, match="rank 4 is outside world size 2"):
+    with pytest.raises(UserError, match="rank 4 is outside world size 2"):
         dist_env({"RANK": "4", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
-    with pytest.raises(RuntimeError, match="MASTER_PORT=0 with 2 ranks"):
+    with pytest.raises(UserError, match="MASTER_PORT=0 with 2 ranks"):
         dist_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "0"})
-    with pytest.raises(RuntimeError, match="MASTER_PORT='x' is not an integer"):
+    with pytest.raises(UserError, match="MASTER_PORT='x' is not an integer"):
         dist_env({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "x"})
 
 
@@ -57,16 +57,12 @@ def test_batch_plan_arithmetic():
 
 
 def test_impossible_batch_refused_before_heavy_work(monkeypatch, capsys, tmp_path):
-    from llara_dist.train import pretrain, trainer
-
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "1")  # nothing listens: a process group would fail, not refuse
-    args = argparse.Namespace(config=None, ledger=False,
-                              overrides=[f"run_dir={tmp_path}", "train.global_batch=8", "train.micro_batch=2"])
-    assert pretrain.run(args) == trainer.REFUSED_EXIT
-    assert "micro_batch 2 x world 3 = 6 rows per pass" in capsys.readouterr().err
+    err = refused(["train", f"run_dir={tmp_path}", "train.global_batch=8", "train.micro_batch=2"], capsys)
+    assert "micro_batch 2 x world 3 = 6 rows per pass" in err
     assert not any(tmp_path.iterdir())
 
 

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TRAIN_STEPS as STEPS
+from helpers import launch, log_text, metrics, wait, wait_for_step
 
 from llara_dist.train.checkpoint import KILL_DURING_SAVE_ENV
 from llara_dist.train.preempt import PREEMPT_AT_STEP_ENV, PREEMPTED_EXIT, PREEMPTED_MARKER
-
-from helpers import TRAIN_STEPS as STEPS
-from helpers import launch, log_text, metrics, wait, wait_for_step
 
 pytestmark = pytest.mark.slow
 

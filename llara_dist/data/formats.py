@@ -31,6 +31,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from llara_dist.errors import UserError
+
 FORMATS = ("llara-jsonl", "dpr-tsv", "wiki-jsonl", "wikitext", "text")
 RECHUNKED = frozenset({"wiki-jsonl", "wikitext", "text"})  # the others arrive as chunks
 
@@ -53,7 +55,7 @@ _WT_TITLE = re.compile(r"\s*= (?!=)(.*?) =\s*")
 _WT_HEADING = re.compile(r"\s*(?:= )+(?!=)(.*?)(?: =)+\s*")
 
 
-class InputError(Exception):
+class InputError(UserError):
     """The input cannot be prepared as asked: a missing or unreadable file, a wrong format."""
 
 

@@ -34,6 +34,7 @@ from llara_dist.config import DataConfig
 from llara_dist.data.batch import PackedBatch, build_batch
 from llara_dist.data.pack import Packer
 from llara_dist.data.stream import Reader, ShardSet
+from llara_dist.errors import UserError
 from llara_dist.prompts import PromptTokens
 
 STATE_VERSION = 1
@@ -245,11 +246,14 @@ class PackedLoader:
             source = (slots[b.reader - self.rank * self.workers].take(b) for b in loader)
         if self.pin_memory:
             source = (_convert(b, torch.Tensor.pin_memory) for b in source)
-        for batch in source:
-            local = batch.reader - self.rank * self.workers
-            self._cursors[local] = batch.cursor
-            self._next = (local + 1) % self.workers
-            yield batch
+        try:
+            for batch in source:
+                local = batch.reader - self.rank * self.workers
+                self._cursors[local] = batch.cursor
+                self._next = (local + 1) % self.workers
+                yield batch
+        except UserError as e:
+            raise UserError(_own_message(e)) from None
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "setup": self._setup(), "next": self._next,
@@ -259,11 +263,11 @@ class PackedLoader:
         if self.cfg.reset_cursor:
             return  # data.reset_cursor=true: the data order starts afresh
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"data cursor: not a version-{STATE_VERSION} PackedLoader state")
+            raise UserError(f"data cursor: not a version-{STATE_VERSION} PackedLoader state")
         saved, now = state["setup"], self._setup()
         diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
         if diff:
-            raise ValueError(
+            raise UserError(
                 "data cursor: saved under another data setup (" + ", ".join(diff) + "); "
                 "a cursor is not re-split across world sizes, ranks, worker counts, seeds or manifests "
                 "(documents would be lost or repeated). Resume with the saved setup, or set "
@@ -290,3 +294,13 @@ def _jsonable(x):
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     return x.tolist() if isinstance(x, np.ndarray) else x
+
+
+def _own_message(e: UserError) -> str:
+    """A refusal raised in a DataLoader worker comes back with the worker's traceback in its message
+    (torch's ExceptionWrapper: "Caught UserError in DataLoader worker process 0. Original Traceback
+    ... UserError: <message>"): the user is owed the message alone."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    return text.rpartition(f"{UserError.__module__}.{UserError.__name__}: ")[2].rstrip("\n")

@@ -18,12 +18,13 @@ from __future__ import annotations
 import numpy as np
 
 from llara_dist.data.shards import Doc
+from llara_dist.errors import UserError
 
 
 class Packer:
     def __init__(self, seq_len: int, overhead: int, capacity: int):
         if seq_len <= overhead:
-            raise ValueError(f"seq_len {seq_len} leaves no room for text after the prompts' {overhead} tokens")
+            raise UserError(f"seq_len {seq_len} leaves no room for text after the prompts' {overhead} tokens")
         self.seq_len, self.overhead, self.capacity = seq_len, overhead, capacity
         self.max_text = seq_len - overhead  # longer texts are truncated
         self._docs: list[Doc] = []  # arrival order

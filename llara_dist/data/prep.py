@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llara_dist.data import shards
-from llara_dist.data.formats import FORMATS, RECHUNKED, Article, InputError, Reader, Stats, expand_inputs
+from llara_dist.data.formats import FORMATS, RECHUNKED, Article, Reader, Stats, expand_inputs
+from llara_dist.errors import UserError
 
 DEFAULT_CHUNK_WORDS = 480  # the released LLaRA setting
 DEFAULT_SHARD_DOCS = 10_000
@@ -39,7 +40,7 @@ BLOCK_ARTICLES = 128
 BLOCK_CHARS = 256 << 10
 
 
-class PrepError(Exception):
+class PrepError(UserError):
     """prep cannot go on; the message says why and where."""
 
 
@@ -99,12 +100,7 @@ def run(args: argparse.Namespace) -> int:
         chunk_words=args.chunk_words, chunk_tokens=args.chunk_tokens, seq_len=args.seq_len,
         preset=args.preset, min_words=args.min_words, shard_docs=args.shard_docs,
         workers=args.workers, overwrite=args.overwrite)
-    try:
-        result = prep(settings)
-    except (PrepError, InputError) as e:
-        print(f"llara-dist prep: error: {e}", file=sys.stderr)
-        return 1
-    print(result.summary)
+    print(prep(settings).summary)
     return 0
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llara_dist.errors import UserError
+
 ID_DTYPE = np.dtype("<i4")
 
 
@@ -61,11 +63,11 @@ def decode_sample(sample: dict, where: str = "") -> Doc:
     key = sample.get("__key__", "?")
     raw = sample.get("ids")
     if raw is None or len(raw) % 4:
-        raise ValueError(f"{where}: sample {key!r} has no valid .ids member")
+        raise UserError(f"{where}: sample {key!r} has no valid .ids member")
     nxt = sample.get("next")
     next_set = None if nxt is None or len(nxt) % 4 else np.frombuffer(nxt, dtype=ID_DTYPE)
     if nxt is not None and (next_set is None or (next_set[1:] <= next_set[:-1]).any()):
-        raise ValueError(f"{where}: sample {key!r} has a .next member that is not a sorted set of int32 ids")
+        raise UserError(f"{where}: sample {key!r} has a .next member that is not a sorted set of int32 ids")
     return Doc(key=key, ids=np.frombuffer(raw, dtype=ID_DTYPE), next_set=next_set)
 
 
@@ -120,9 +122,9 @@ def read_manifest(location: str) -> dict:
         with wds.gopen(url, "rb") as f:
             manifest = json.loads(f.read().decode("utf-8"))
     except Exception as e:  # noqa: BLE001 - any transport error becomes one clear message
-        raise FileNotFoundError(f"{url}: cannot read the shard manifest ({e})") from None
+        raise UserError(f"{url}: cannot read the shard manifest ({e})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise ValueError(f"{url}: not a llara-dist manifest (no 'shards' list)")
+        raise UserError(f"{url}: not a llara-dist manifest (no 'shards' list)")
     return manifest
 
 
@@ -230,7 +232,7 @@ def check_tokenizer(location: str, recorded: dict, tokenizer, path, extra_ok=())
         return
     name = recorded.get("name_or_path") or "?"
     theirs = f"{name} ({recorded.get('class', '?')}, {recorded.get('vocab_size', '?')} tokens)"
-    raise ValueError(
+    raise UserError(
         f"{location}: the shards were made with tokenizer {theirs}, and this run's tokenizer is {path} "
         f"({type(tokenizer).__name__}, {len(tokenizer)} tokens); they differ: {'; '.join(diff)}. The token ids "
         f"in the shards would stand for other tokens: train with the tokenizer the shards were made with "

@@ -33,6 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from llara_dist.data import shards as sh
+from llara_dist.errors import UserError
 
 # Members a reader needs; .txt and .json (audit only) are skipped without decoding.
 _NEEDED = ("ids", "next")
@@ -65,7 +66,7 @@ class ShardSet:
             sizes = tuple(None if e.get("bytes") is None else int(e["bytes"]) for e in entries)
             sums = tuple(None if e.get("sha256") is None else str(e["sha256"]) for e in entries)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ValueError(f"{location}: manifest shard entries need 'name' and 'docs' ({e})") from None
+            raise UserError(f"{location}: manifest shard entries need 'name' and 'docs' ({e})") from None
         listing = json.dumps([[e.get("name"), e.get("docs"), e.get("sha256")] for e in entries])
         if vocab_size is None:
             recorded = (manifest.get("tokenizer") or {}).get("vocab_size")
@@ -86,7 +87,7 @@ class ShardSet:
         problems = self.check_docs(i, docs)
         if problems:
             more = f" (and {len(problems) - 1} more problem(s) in this shard)" if len(problems) > 1 else ""
-            raise ValueError(problems[0] + more)
+            raise UserError(problems[0] + more)
         if check_sum:
             self.verified.add(i)
         return docs
@@ -131,11 +132,11 @@ class ShardSet:
     def check_readers(self, num_readers: int, world: int, workers: int) -> None:
         """Refuse a split where some reader would get no shard."""
         if len(self) < num_readers:
-            raise ValueError(
+            raise UserError(
                 f"{self.location}: {len(self)} shard(s) for {num_readers} readers "
                 f"(world size {world} x {workers} DataLoader worker(s) per rank); every reader needs "
-                f"at least one shard: write at least {num_readers} shards (prep with a smaller "
-                f"--shard-docs) or lower data.num_workers")
+                f"at least one shard: prep again with --shard-docs {max(sum(self.docs) // num_readers, 1)} "
+                f"or fewer ({num_readers} shards or more), or lower data.num_workers")
 
 
 def shard_order(n_shards: int, seed: int, epoch: int) -> np.ndarray:
@@ -170,16 +171,16 @@ def shard_members(url: str, size: int | None = None, sha256: str | None = None) 
     checked against the `size` and `sha256` given."""
     data, digest = _read(url, sha256 is not None)
     if size is not None and len(data) != size:
-        raise ValueError(f"{url}: {len(data):,} bytes but the manifest says {size:,}: truncated or replaced shard")
+        raise UserError(f"{url}: {len(data):,} bytes but the manifest says {size:,}: truncated or replaced shard")
     if digest != sha256:
-        raise ValueError(f"{url}: sha256 {digest} but the manifest says {sha256}: the shard changed after prep "
+        raise UserError(f"{url}: sha256 {digest} but the manifest says {sha256}: the shard changed after prep "
                          "(damaged or replaced)")
     members = _plain_tar_members(data)
     if members is None:  # long names, pax headers, compression: tarfile handles the general case
         try:
             members = _tarfile_members(data)
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise ValueError(f"{url}: not a readable tar shard ({e})") from None
+            raise UserError(f"{url}: not a readable tar shard ({e})") from None
     return members
 
 
@@ -192,7 +193,7 @@ def _read(url: str, hashed: bool) -> tuple[bytes, str | None]:
         with wds.gopen(url, "rb") as stream:
             data = stream.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{url}: missing (the manifest lists it)") from None
+        raise UserError(f"{url}: missing (the manifest lists it)") from None
     return data, hashlib.sha256(data).hexdigest() if hashed else None
 
 
@@ -243,12 +244,12 @@ def count_documents(path) -> int:
                     with tarfile.open(path) as tar:
                         return len({m.name.partition(".")[0] for m in tar if m.isreg()})
                 except (tarfile.TarError, EOFError) as e:
-                    raise ValueError(f"{path}: not a readable tar shard ({e})") from None
+                    raise UserError(f"{path}: not a readable tar shard ({e})") from None
             name, size = member
             key = name.partition(".")[0]
             keys, last = keys + (key != last), key
             pos += 512 + (size + 511) // 512 * 512
-    raise ValueError(f"{path}: ends {'inside a member' if pos > end else 'before its end-of-archive blocks'} "
+    raise UserError(f"{path}: ends {'inside a member' if pos > end else 'before its end-of-archive blocks'} "
                      f"({end:,} bytes): truncated shard")
 
 
@@ -286,7 +287,7 @@ class Reader:
         while True:
             mine = reader_shards(len(self.shards), self.seed, self.epoch, self.reader, self.num_readers)
             if not any(self.shards.docs[s] for s in mine):
-                raise ValueError(f"{self.shards.location}: reader {self.reader} has shards "
+                raise UserError(f"{self.shards.location}: reader {self.reader} has shards "
                                  f"{[self.shards.names[s] for s in mine]} with no documents in them")
             while self.index < len(mine):
                 docs = self._shard_docs(mine[self.index])

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from llara_dist.data import shards as sh
+from llara_dist.errors import UserError
 
 BAD_EXIT = 2
 _LISTED = 20  # problems listed per shard; the rest are counted
@@ -44,10 +45,7 @@ def verify(location: str) -> tuple[str, int]:
     """(the printable report, the number of problems) of the shards at `location`."""
     from llara_dist.data.stream import ShardSet, read_shard
 
-    try:
-        shards = ShardSet.open(location)
-    except (FileNotFoundError, ValueError) as e:
-        return f"verify-shards {location}: {e}", 1
+    shards = ShardSet.open(location)  # an unreadable manifest is a refusal
     m = shards.manifest
     lines, notes, problems = [], [], 0
     entries = m["shards"]
@@ -124,12 +122,12 @@ def check_before_training(location: str, tokenizer_dir: str, extra_ok=()) -> int
     if problems:
         listed = "\n  ".join(problems[:_LISTED]) + (
             f"\n  ... and {len(problems) - _LISTED} more" if len(problems) > _LISTED else "")
-        raise ValueError(f"{location}: {len(problems)} shard(s) do not match the manifest "
+        raise UserError(f"{location}: {len(problems)} shard(s) do not match the manifest "
                          f"(`llara-dist verify-shards {location}` checks them in full):\n  {listed}")
     try:
         tokenizer = load_tokenizer(tokenizer_dir)
     except Exception as e:  # noqa: BLE001 - any loading problem is the folder's
-        raise ValueError(f"{tokenizer_dir}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
+        raise UserError(f"{tokenizer_dir}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
     recorded = shards.manifest.get("tokenizer") or {}
     sh.check_tokenizer(location, recorded, tokenizer, tokenizer_dir, extra_ok)
     return sh.text_vocab_size(recorded, tokenizer, extra_ok)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from llara_dist.data.batch import SEG_NEXT, SEG_SELF, PackedBatch
+from llara_dist.errors import UserError
 from llara_dist.kernels import registry
 from llara_dist.model import fused
 from llara_dist.prompts import Preset, add_special_tokens
@@ -56,7 +57,7 @@ def load_model(model_cfg, tokenizer, preset: Preset, device: torch.device | str 
     elif path.is_file() and path.suffix == ".json":
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     else:
-        raise FileNotFoundError(f"model.path {str(path)!r}: neither a model folder nor a config .json file")
+        raise UserError(f"model.path {str(path)!r}: neither a model folder nor a config .json file")
     add_special_tokens(tokenizer, preset)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
@@ -65,7 +66,7 @@ def load_model(model_cfg, tokenizer, preset: Preset, device: torch.device | str 
     if model_cfg.compile_layers:
         layers = decoder_layers(model)
         if not layers:
-            raise ValueError(f"model.compile_layers: {type(model).__name__} names no decoder layer class "
+            raise UserError(f"model.compile_layers: {type(model).__name__} names no decoder layer class "
                              f"(_no_split_modules)")
         fused.compile_layers(layers)
     return model

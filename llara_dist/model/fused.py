@@ -67,6 +67,7 @@ from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.utils import is_kernels_available
 
+from llara_dist.errors import UserError
 from llara_dist.patches import kernel_function, rotary_wrapper, torch_linear
 
 # transformers releases (major.minor) whose LLaMA code and kernel hooks this file was tested with
@@ -155,7 +156,7 @@ def _kernelize(module, mapping) -> None:
         # TORCH_COMPILE in it, kernels takes only a layer that says it can be compiled
         kernelize(module, mode=Mode.TRAINING | Mode.TORCH_COMPILE, device="cpu", use_fallback=mapping is _RESTORE)
     if mapping is _FUSED and not _ours_kernelized(get_kernelized_layers(module).layers.get("")):
-        raise ValueError(f"model.fused_ops: kernels kept {type(module).__name__}'s own forward "
+        raise UserError(f"model.fused_ops: kernels kept {type(module).__name__}'s own forward "
                          f"(are kernel mappings disabled, DISABLE_KERNEL_MAPPING?)")
 
 
@@ -194,7 +195,7 @@ def check_versions() -> None:
     from transformers import __version__ as installed  # read now: transformers replaces its top module object
 
     if "%d.%d" % Version(installed).release[:2] not in KNOWN_TRANSFORMERS:
-        raise ValueError(
+        raise UserError(
             f"model.fused_ops: transformers {installed} is not a release these fused ops know "
             f"({', '.join(v + '.x' for v in KNOWN_TRANSFORMERS)}): they replace code inside its LLaMA modules, "
             f"which a release may change. Set model.fused_ops=false to run HF's own ops, or install transformers "
@@ -203,7 +204,7 @@ def check_versions() -> None:
     if not is_kernels_available():
         from transformers.utils.import_utils import KERNELS_MAX_VERSION, KERNELS_MIN_VERSION
 
-        raise ValueError(
+        raise UserError(
             f"model.fused_ops: transformers {installed} runs without its kernels integration, whose hooks these "
             f"fused ops use: the `kernels` package it requires is missing or of another version. Install "
             f"'kernels>={KERNELS_MIN_VERSION},<{KERNELS_MAX_VERSION}', or set model.fused_ops=false")
@@ -256,7 +257,7 @@ def _plan(model) -> list:
     if missing:
         problems.append(f"no {', no '.join(missing)} module found")
     if problems:
-        raise ValueError(f"model.fused_ops: {type(model).__name__} is not a LLaMA-style decoder these fused ops "
+        raise UserError(f"model.fused_ops: {type(model).__name__} is not a LLaMA-style decoder these fused ops "
                          f"know: {'; '.join(problems)}")
     return plan
 
@@ -289,7 +290,7 @@ def compile_layers(layers: list[torch.nn.Module]) -> int:
     hooked = [f"{type(m).__name__} in {type(layer).__name__}" for layer in layers for m in layer.modules()
               if m is not layer and (m._forward_pre_hooks or m._forward_hooks)]
     if hooked:
-        raise ValueError(f"model.compile_layers: modules inside the decoder layers have hooks ({hooked[0]}, ...), "
+        raise UserError(f"model.compile_layers: modules inside the decoder layers have hooks ({hooked[0]}, ...), "
                          f"which compiling would trace: ZeRO-3 must gather by layer (train.zero3_layer_gather)")
     for layer in layers:
         layer.forward = types.MethodType(_compiled_forward(type(layer)), layer)

@@ -10,6 +10,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from llara_dist.errors import UserError
+from llara_dist.textfiles import read_json_lines, read_lines
+
 
 @dataclass
 class RetrievalSet:
@@ -19,25 +22,18 @@ class RetrievalSet:
 
 
 def _jsonl(path: Path, required: tuple[str, ...]):
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            missing = [k for k in required if k not in obj]
-            if missing:
-                raise ValueError(f"{path}:{line_no}: missing field(s) {', '.join(missing)}")
-            yield line_no, obj
+    for line_no, obj in read_json_lines(path):
+        missing = [k for k in required if not isinstance(obj, dict) or k not in obj]
+        if missing:
+            raise UserError(f"{path}:{line_no}: missing field(s) {', '.join(missing)}")
+        yield line_no, obj
 
 
 def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
     folder = Path(folder)
     for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name}: missing (a BEIR folder needs corpus.jsonl, "
+            raise UserError(f"{folder / name}: missing (a BEIR folder needs corpus.jsonl, "
                                     f"queries.jsonl and qrels/{split}.tsv)")
     corpus = {}
     for _, d in _jsonl(folder / "corpus.jsonl", ("_id", "text")):
@@ -46,20 +42,19 @@ def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
     queries = {str(q["_id"]): q["text"] for _, q in _jsonl(folder / "queries.jsonl", ("_id", "text"))}
     qrels: dict[str, dict[str, int]] = {}
     qrels_path = folder / "qrels" / f"{split}.tsv"
-    with open(qrels_path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
-            if line_no == 1 and not parts[-1].lstrip("-").isdigit():
-                continue  # header
-            if len(parts) != 3 or not parts[2].lstrip("-").isdigit():
-                raise ValueError(f"{qrels_path}:{line_no}: expected `query-id<TAB>corpus-id<TAB>score`")
-            qid, did, grade = parts
-            if did not in corpus:
-                raise ValueError(f"{qrels_path}:{line_no}: corpus id {did!r} is not in corpus.jsonl")
-            qrels.setdefault(qid, {})[did] = int(grade)
+    for line_no, line in read_lines(qrels_path, "qrels file"):
+        parts = line.split("\t")
+        if line_no == 1 and not parts[-1].lstrip("-").isdigit():
+            continue  # header
+        if len(parts) != 3 or not parts[2].lstrip("-").isdigit():
+            raise UserError(f"{qrels_path}:{line_no}: expected `query-id<TAB>corpus-id<TAB>score`")
+        qid, did, grade = parts
+        if did not in corpus:
+            raise UserError(f"{qrels_path}:{line_no}: corpus id {did!r} is not in corpus.jsonl")
+        qrels.setdefault(qid, {})[did] = int(grade)
     unknown = sorted(set(qrels) - set(queries))
     if unknown:
-        raise ValueError(f"{qrels_path}: query ids not in queries.jsonl: {unknown[:5]}")
+        raise UserError(f"{qrels_path}: query ids not in queries.jsonl: {unknown[:5]}")
     return RetrievalSet(corpus, queries, qrels)
 
 

@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llara_dist.errors import UserError, existing_path
+from llara_dist.textfiles import read_lines
+
 LLARA_JSON = "llara.json"
 
 
@@ -40,16 +43,16 @@ def load_encoder(model_dir: str | Path, attn: str = "sdpa", dtype: str = "auto",
     from llara_dist.prompts import resolve_preset
     from llara_dist.tokenizer import load_tokenizer
 
-    model_dir = Path(model_dir)
+    model_dir = existing_path(model_dir, "model folder")
     meta_path = model_dir / LLARA_JSON
     objective = saved_objective(model_dir)
     if objective is None and preset is not None:
         objective = ObjectiveConfig(preset=preset)
     elif objective is None:
-        raise FileNotFoundError(f"{meta_path}: missing; export the model with `llara-dist export` "
+        raise UserError(f"{meta_path}: missing; export the model with `llara-dist export` "
                                 "or name the preset with --preset")
     if preset is not None and preset != objective.preset:
-        raise ValueError(f"--preset {preset} contradicts {meta_path} (preset {objective.preset})")
+        raise UserError(f"--preset {preset} contradicts {meta_path} (preset {objective.preset})")
     p = resolve_preset(objective)
     tokenizer = load_tokenizer(model_dir)
     device = default_device()
@@ -85,21 +88,20 @@ def read_texts(path: str | Path) -> list[str]:
     """JSON lines ({"text"[, "title"]}) or plain lines; errors name the file and line."""
     path = Path(path)
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if line.lstrip().startswith("{"):
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-                if "text" not in obj:
-                    raise ValueError(f"{path}:{line_no}: no \"text\" field")
-                title = (obj.get("title") or "").strip()
-                texts.append(f"{title}\n{obj['text']}" if title else obj["text"])
-            else:
-                texts.append(line.rstrip("\n"))
+    for line_no, line in read_lines(path, "input file"):
+        if line.lstrip().startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or "text" not in obj:
+                raise UserError(f"{path}:{line_no}: no \"text\" field")
+            title = (obj.get("title") or "").strip()
+            texts.append(f"{title}\n{obj['text']}" if title else obj["text"])
+        else:
+            texts.append(line)
+    if not texts:
+        raise UserError(f"{path}: no texts to encode (the file is empty or blank)")
     return texts
 
 
@@ -115,8 +117,9 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
+    existing_path(args.model, "model folder")
+    texts = read_texts(args.input)  # bad input is refused before the model loads
     model, tokenizer, preset = load_encoder(args.model, attn=args.attn, preset=args.preset)
-    texts = read_texts(args.input)
     vecs = encode_texts(model, tokenizer, preset, texts, args.kind, args.batch_size, args.max_tokens,
                         progress=sys.stderr.isatty())
     np.save(args.out, vecs)

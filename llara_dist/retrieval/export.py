@@ -1,13 +1,16 @@
 """Export a run's checkpoint to a Hugging Face model folder: `llara-dist export`.
 
-    llara-dist export --run runs/llara --out export/ [--tag latest] [--dtype bf16] [--lora merge|adapter]
-        [--overwrite]
+    llara-dist export --run runs/llara --out export/ [--tag latest] [--dtype fp32|bf16|fp16]
+        [--lora merge|adapter] [--overwrite]
 
 The folder loads with plain `AutoModelForCausalLM.from_pretrained` and holds: sharded
 safetensors (+ index), config.json, the tokenizer with the preset's special tokens (and a
 pad token: see save_tokenizer), and `llara.json` (the preset and prompts, so
 `encode`/`eval` need no flags). --out must be new or empty; with --overwrite, the files
-an export writes are replaced and any others in the folder are left alone.
+an export writes are replaced and any others in the folder are left alone. The weights keep
+the dtype the run trained in (its config's model.dtype; `auto` as the trainer resolved it)
+unless --dtype says otherwise, and every file is written readable by all (0644), whatever
+the umask, so that a model folder can be shared.
 
 ZeRO-3 shards are consolidated tensor by tensor (DeepSpeed's lazy mode memory-maps
 the checkpoint files), and each output shard is written as soon as it is full, so host
@@ -19,12 +22,14 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import sys
+import os
 from pathlib import Path
 
 import torch
 
 from llara_dist.config import RunConfig, load_config, to_dict
+from llara_dist.errors import UserError
+from llara_dist.quiet import quiet_stdout
 from llara_dist.retrieval.encode import LLARA_JSON
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -49,9 +54,33 @@ def load_run_config(run_dir: Path):
 
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; is {run_dir} a llara-dist run folder?")
+        raise UserError(f"{path}: missing; is {run_dir} a llara-dist run folder?")
     is_finetune = "finetune" in (yaml.safe_load(path.read_text()) or {})
     return load_config(FinetuneRunConfig if is_finetune else RunConfig, path)
+
+
+def training_dtype(cfg, checkpoint: Path) -> str:
+    """The dtype a run trained in: its config's model.dtype; for `auto`, what the trainer resolved it to
+    on its device (decoder.resolve_dtype: bf16 on a GPU, fp32 on the CPU), which it handed DeepSpeed as
+    bf16.enabled. DeepSpeed saves that config in every model-states file of the checkpoint."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    files = sorted(checkpoint.glob("*model_states.pt"))
+    # memory-mapped: a ZeRO-2 model-states file holds the whole model, of which only the config is read
+    ds_config = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True).get("ds_config") \
+        if files else None
+    if not isinstance(ds_config, dict):
+        raise UserError(f"{checkpoint}: the run's model.dtype is auto and its checkpoint does not say which dtype "
+                        "that was (no DeepSpeed config in a *model_states.pt file); pass --dtype fp32 or bf16")
+    return "bf16" if (ds_config.get("bf16") or {}).get("enabled") else "fp32"
+
+
+def readable_by_all(out: Path) -> None:
+    """Mode 0644 for the files of an export: safetensors writes 0600, and a umask such as 077 would make
+    the others so too, leaving a model folder others on a cluster cannot load."""
+    for p in out.iterdir():
+        if p.is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in EXPORT_FILES):
+            os.chmod(p, 0o644)
 
 
 def save_tokenizer(tokenizer, out: Path) -> None:
@@ -69,9 +98,9 @@ def save_tokenizer(tokenizer, out: Path) -> None:
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse an --out that is a file, or a folder with files in it unless `overwrite`."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
+        raise UserError(f"--out {out}: exists and is not a folder")
     if not overwrite and out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"--out {out}: the folder is not empty; export into a new or empty folder, "
+        raise UserError(f"--out {out}: the folder is not empty; export into a new or empty folder, "
                          "or pass --overwrite to replace the files of an earlier export there "
                          "(other files are left alone)")
 
@@ -126,8 +155,10 @@ def _hf_config(cfg, vocab_size: int):
     return config
 
 
-def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, dtype: str = "bf16",
+def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, dtype: str | None = None,
                lora: str = "merge", max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
+    """Write the checkpoint `tag` (None: latest) of `run_dir` to the folder `out`; returns it. `dtype`:
+    fp32, bf16 or fp16 (None: the run's training dtype, see training_dtype)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from llara_dist.tokenizer import load_tokenizer
@@ -140,12 +171,16 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, dty
     tag = tag or manager.latest()
     if tag is None or not (manager.folder / tag).is_dir():
         have = ", ".join(manager.complete()) or "none"
-        raise FileNotFoundError(f"{manager.folder}: no checkpoint {tag or '(latest)'} to export (complete: {have})")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(manager.folder), tag=tag, lazy_mode=True)
+        raise UserError(f"{manager.folder}: no checkpoint {tag or '(latest)'} to export (complete: {have})")
+    dtype = dtype or training_dtype(cfg, manager.folder / tag)
+    with quiet_stdout():  # DeepSpeed narrates every file it reads
+        state = get_fp32_state_dict_from_zero_checkpoint(str(manager.folder), tag=tag, lazy_mode=True)
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     is_lora = any(LORA_MARK in k for k in state)
     remove_export_files(out)  # only now: an export that fails before writing leaves an earlier one whole
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        out.mkdir(parents=True)
+        out.chmod(0o755)  # as its files (readable_by_all): a folder the umask closed would hide them
     if is_lora:
         _export_lora(state, cfg, tokenizer, out, DTYPES[dtype], lora)
     else:
@@ -159,6 +194,7 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, dty
         config.save_pretrained(out)
     save_tokenizer(tokenizer, out)
     write_llara_json(out, cfg, f"{run_dir}:{tag}")
+    readable_by_all(out)
     return out
 
 
@@ -175,7 +211,7 @@ def _export_lora(state, cfg, tokenizer, out: Path, dtype: torch.dtype, mode: str
     sd = {k: (v if isinstance(v, torch.Tensor) else v.contiguous()) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or missing:
-        raise ValueError(f"checkpoint does not match the LoRA model: unexpected {unexpected[:5]}, missing {missing[:5]}")
+        raise UserError(f"checkpoint does not match the LoRA model: unexpected {unexpected[:5]}, missing {missing[:5]}")
     if mode == "merge":
         model.merge_and_unload().to(dtype).save_pretrained(out, safe_serialization=True)
     else:
@@ -194,10 +230,14 @@ def configure(parser) -> None:
     parser.add_argument("--run", required=True, help="run folder (holds config.yaml, tokenizer/, checkpoints/)")
     parser.add_argument("--out", required=True, help="output model folder")
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step00001000 (default: latest)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="dtype of the written weights (default: the run's training dtype, its config's "
+                             "model.dtype, auto as training resolved it: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--lora", choices=("merge", "adapter"), default="merge",
-                        help="LoRA runs: merge adapters into the weights, or save the adapter alone")
-    parser.add_argument("--max-shard-size", default="5GB")
+                        help="LoRA runs: merge adapters into the weights, or save the adapter alone "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="largest safetensors file; larger models are split, with an index (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="export into a folder that is not empty: the files an export writes (model "
                              "weights and index, config, tokenizer, adapter, llara.json) are replaced, any "
@@ -205,10 +245,6 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-    try:
-        out = export_run(args.run, args.out, args.tag, args.dtype, args.lora, args.max_shard_size, args.overwrite)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"llara-dist export: {e}", file=sys.stderr)
-        return 2
+    out = export_run(args.run, args.out, args.tag, args.dtype, args.lora, args.max_shard_size, args.overwrite)
     print(json.dumps({"out": str(out)}))
     return 0

@@ -4,7 +4,7 @@
     DS_ACCELERATOR=cpu llara-dist finetune --config ft.yaml model.path=exported finetune.data=train.jsonl \\
         train.global_batch=4 train.micro_batch=2 finetune.group_size=4 train.steps=20
     # one node, 8 GPUs
-    deepspeed --num_gpus 8 -m llara_dist finetune --config ft.yaml
+    deepspeed --num_gpus 8 --module llara_dist finetune --config ft.yaml
     torchrun --nproc-per-node 8 -m llara_dist finetune --config ft.yaml
     # many nodes: as `train` (launch/), with `finetune` as the command
 
@@ -26,11 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from llara_dist.config import FinetuneRunConfig
+from llara_dist.errors import UserError
 from llara_dist.model.decoder import forward_hidden, gather_states
 from llara_dist.model.embed import KINDS, pool
 from llara_dist.train import trainer
 
-configure = trainer.configure
+
+def configure(parser) -> None:
+    trainer.configure(parser, FinetuneRunConfig)
 
 
 def run(args) -> int:
@@ -42,7 +45,7 @@ class Finetune:
 
     METRICS = ("accuracy",)  # share of queries whose positive scores highest
 
-    def __init__(self, cfg: FinetuneRunConfig):
+    def __init__(self, cfg: FinetuneRunConfig, plan):
         from llara_dist.retrieval.finetune_data import read_examples
 
         self.cfg = cfg
@@ -76,7 +79,7 @@ def check_preset(cfg: FinetuneRunConfig) -> None:
     meta = Path(cfg.model.path) / LLARA_JSON
     adapted = resolve_preset(saved)
     if adapted != resolve_preset(cfg.objective):
-        raise ValueError(f"{meta}: the model was adapted with preset {saved.preset!r} and its prompts; "
+        raise UserError(f"{meta}: the model was adapted with preset {saved.preset!r} and its prompts; "
                          f"this config's objective (preset {cfg.objective.preset!r}) differs: set "
                          f"objective.preset={saved.preset} (and the same custom fields)")
 

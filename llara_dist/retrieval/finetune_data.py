@@ -16,7 +16,6 @@ cursor (examples consumed, all ranks) is the loader's whole state.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import numpy as np
 
 from llara_dist.data.batch import PackedBatch, build_batch
 from llara_dist.data.shards import Doc
+from llara_dist.errors import UserError
+from llara_dist.textfiles import read_json_lines
 
 
 @dataclass(frozen=True)
@@ -37,33 +38,24 @@ class Example:
 def read_examples(path: str | Path, group_size: int) -> list[Example]:
     """Read and check every line; a bad one raises ValueError naming file:line and the reason."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: fine-tuning data not found")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected an object with query, pos, neg")
-            query, pos, neg = rec.get("query"), rec.get("pos"), rec.get("neg", [])
-            if not isinstance(query, str) or not query.strip():
-                raise ValueError(f"{where}: 'query' must be a non-empty string")
-            for name, texts in (("pos", pos), ("neg", neg)):
-                if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
-                    raise ValueError(f"{where}: {name!r} must be a list of non-empty strings")
-            if not pos:
-                raise ValueError(f"{where}: 'pos' is empty (a query needs a positive passage)")
-            if group_size > 1 and not neg:
-                raise ValueError(f"{where}: 'neg' is empty but group_size {group_size} needs hard negatives")
-            out.append(Example(query, tuple(pos), tuple(neg), f"{path.name}:{n}"))
+    for n, rec in read_json_lines(path, "fine-tuning data file"):
+        where = f"{path}:{n}"
+        if not isinstance(rec, dict):
+            raise UserError(f"{where}: expected an object with query, pos, neg")
+        query, pos, neg = rec.get("query"), rec.get("pos"), rec.get("neg", [])
+        if not isinstance(query, str) or not query.strip():
+            raise UserError(f"{where}: 'query' must be a non-empty string")
+        for name, texts in (("pos", pos), ("neg", neg)):
+            if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise UserError(f"{where}: {name!r} must be a list of non-empty strings")
+        if not pos:
+            raise UserError(f"{where}: 'pos' is empty (a query needs a positive passage)")
+        if group_size > 1 and not neg:
+            raise UserError(f"{where}: 'neg' is empty but group_size {group_size} needs hard negatives")
+        out.append(Example(query, tuple(pos), tuple(neg), f"{path.name}:{n}"))
     if not out:
-        raise ValueError(f"{path}: no examples")
+        raise UserError(f"{path}: no examples")
     return out
 
 
@@ -92,7 +84,7 @@ class GroupLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if (state["seed"], state["examples"]) != (self.cfg.seed, len(self.examples)):
-            raise ValueError(f"the data cursor was saved with seed {state['seed']} over {state['examples']} "
+            raise UserError(f"the data cursor was saved with seed {state['seed']} over {state['examples']} "
                              f"examples; this run has seed {self.cfg.seed} over {len(self.examples)}: "
                              "the order would differ, so resuming is refused (use a new run_dir)")
         self.consumed = state["consumed"]

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from llara_dist.errors import UserError
+
 
 def configure(p) -> None:
     p.add_argument("--shards", required=True, help="folder (or URL prefix) with manifest.json and shards")
@@ -48,10 +50,14 @@ def run(args) -> int:
     from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
     from llara_dist.tokenizer import load_tokenizer, pad_id
 
-    name = args.tokenizer or read_manifest(args.shards).get("tokenizer", {}).get("name_or_path")
-    if not name or not Path(name).exists():
-        raise SystemExit(f"bench-data: no tokenizer folder ({name!r} from the manifest); pass --tokenizer DIR")
-    tok = load_tokenizer(name)
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer)
+    else:
+        name = read_manifest(args.shards).get("tokenizer", {}).get("name_or_path")
+        if not name or not Path(name).is_dir():
+            raise UserError(f"{args.shards}: its manifest names the tokenizer {name!r}, which is not a folder "
+                            f"here; pass --tokenizer DIR")
+        tok = load_tokenizer(name)
     preset = resolve_preset(ObjectiveConfig(preset=args.preset))
     add_special_tokens(tok, preset)
     prompt = prompt_tokens(tok, preset)
@@ -78,7 +84,7 @@ def run(args) -> int:
         totals = {k: totals[k] + n[k] for k in totals}
         if baseline is None:
             if len(keys) < 2 * args.micro_batch:
-                raise SystemExit(f"bench-data: the baseline needs at least {2 * args.micro_batch} documents "
+                raise UserError(f"bench-data: the baseline needs at least {2 * args.micro_batch} documents "
                                  f"(two batches), {len(keys)} were read: raise --rows or --baseline-docs")
             baseline = _Baseline(args, loader.shards, keys[:args.baseline_docs], tok, prompt)
         rounds.append([n["text_tokens"] / n["seconds"], baseline.measure()])

@@ -29,6 +29,7 @@ import torch
 from llara_dist.config import ObjectiveConfig
 from llara_dist.data.batch import build_batch
 from llara_dist.data.shards import Doc
+from llara_dist.errors import UserError, existing_path
 from llara_dist.kernels import registry
 from llara_dist.model.decoder import DTYPES, default_device, forward_hidden, gather_states, resolve_dtype, set_attention
 from llara_dist.model.objective import batch_counts, combine, loss_sums
@@ -76,6 +77,7 @@ def load(path: str, layers: int):
 
     if not path:
         return tiny_model()
+    existing_path(path, "model folder")
     config = AutoConfig.from_pretrained(path)
     config.num_hidden_layers = min(layers, config.num_hidden_layers)
     # use_kernels=False: HF's own layers, not Hub kernels (see modeling.load_model)
@@ -200,15 +202,10 @@ def print_row(r: Row) -> None:
 def run(args) -> int:
     device = torch.device(args.device) if args.device else default_device()
     if args.seq_len < 128:
-        print("doctor: --seq-len must be at least 128 (rows of 1, 2 and many documents)")
-        return 2
+        raise UserError(f"--seq-len {args.seq_len}: must be at least 128 (rows of 1, 2 and many documents)")
     dtype = resolve_dtype(args.dtype, device)
     if args.attn:
-        try:
-            registry.check_path(args.attn, device, dtype=dtype)
-        except ValueError as e:
-            print(f"doctor: {e}")
-            return 2
+        registry.check_path(args.attn, device, dtype=dtype)
     torch.manual_seed(args.seed)
     model = load(args.model, args.layers)
     vocab = model.get_input_embeddings().num_embeddings

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llara_dist.errors import UserError
+
 LATEST = "latest"
 PARTIAL = ".partial"
 _TAG = re.compile(r"^step(\d{8})$")
@@ -64,7 +66,7 @@ class CheckpointManager:
             return None
         tag = path.read_text().strip()
         if not (self.folder / tag).is_dir():
-            raise FileNotFoundError(f"{path} names {tag!r} but {self.folder / tag} does not exist")
+            raise UserError(f"{path} names {tag!r} but {self.folder / tag} does not exist")
         return tag
 
     def loop_state_path(self, tag: str, rank: int | None = None) -> Path:
@@ -73,7 +75,7 @@ class CheckpointManager:
     def read_loop_state(self, tag: str, rank: int | None = None) -> dict:
         path = self.loop_state_path(tag, rank)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: checkpoint {tag!r} has no loop state for rank "
+            raise UserError(f"{path}: checkpoint {tag!r} has no loop state for rank "
                                     f"{self.rank if rank is None else rank} (written by fewer ranks?)")
         return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -107,7 +109,7 @@ class CheckpointManager:
         """Engine state and this rank's loop state (RNG restored)."""
         path, _ = engine.load_checkpoint(str(self.folder), tag=tag)
         if path is None:
-            raise RuntimeError(f"{self.folder / tag}: DeepSpeed could not load this checkpoint")
+            raise UserError(f"{self.folder / tag}: DeepSpeed could not load this checkpoint")
         state = self.read_loop_state(tag)
         set_rng_state(state["rng"])
         return state

@@ -14,6 +14,9 @@ from datetime import timedelta
 
 import torch
 
+from llara_dist.errors import UserError
+from llara_dist.quiet import quiet_stdout
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -41,12 +44,12 @@ def dist_env(environ=None) -> DistEnv:
         raw = env.get(name)
         if raw is None:
             if default is None:
-                raise RuntimeError(f"{name} is not set")
+                raise UserError(f"{name} is not set")
             return default
         try:
             return int(raw)
         except ValueError:
-            raise RuntimeError(f"{name}={raw!r} is not an integer") from None
+            raise UserError(f"{name}={raw!r} is not an integer") from None
 
     if "RANK" in env and "WORLD_SIZE" in env:
         launcher, rank, world, local = "torchrun/deepspeed", num("RANK"), num("WORLD_SIZE"), num("LOCAL_RANK", 0)
@@ -56,14 +59,14 @@ def dist_env(environ=None) -> DistEnv:
     else:
         launcher, rank, world, local = "single", 0, 1, 0
     if not 0 <= rank < world:
-        raise RuntimeError(f"rank {rank} is outside world size {world} ({launcher} environment)")
+        raise UserError(f"rank {rank} is outside world size {world} ({launcher} environment)")
     addr = env.get("MASTER_ADDR")
     if world > 1 and (not addr or "MASTER_PORT" not in env):
-        raise RuntimeError(f"{launcher} environment with {world} ranks but MASTER_ADDR/MASTER_PORT are not set "
+        raise UserError(f"{launcher} environment with {world} ranks but MASTER_ADDR/MASTER_PORT are not set "
                            "(the sbatch script must export them, e.g. the first node of the allocation)")
     port = num("MASTER_PORT", 0)
     if world > 1 and port == 0:
-        raise RuntimeError(f"MASTER_PORT=0 with {world} ranks: rank 0's store would bind a port the other ranks "
+        raise UserError(f"MASTER_PORT=0 with {world} ranks: rank 0's store would bind a port the other ranks "
                            "cannot know; give the port they all join")
     return DistEnv(rank, world, local, addr or "127.0.0.1", port, launcher)
 
@@ -92,8 +95,9 @@ def init_distributed(env: DistEnv, timeout_s: int = 300) -> None:
     backend = "gloo" if not on_gpu() else get_accelerator().communication_backend_name()
     if on_gpu():
         get_accelerator().set_device(env.local_rank)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=timedelta(seconds=timeout_s), rank=env.rank, world_size=env.world)
+    with quiet_stdout():  # on CPU, DeepSpeed announces the shared-memory op it builds, once per rank
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=timedelta(seconds=timeout_s), rank=env.rank, world_size=env.world)
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ def batch_plan(global_batch: int, micro_batch: int, world: int) -> BatchPlan:
     per_pass = micro_batch * world
     if global_batch % per_pass:
         lower = max(per_pass, global_batch // per_pass * per_pass)
-        raise ValueError(
+        raise UserError(
             f"global batch {global_batch} rows cannot be split: micro_batch {micro_batch} x world {world} "
             f"= {per_pass} rows per pass, and {global_batch} / {per_pass} = {global_batch / per_pass:.3g} "
             f"is not a whole number of accumulation steps. Use a global batch that is a multiple of "

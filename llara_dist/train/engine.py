@@ -17,6 +17,7 @@ import math
 import torch
 
 from llara_dist.config import ConfigError, deepspeed_override_problems, merge
+from llara_dist.errors import UserError
 from llara_dist.model.decoder import decoder_layers
 from llara_dist.patches import skip_local_gather_syncs
 from llara_dist.train.distributed import BatchPlan, on_gpu
@@ -147,7 +148,7 @@ def gather_by_layer(model, required: bool = True) -> list:
     if not layers:
         if not required:
             return []
-        raise ValueError(f"train.zero3_layer_gather: {type(model).__name__} names no decoder layer class "
+        raise UserError(f"train.zero3_layer_gather: {type(model).__name__} names no decoder layer class "
                          f"(_no_split_modules)")
     for layer in layers:
         set_z3_leaf_module(layer, True)

@@ -1,4 +1,16 @@
-"""Per-step metrics: metrics.jsonl, a one-line progress display, TensorBoard when installed; MFU.
+"""What a run shows while it runs (rank 0): per-step metrics, the console and its log; MFU.
+
+- `Console`: the trainer's lines to stderr, each also appended to run_dir/train.log (kept across
+  resumes, so the log holds the whole run's story, each line dated).
+- `MetricsLog`: one row per step in run_dir/metrics.jsonl (the step's numbers, `time`: Unix
+  seconds, `elapsed_s`: running time of the run), the same numbers to the trackers the config asks
+  for (train/trackers.py), and a progress line: clock time, step, loss, the task's own terms
+  (`task.METRICS`), lr, speed, elapsed time and an ETA from this start's mean step time.
+
+`elapsed_s` counts the time each start ran, from when its trainer begins (Console: model loading
+included, Python's imports not), carried over from the row of the step a start resumes from: the
+time between starts is not in it, nor the steps a crash lost after its last checkpoint (their
+redoing is).
 
 MFU = model FLOPs of the step's real tokens / (step time x ranks x peak FLOP/s). Model
 FLOPs are the usual 6N per token for the matmul weights (LM head included, as if applied
@@ -10,12 +22,16 @@ activation checkpointing is not counted (model FLOPs, not hardware FLOPs).
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from llara_dist.errors import UserError
+from llara_dist.textfiles import read_json_lines
 
 # dense bf16 peak TFLOP/s by device-name substring; the first match wins
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0),
@@ -64,51 +80,138 @@ def train_flops(hf_config, real_tokens: int, pairs: int) -> float:
     return float(dense + attention)
 
 
-class MetricsLog:
-    """Rank 0 writes: metrics.jsonl (one JSON object per step), TensorBoard, a progress line."""
+# short names on the progress line; a metric not here shows under its own name
+LABELS = {"accuracy": "acc"}
 
-    def __init__(self, run_dir: str | Path, total_steps: int, enabled: bool, resume_step: int = 0):
-        self.enabled, self.total = enabled, total_steps
-        self.path = Path(run_dir) / "metrics.jsonl"
+
+def hms(seconds: float) -> str:
+    """A duration as H:MM:SS (days first when there are some)."""
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class Console:
+    """The trainer's lines (rank 0): each to stderr and appended to run_dir/train.log; other ranks stay quiet.
+
+    A transient line (the progress display between logged steps) shows only on a terminal, where the
+    next line overwrites it, and is not logged. On the terminal a line starts with the clock time
+    (HH:MM:SS), in train.log with the date and time.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "train.log"
+        self.started = time.time()  # this start: elapsed time counts from here
         self.tty = sys.stderr.isatty()
-        self.tb = None
+        self._transient = False  # a transient line is on the terminal
+
+    def print(self, line: str, transient: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.localtime()
+        shown = f"{time.strftime('%H:%M:%S', now)} {line}"
+        if transient:
+            if self.tty:
+                print("\r\033[K" + shown, end="", file=sys.stderr, flush=True)
+                self._transient = True
+            return
+        print(("\r\033[K" if self._transient else "") + shown, file=sys.stderr, flush=True)
+        self._transient = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:  # opened per line: lines are few, and each is on disk at once
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', now)} {line}\n")
+
+    def close(self) -> None:
+        if self.enabled and self._transient:
+            print(file=sys.stderr, flush=True)
+            self._transient = False
+
+
+class MetricsLog:
+    """Rank 0 writes: metrics.jsonl (one JSON object per step), the trackers asked for, a progress line.
+
+    `cfg`: the run config (run_dir, train.steps, train.trackers, the config trackers record);
+    `task_metrics`: the task's own columns (task.METRICS), shown on the progress line.
+    """
+
+    def __init__(self, cfg, console: Console, enabled: bool, resume_step: int = 0, task_metrics=()):
+        from llara_dist.config import to_dict
+        from llara_dist.train.trackers import open_trackers
+
+        self.enabled, self.total = enabled, cfg.train.steps
+        self.console, self.task_metrics = console, tuple(task_metrics)
+        self.path = Path(cfg.run_dir) / "metrics.jsonl"
+        self.trackers = []
+        self.step_seconds, self.steps_here = 0.0, 0  # this start's steps, for the ETA
         if not enabled:
             return
         truncate_after(self.path, resume_step)  # steps logged after the checkpoint will be redone
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
-        except ImportError:  # tensorboard is optional
-            self.tb = None
+        self.elapsed_before = last_elapsed(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a")
+        self.trackers = open_trackers(cfg.train.trackers, Path(cfg.run_dir), resume_step, to_dict(cfg))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        now = time.time()
+        record = {**record, "time": now, "elapsed_s": self.elapsed_before + now - self.console.started}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         step = record["step"]
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
-        mfu = f" mfu {record['mfu']:.1%}" if record.get("mfu") is not None else ""
-        line = (f"step {step}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                f"gnorm {record['grad_norm']:.3f} docs {record['docs']} fill {record['fill']:.2f} "
-                f"tok/s {record['tokens_per_s']:.0f}{mfu}")
-        if self.tty:
-            print("\r" + line, end="\n" if step == self.total else "", file=sys.stderr, flush=True)
-        elif step == 1 or step % 10 == 0 or step == self.total:
-            print(line, file=sys.stderr, flush=True)
+        # numbers only, and not the clock: a Unix time is no curve (and float32 would round it to minutes)
+        scalars = {k: float(v) for k, v in record.items()
+                   if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for tracker in self.trackers:
+            tracker.log(step, scalars)
+        self.step_seconds += record["step_s"]
+        self.steps_here += 1
+        eta = self.step_seconds / self.steps_here * (self.total - step)
+        line = progress_line(record, self.total, self.task_metrics, eta)
+        logged = step == 1 or step % 10 == 0 or step == self.total
+        self.console.print(line, transient=not logged)
 
     def close(self) -> None:
-        if self.enabled:
-            if self.tty:
-                print(file=sys.stderr)
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
+        """Close the file and the trackers; a tracker that fails to close is reported, not raised: the
+        run's exit status (0, or 42 after a preemption) must not turn into a crash at the very end."""
+        self.console.close()
+        if not self.enabled:
+            return
+        self.file.close()
+        for tracker in self.trackers:
+            try:
+                tracker.close()
+            except Exception as e:  # whatever a third-party tracker raises
+                self.console.print(f"warning: closing the {type(tracker).__name__} failed: {e}")
+
+
+def progress_line(record: dict, total: int, task_metrics: tuple, eta_s: float) -> str:
+    """One step on one line: step, loss and the task's terms, lr, speed, elapsed time, ETA."""
+    terms = "".join(f" {LABELS.get(k, k)} {record[k]:.4f}" for k in task_metrics if record.get(k) is not None)
+    mfu = f" mfu {record['mfu']:.1%}" if record.get("mfu") is not None else ""
+    return (f"step {record['step']}/{total} loss {record['loss']:.4f}{terms} lr {record['lr']:.2e} "
+            f"gnorm {record['grad_norm']:.3f} docs {record['docs']} fill {record['fill']:.2f} "
+            f"tok/s {record['tokens_per_s']:.0f}{mfu} "
+            f"elapsed {hms(record['elapsed_s'])} eta {hms(eta_s)}")
+
+
+def last_elapsed(path: Path) -> float:
+    """`elapsed_s` of the last row of a metrics.jsonl (0 without one: a fresh run, or rows written before
+    the column existed)."""
+    rows = read_metrics(path)
+    return float(rows[-1].get("elapsed_s", 0.0)) if rows else 0.0
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl ([] before the first); a line that is not a metrics row is refused,
+    naming the file and the line."""
+    if not path.is_file():
+        return []
+    rows = []
+    for number, row in read_json_lines(path, "metrics file"):
+        if not isinstance(row, dict) or "step" not in row:
+            raise UserError(f"{path}:{number}: not a metrics row (a JSON object with a step)")
+        rows.append(row)
+    return rows
 
 
 def truncate_after(path: Path, step: int) -> None:

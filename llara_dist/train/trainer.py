@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from llara_dist import patches
-from llara_dist.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from llara_dist.config import RunConfig, config_help, load_config, save_config, to_dict
+from llara_dist.errors import UserError
 from llara_dist.train.distributed import BatchPlan, batch_plan, dist_env
+from llara_dist.train.trackers import check_installed
 
-REFUSED_EXIT = 2
 
-
-def configure(parser) -> None:
+def configure(parser, config_cls=RunConfig) -> None:
+    parser.epilog = config_help(config_cls)
     parser.add_argument("--config", help="run config YAML (train: RunConfig, finetune: FinetuneRunConfig); "
                                          "key=value overrides follow")
     parser.add_argument("--ledger", action="store_true",
@@ -41,22 +42,26 @@ def configure(parser) -> None:
 
 def start(args, config_cls, task_cls, command: str) -> int:
     """Shared by `train` and `finetune`: load and check the config, join the ranks, fit the task."""
-    try:
-        cfg = load_config(config_cls, args.config, args.overrides)
-        found = patches.problems()
-        if found:  # before any work: a renamed third-party internal would otherwise fail deep in a step
-            raise ValueError("the installed packages lack what llara_dist/patches.py relies on:\n  - "
-                             + "\n  - ".join(found))
-        if args.ledger:
-            cfg.train.ledger = True
-        env = dist_env()
-        plan = batch_plan(cfg.train.global_batch, cfg.train.micro_batch, env.world)
-        tokenizer_path(cfg)
-        check_resume(cfg, plan)
-        task = task_cls(cfg)  # may read and check its data: refused here, before any process group
-    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"llara-dist {command}: {e}", file=sys.stderr)
-        return REFUSED_EXIT
+    # Refusals (UserError) reach the command line, which prints them and exits 2: all of them before any
+    # process group, so that no rank waits in a collective for one that is gone.
+    cfg = load_config(config_cls, args.config, args.overrides)
+    found = patches.problems()
+    if found:  # before any work: a renamed third-party internal would otherwise fail deep in a step
+        raise UserError("the installed packages lack what llara_dist/patches.py relies on:\n  - "
+                        + "\n  - ".join(found))
+    if args.ledger:
+        cfg.train.ledger = True
+    env = dist_env()
+    plan = batch_plan(cfg.train.global_batch, cfg.train.micro_batch, env.world)
+    require_inputs(cfg)
+    tokenizer_path(cfg)
+    check_attention(cfg)
+    check_installed(cfg.train.trackers)
+    if env.rank == 0:
+        for caveat in caveats(cfg):
+            print(f"llara-dist {command}: warning: {caveat}", file=sys.stderr)
+    check_resume(cfg, plan)
+    task = task_cls(cfg, plan)  # may read and check its data
     from llara_dist.train.distributed import init_distributed
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -64,6 +69,47 @@ def start(args, config_cls, task_cls, command: str) -> int:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
     init_distributed(env, cfg.train.collective_timeout_s)
     return Trainer(cfg, env.rank, plan, task).fit()
+
+
+def require_inputs(cfg) -> None:
+    """Name what a run needs and lacks, before the tokenizer search looks past it."""
+    problems = []
+    if not cfg.model.path:
+        problems.append("model.path: not set (a local model folder, or a config .json for a random model; "
+                        "`llara-dist init-model` writes a small one)")
+    elif not Path(cfg.model.path).exists():
+        problems.append(f"model.path={cfg.model.path}: no such folder or file")
+    data = getattr(cfg, "data", None)  # fine-tuning reads finetune.data, checked as it is read
+    if data is not None and not data.shards:
+        problems.append("data.shards: not set (the folder `llara-dist prep --out` wrote)")
+    elif data is not None and "://" not in data.shards and not data.shards.startswith("pipe:") \
+            and not (Path(data.shards) / "manifest.json").is_file():
+        problems.append(f"data.shards={data.shards}: no manifest.json there (not a folder `llara-dist prep` wrote)")
+    if problems:
+        raise UserError("cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def check_attention(cfg) -> None:
+    """The attention path must run forward and backward on this device (flex has no CPU backward)."""
+    from llara_dist.kernels import registry
+    from llara_dist.model.decoder import default_device, resolve_dtype
+
+    device = default_device()
+    registry.check_path(cfg.model.attn, device, backward=True, dtype=resolve_dtype(cfg.model.dtype, device))
+
+
+def caveats(cfg) -> list[str]:
+    """Settings that are valid but cannot do what they seem to."""
+    t = cfg.train
+    out = []
+    if t.warmup_steps >= t.steps:
+        out.append(f"train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: the learning rate never "
+                   f"reaches train.lr={t.lr:g} (it ends at {t.lr * t.steps / (t.warmup_steps + 1):.2g}); "
+                   f"set train.warmup_steps below {t.steps}")
+    if t.ckpt_every > t.steps:
+        out.append(f"train.ckpt_every={t.ckpt_every} > train.steps={t.steps}: the only checkpoint is the last "
+                   f"step's, so a preemption before it loses the whole run")
+    return out
 
 
 def checkpoints(cfg: RunConfig, rank: int = 0):
@@ -81,12 +127,12 @@ def check_resume(cfg: RunConfig, plan: BatchPlan) -> None:
     loop = manager.read_loop_state(tag, rank=0)
     stage = loop["config"]["train"].get("zero_stage", 3)  # checkpoints from before train.zero_stage: ZeRO-3
     if stage != cfg.train.zero_stage:
-        raise ValueError(f"{manager.folder / tag}: written with train.zero_stage={stage}, and this start has "
+        raise UserError(f"{manager.folder / tag}: written with train.zero_stage={stage}, and this start has "
                          f"train.zero_stage={cfg.train.zero_stage}: DeepSpeed lays out its shards differently "
                          f"per stage, so it is refused. Start with train.zero_stage={stage}, or use a new run_dir")
     saved = loop["plan"]
     if (saved["world"], saved["global_batch"]) != (plan.world, plan.global_batch):
-        raise ValueError(
+        raise UserError(
             f"{manager.folder / tag}: written by {saved['world']} rank(s) with global batch "
             f"{saved['global_batch']} (micro_batch {saved['micro_batch']} x grad_accum {saved['grad_accum']} "
             f"x world {saved['world']}); this start has {plan.world} rank(s) and global batch "
@@ -114,10 +160,11 @@ class Trainer:
         from llara_dist.tokenizer import load_tokenizer, pad_id
         from llara_dist.train.checkpoint import rng_state
         from llara_dist.train.engine import build_engine, deepspeed_config, zero3_loading
-        from llara_dist.train.metrics import MetricsLog, StepTimer, peak_flops, train_flops
+        from llara_dist.train.metrics import Console, MetricsLog, StepTimer, peak_flops, train_flops
         from llara_dist.train.preempt import PREEMPTED_EXIT, Preemption, clear_preempted, mark_preempted
 
         cfg, plan, rank, task = self.cfg, self.plan, self.rank, self.task
+        console = Console(self.run_dir, enabled=rank == 0)  # stderr, and run_dir/train.log
         preemption = Preemption()  # before the slow start: a signal during loading is not lost
         if rank == 0:
             clear_preempted(self.run_dir)  # this run's own exit status decides from here
@@ -140,12 +187,11 @@ class Trainer:
             saved = manager.load(engine, tag)
             state = LoopState(**saved["loop"])
             loader.load_state_dict(saved["data"])
-            if rank == 0:
-                print(f"resumed from {manager.folder / tag} at step {state.step}", file=sys.stderr)
+            console.print(f"resumed from {manager.folder / tag} at step {state.step}")
         if rank == 0:
             self._describe_run(tokenizer, task.data_identity(loader))
         ledger = self._open_ledger(state.step) if cfg.train.ledger else None
-        log = MetricsLog(self.run_dir, cfg.train.steps, enabled=rank == 0, resume_step=state.step)
+        log = MetricsLog(cfg, console, enabled=rank == 0, resume_step=state.step, task_metrics=task.METRICS)
         peak = peak_flops(cfg.train.peak_tflops)
         hf_config = engine.module.config
 
@@ -164,8 +210,12 @@ class Trainer:
                         save()
                     if rank == 0:
                         mark_preempted(self.run_dir, state.step)  # for launchers that lose the status
-                        print(f"{preemption.signal_name or 'a signal on another rank'}: saved step "
-                              f"{state.step}, exiting with {PREEMPTED_EXIT} (requeue to resume)", file=sys.stderr)
+                        if preemption.interrupted:
+                            console.print(f"Ctrl-C: saved step {state.step}; the same command resumes from it "
+                                          f"(exit {PREEMPTED_EXIT})")
+                        else:
+                            console.print(f"{preemption.signal_name or 'a signal on another rank'}: saved step "
+                                          f"{state.step}, exiting with {PREEMPTED_EXIT} (requeue to resume)")
                     return PREEMPTED_EXIT
                 micro = [next(batches) for _ in range(plan.grad_accum)]
                 lr = engine.get_lr()[0]
@@ -232,7 +282,7 @@ def tokenizer_path(cfg: RunConfig) -> str:
     if cfg.train.tokenizer and not _is_tokenizer_dir(cfg.train.tokenizer):
         what = "holds no tokenizer (tokenizer.json or tokenizer_config.json)" if Path(cfg.train.tokenizer).is_dir() \
             else "no such folder"
-        raise ValueError(f"train.tokenizer={cfg.train.tokenizer}: {what}")
+        raise UserError(f"train.tokenizer={cfg.train.tokenizer}: {what}")
     candidates = [cfg.train.tokenizer, cfg.model.path]
     if getattr(cfg, "data", None) is not None and cfg.data.shards:  # finetune configs have no shards
         try:
@@ -242,5 +292,6 @@ def tokenizer_path(cfg: RunConfig) -> str:
     for c in candidates:
         if c and _is_tokenizer_dir(c):
             return c
-    raise ValueError(f"no tokenizer found: set train.tokenizer (looked in {', '.join(filter(None, candidates))})")
+    raise UserError(f"no tokenizer found in {' or '.join(filter(None, candidates))}: set train.tokenizer to "
+                    f"the tokenizer folder the shards were prepared with")
 

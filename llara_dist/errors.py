@@ -1,0 +1,22 @@
+"""The one error a user can fix: bad input, a refused configuration, a missing file.
+
+Raised anywhere, it reaches the command line (cli.main), which prints `llara-dist CMD: message`
+and exits 2 without a traceback. The message names the file, the record and the reason.
+"""
+
+
+class UserError(ValueError):
+    """A refusal: what the user gave cannot be used; the message says why and what to do.
+    (A ValueError: the value given is the problem, and callers that catch ValueError still do.)"""
+
+
+def existing_path(path, what: str):
+    """`path` as a Path if it exists, else a refusal naming it and what it should have been. Every
+    model and tokenizer here is local: without this check, Hugging Face would take a mistyped
+    folder for a Hub repository name and answer with a message about repository ids."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not str(path) or not p.exists():
+        raise UserError(f"{path or '(empty)'}: no such {what}")
+    return p
