@@ -298,10 +298,11 @@ def check_export(run_dir, weights, tmp_path):
 
 
 
-def test_command_refuses_bad_data_before_starting(tmp_path, tokenizer_dir, capsys):
+def test_command_refuses_bad_data_before_starting(tmp_path, tokenizer_dir, tiny_llama_dir, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q", "pos": ["p"], "neg": ["n"]}\n{"query": "q", "pos": "p"}\n')
-    argv = ["finetune", f"run_dir={tmp_path / 'run'}", f"train.tokenizer={tokenizer_dir}", f"finetune.data={bad}"]
+    argv = ["finetune", f"run_dir={tmp_path / 'run'}", f"model.path={tiny_llama_dir}", f"train.tokenizer={tokenizer_dir}",
+            f"finetune.data={bad}"]
     assert f"llara-dist finetune: {bad}:2: 'pos' must be a list" in refused(argv, capsys)
     assert not (tmp_path / "run").exists()
 

@@ -108,8 +108,9 @@ def test_relative_paths_mean_the_callers_folder(tmp_path, tokenizer_dir):
     res = subprocess.run([str(ROOT / "launch" / "train.sh"), "--config", "configs/run.yaml", "data.shards=given"],
                          cwd=work, env=launch_env(GPUS=1), capture_output=True, text=True, timeout=180)
     assert res.returncode == 2, res.stderr[-3000:]
-    refusal = [line for line in res.stderr.splitlines() if line.startswith("llara-dist train: ")]
-    assert refusal and str(work / "given") in refusal[0], res.stderr[-3000:]
+    assert "llara-dist train: " in res.stderr, res.stderr[-3000:]
+    refusal = res.stderr[res.stderr.index("llara-dist train: "):]  # the message and its list of problems
+    assert f"data.shards={work / 'given'}: no manifest.json there" in refusal, res.stderr[-3000:]
     assert str(ROOT / "given") not in res.stderr and "cannot read config" not in res.stderr
 
 
