@@ -63,11 +63,7 @@ def rewrite(folder: Path, name: str, samples: list, record: bool) -> None:
 
 
 def samples_of(path: Path) -> list[dict]:
-    out = {}
-    for name, data in _plain_tar_members(path.read_bytes()):
-        key, _, ext = name.partition(".")
-        out.setdefault(key, {"__key__": key})[ext] = data
-    return list(out.values())
+    return sh.samples_in(_plain_tar_members(path.read_bytes()), str(path))
 
 
 def forget(folder: Path, *fields: str, tokenizer_fields: tuple = ()) -> None:

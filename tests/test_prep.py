@@ -30,12 +30,8 @@ def read_shards(folder: Path) -> list[dict]:
     out = []
     manifest = json.loads((folder / shards.MANIFEST).read_text())
     for entry in manifest["shards"]:
-        with tarfile.open(folder / entry["name"]) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                if not out or out[-1]["__key__"] != key:
-                    out.append({"__key__": key})
-                out[-1][ext] = tf.extractfile(m).read()
+        with tarfile.open(folder / entry["name"]) as tf:  # tarfile, not our reader: what any tool would see
+            out += shards.samples_in([(m.name, tf.extractfile(m).read()) for m in tf.getmembers()], entry["name"])
     return out
 
 
@@ -80,6 +76,38 @@ def test_wikitext_shared(tmp_path, tokenizer_dir, shared_data):
     ended = sum(t.endswith((".", "!", "?", '"', ")")) for t in texts) + sum(m["handled"].values())
     assert ended >= len(texts) - m["articles"]  # every cut at a sentence end, unless counted
     assert "docs without EBAR target (last chunk of an article): 60" in r.summary
+
+
+def test_block_layout_is_compact_and_reads_as_the_sample_layout(tmp_path, tokenizer_dir, shared_data):
+    """100-word passages: a block of documents per tar member costs little beyond the documents' own bytes,
+    where a member per field cost a 512-byte header and padding each; both read back to the same documents."""
+    from llara_dist.data.stream import ShardSet
+
+    written = {layout: run_prep(tmp_path, tokenizer_dir, [shared_data / "wikitext2_valid.txt"], "wikitext",
+                                name=layout, chunk_words=100, shard_docs=500, layout=layout)
+               for layout in shards.LAYOUTS}
+    payload = sum(len(s[f]) for s in read_shards(written["block"].out) for f in shards.FIELDS if f in s)
+    on_disk = {layout: sum(e["bytes"] for e in r.manifest["shards"]) for layout, r in written.items()}
+    assert on_disk["block"] <= 1.3 * payload < 1.3 * on_disk["sample"] / 2  # was more than twice the payload
+    assert written["block"].manifest["layout"] == "block" and written["sample"].manifest["layout"] == "sample"
+    docs = {layout: [(d.key, d.ids.tolist(), None if d.next_set is None else d.next_set.tolist())
+                     for i in range(len(r.manifest["shards"])) for d in ShardSet.open(str(r.out)).read(i)]
+            for layout, r in written.items()}
+    assert docs["block"] == docs["sample"] and len(docs["block"]) == written["block"].manifest["docs"]
+    assert read_shards(written["block"].out) == read_shards(written["sample"].out)  # text and metadata too
+
+
+def test_a_damaged_block_is_refused_naming_shard_and_member(tmp_path, write_test_shards):
+    from llara_dist.data.stream import read_shard
+
+    folder = write_test_shards(tmp_path / "s", [(f"t-{i:09d}-00000", [5, 6, 7], None, "x") for i in range(3)], 1)
+    path = folder / shards.shard_name(0)
+    data = bytearray(path.read_bytes())
+    at = data.index(shards.BLOCK_MAGIC) + len(shards.BLOCK_MAGIC) + 4
+    data[at:at + 1] = b"["  # the index is no longer a JSON object
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{path}: t-000000000-00000\.docs: damaged document block"):
+        read_shard(str(path))
 
 
 def test_llara_jsonl_shared(tmp_path, tokenizer_dir, shared_data):

@@ -166,11 +166,7 @@ def test_reader_without_documents_refused(tmp_path, write_test_shards):
 
 def _samples(path):
     """The raw samples of a shard, to rewrite it."""
-    samples = {}
-    for name, data in _plain_tar_members(path.read_bytes()):
-        key, _, ext = name.partition(".")
-        samples.setdefault(key, {"__key__": key})[ext] = data
-    return list(samples.values())
+    return sh.samples_in(_plain_tar_members(path.read_bytes()), str(path))
 
 
 def test_unsorted_next_set_is_refused_naming_the_sample():

@@ -56,6 +56,7 @@ class PrepSettings:
     preset: str | None = None
     min_words: int = 2
     shard_docs: int = DEFAULT_SHARD_DOCS
+    layout: str = "block"  # shards.LAYOUTS
     workers: int = 1
     overwrite: bool = False
 
@@ -89,6 +90,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="skip (and count) articles or passages of fewer words (default 2)")
     parser.add_argument("--shard-docs", type=int, default=DEFAULT_SHARD_DOCS, metavar="N",
                         help=f"documents per shard (default {DEFAULT_SHARD_DOCS})")
+    parser.add_argument("--layout", choices=shards.LAYOUTS, default="block",
+                        help="block: up to 256 documents per tar member (compact); sample: a member per field "
+                             "of each document, as earlier versions wrote (default block; llara_dist/data/shards.py)")
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizing processes (default 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the shards and manifest.json already in --out")
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     settings = PrepSettings(
         inputs=args.input, format=args.format, tokenizer=args.tokenizer, out=args.out,
         chunk_words=args.chunk_words, chunk_tokens=args.chunk_tokens, seq_len=args.seq_len,
-        preset=args.preset, min_words=args.min_words, shard_docs=args.shard_docs,
+        preset=args.preset, min_words=args.min_words, shard_docs=args.shard_docs, layout=args.layout,
         workers=args.workers, overwrite=args.overwrite)
     print(prep(settings).summary)
     return 0
@@ -269,8 +273,8 @@ def _results(blocks, s: PrepSettings, chunking: dict, tokenizer):
 # -- output ------------------------------------------------------------------------------
 
 class _ShardWriter:
-    def __init__(self, out: Path, shard_docs: int):
-        self.out, self.shard_docs = out, shard_docs
+    def __init__(self, out: Path, shard_docs: int, layout: str):
+        self.out, self.shard_docs, self.layout = out, shard_docs, layout
         self.entries: list[dict] = []
         self.samples, self.tokens, self.no_next = [], 0, 0
 
@@ -286,7 +290,7 @@ class _ShardWriter:
             return
         name = shards.shard_name(len(self.entries))
         path = self.out / name
-        shards.write_shard(path, self.samples)
+        shards.write_shard(path, self.samples, self.layout)
         data = path.read_bytes()
         self.entries.append({"name": name, "docs": len(self.samples), "tokens": self.tokens,
                              "docs_without_next": self.no_next, "bytes": len(data),
@@ -356,7 +360,7 @@ def prep(s: PrepSettings, progress: bool | None = None) -> PrepResult:
 
     stats = Stats()
     reader = Reader(paths, s.format, s.min_words, stats)
-    writer = _ShardWriter(out, s.shard_docs)
+    writer = _ShardWriter(out, s.shard_docs, s.layout)
     bar = _Progress(sys.stderr.isatty() if progress is None else progress)
     t_busy = time.monotonic()
     docs = tokens = articles = 0
@@ -393,6 +397,7 @@ def prep(s: PrepSettings, progress: bool | None = None) -> PrepResult:
         "format": s.format,
         "inputs": paths,
         "shard_docs": s.shard_docs,
+        "layout": s.layout,
         "skipped": dict(sorted(stats.skipped.items())),
         "truncated": dict(sorted(stats.truncated.items())),
         "handled": dict(sorted(stats.handled.items())),

@@ -1,14 +1,27 @@
-"""The shard sample layout, shared by prep (writer) and the stream (reader).
+"""The shard layout, shared by prep (writer) and the stream (reader).
 
-One document (a chunk of an article) is one webdataset sample:
+A document (a chunk of an article) has four fields:
 
-    <key>.ids    text token ids, int32 little-endian (no special tokens)
-    <key>.next   EBAR target set: sorted unique int32 ids of the next chunk;
-                 absent when the chunk is the last of its article
-    <key>.txt    the chunk's text, UTF-8 (for audit; never read in training)
-    <key>.json   {"article", "chunk", "source"}
+    ids    text token ids, int32 little-endian (no special tokens)
+    next   EBAR target set: sorted unique int32 ids of the next chunk;
+           absent when the chunk is the last of its article
+    txt    the chunk's text, UTF-8 (for audit; never read in training)
+    json   {"article", "chunk", "source"}
 
-Keys are `<source>-<article>-<chunk>`, with no dots (webdataset splits at dots).
+and a key `<source>-<article>-<chunk>`, with no dots (webdataset splits at dots).
+
+Layout `block` (what prep writes): up to BLOCK_DOCS documents share one tar member,
+`<first key>.docs`. A tar member costs a 512-byte header and pads its data to 512 bytes, so
+four members per document made a shard of 100-word passages about 3x its payload; a block
+costs one header for hundreds of documents. The member holds BLOCK_MAGIC, the length of a
+JSON index (the documents' keys and each field's byte length per document, -1 for a missing
+`next`), the index, padding to 4 bytes, then each field of every document in turn: all the
+ids, all the next sets, all the texts, all the json.
+
+Layout `sample` (shards of earlier versions, still read; `prep --layout sample` writes it):
+one webdataset sample per document, a member per field: `<key>.ids`, `<key>.next`, ...
+
+Either way the reader sees samples, one dict of field bytes per document (`samples_in`).
 
 Also here, shared by prep, the stream, train and verify-shards: the manifest's I/O, the
 check of token ids against a vocabulary, and the tokenizer's identity as the manifest
@@ -58,6 +71,72 @@ def encode_sample(key: str, ids, next_ids, text: str, meta: dict) -> dict:
     return sample
 
 
+FIELDS = ("ids", "next", "txt", "json")
+BLOCK = "docs"  # the member extension of a block of documents
+BLOCK_MAGIC = b"LLARAD01"
+BLOCK_DOCS = 256
+LAYOUTS = ("block", "sample")
+
+
+def encode_block(samples: list[dict]) -> bytes:
+    """Encoded samples (encode_sample) to the bytes of one block member."""
+    index = {"keys": [s["__key__"] for s in samples]}
+    body = []
+    for f in FIELDS:
+        index[f] = [len(s[f]) if f in s else -1 for s in samples]
+        body += [s[f] for s in samples if f in s]
+    head = json.dumps(index, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-(len(BLOCK_MAGIC) + 4 + len(head)) % 4)  # the int32 arrays start 4-aligned
+    return BLOCK_MAGIC + len(head).to_bytes(4, "little") + head + b"".join(body)
+
+
+def decode_block(payload: bytes, where: str, fields=FIELDS, index_only: bool = False) -> list[dict]:
+    """A block member to its samples, with the `fields` asked for (the others are not copied);
+    `index_only`: `payload` ends after the index, and the samples hold their keys alone."""
+    start = len(BLOCK_MAGIC) + 4
+    try:
+        if payload[:len(BLOCK_MAGIC)] != BLOCK_MAGIC:
+            raise ValueError("not a llara-dist document block")
+        head_len = int.from_bytes(payload[len(BLOCK_MAGIC):start], "little")
+        index = json.loads(payload[start:start + head_len])
+        keys = index["keys"]
+        lengths = {f: index[f] for f in FIELDS}
+        if any(len(v) != len(keys) for v in lengths.values()):
+            raise ValueError("its index lists fields of another number of documents")
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{where}: damaged document block ({e})") from None
+    samples = [{"__key__": k} for k in keys]
+    if index_only:
+        return samples
+    pos = start + head_len
+    for f in FIELDS:
+        for s, n in zip(samples, lengths[f]):
+            if n >= 0:
+                if f in fields:
+                    s[f] = payload[pos:pos + n]
+                pos += n
+    if pos != len(payload):
+        raise UserError(f"{where}: damaged document block (its index accounts for {pos:,} of {len(payload):,} bytes)")
+    return samples
+
+
+def samples_in(members, where: str, fields=FIELDS) -> list[dict]:
+    """The samples, in file order, of a shard's (member name, bytes) in either layout."""
+    out, current = [], None
+    for name, payload in members:
+        key, _, ext = name.partition(".")
+        if ext == BLOCK:
+            out += decode_block(payload, f"{where}: {name}", fields)
+            current = None
+            continue
+        if current is None or key != current["__key__"]:
+            current = {"__key__": key}
+            out.append(current)
+        if ext in fields:
+            current[ext] = payload
+    return out
+
+
 def decode_sample(sample: dict, where: str = "") -> Doc:
     """Raw tar members of one sample to a Doc; a malformed sample names itself."""
     key = sample.get("__key__", "?")
@@ -78,10 +157,13 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
-def write_shard(path, samples) -> None:
-    """Write encoded samples to a tar file, byte-identical for identical input."""
+def write_shard(path, samples, layout: str = "block") -> None:
+    """Write encoded samples to a tar file in `layout`, byte-identical for identical input."""
     import webdataset as wds
 
+    if layout == "block":
+        samples = [{"__key__": samples[i]["__key__"], BLOCK: encode_block(samples[i:i + BLOCK_DOCS])}
+                   for i in range(0, len(samples), BLOCK_DOCS)]
     with open(path, "wb") as f, wds.TarWriter(f, user="llara", group="llara", mtime=0, encoder=False) as w:
         for s in samples:
             w.write(s)

@@ -28,6 +28,7 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -152,18 +153,7 @@ def reader_shards(n_shards: int, seed: int, epoch: int, reader: int, num_readers
 def read_shard(url: str, size: int | None = None, sha256: str | None = None) -> list[sh.Doc]:
     """All documents of one shard, in file order; a malformed sample raises naming shard and key.
     With `size` or `sha256`, a shard that does not have them is refused before it is parsed."""
-    docs, current = [], None
-    for fname, payload in shard_members(url, size, sha256):
-        key, _, ext = fname.partition(".")
-        if current is None or key != current["__key__"]:
-            if current is not None:
-                docs.append(sh.decode_sample(current, url))
-            current = {"__key__": key}
-        if ext in _NEEDED:
-            current[ext] = payload
-    if current is not None:
-        docs.append(sh.decode_sample(current, url))
-    return docs
+    return [sh.decode_sample(s, url) for s in sh.samples_in(shard_members(url, size, sha256), url, _NEEDED)]
 
 
 def shard_members(url: str, size: int | None = None, sha256: str | None = None) -> list[tuple[str, bytes]]:
@@ -229,8 +219,9 @@ def _plain_tar_members(data: bytes) -> list[tuple[str, bytes]] | None:
 
 
 def count_documents(path) -> int:
-    """Documents (runs of members with one key) of a local tar shard, from its member headers
-    only; a shard that ends inside a member or before its end-of-archive blocks is an error."""
+    """Documents of a local tar shard (runs of members with one key; for a block, the keys of its
+    index), from the member headers and block indexes only; a shard that ends inside a member or
+    before its end-of-archive blocks is an error."""
     keys, last, pos = 0, None, 0
     with open(path, "rb") as f:
         end = os.fstat(f.fileno()).st_size
@@ -241,16 +232,26 @@ def count_documents(path) -> int:
             member = _member_header(h)
             if member is None:  # long names, pax headers: tarfile walks those
                 try:
-                    with tarfile.open(path) as tar:
-                        return len({m.name.partition(".")[0] for m in tar if m.isreg()})
+                    return len(sh.samples_in(_tarfile_members(Path(path).read_bytes()), str(path), fields=()))
                 except (tarfile.TarError, EOFError) as e:
                     raise UserError(f"{path}: not a readable tar shard ({e})") from None
             name, size = member
-            key = name.partition(".")[0]
-            keys, last = keys + (key != last), key
+            key, _, ext = name.partition(".")
+            if ext == sh.BLOCK and pos + 512 + size <= end:
+                keys, last = keys + _block_size(f.fileno(), pos + 512, str(path)), None
+            else:
+                keys, last = keys + (key != last), key
             pos += 512 + (size + 511) // 512 * 512
     raise UserError(f"{path}: ends {'inside a member' if pos > end else 'before its end-of-archive blocks'} "
                      f"({end:,} bytes): truncated shard")
+
+
+def _block_size(fd: int, offset: int, where: str) -> int:
+    """Documents in the block member whose data starts at `offset`: the keys of its index."""
+    start = len(sh.BLOCK_MAGIC) + 4
+    head = os.pread(fd, start, offset)
+    return len(sh.decode_block(head + os.pread(fd, int.from_bytes(head[-4:], "little"), offset + start), where,
+                               fields=(), index_only=True))
 
 
 def _local_path(url: str) -> str | None:

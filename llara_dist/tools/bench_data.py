@@ -142,12 +142,12 @@ def _texts(shards) -> dict[str, str]:
     """key -> text of every document (the .txt audit members)."""
     from llara_dist.data.stream import shard_members
 
+    from llara_dist.data.shards import samples_in
+
     texts = {}
     for i in range(len(shards)):
-        for fname, payload in shard_members(shards.url(i)):
-            key, _, ext = fname.partition(".")
-            if ext == "txt":
-                texts[key] = payload.decode("utf-8")
+        for s in samples_in(shard_members(shards.url(i)), shards.url(i), fields=("txt",)):
+            texts[s["__key__"]] = s["txt"].decode("utf-8")
     return texts
 
 
