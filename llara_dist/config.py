@@ -340,9 +340,13 @@ class DataConfig:
     pack_buffer: int = opt(64, "documents held in the packer's look-ahead buffer (best fit)")
     seed: int = opt(0, "seed of the shard and document order; the epoch is mixed in")
     reset_cursor: bool = opt(False, "on resume, ignore the saved data cursor and start the data afresh")
+    streams: int = opt(0, "logical data streams (0: one per rank and worker): with S > 0 the rows of every "
+                          "step are the same whatever the number of ranks and workers (docs/data-stream.md)")
 
     def check(self) -> list[str]:
         out = []
+        if self.streams < 0:
+            out.append("streams: must be >= 0")
         if self.seq_len < 16:
             out.append(f"seq_len: {self.seq_len} is too short (at least 16)")
         if self.num_workers < 0:

@@ -19,12 +19,20 @@ A cursor belongs to one world size, rank, worker count, seed and manifest; anoth
 one is refused (documents would be lost or repeated), and `data.reset_cursor=true`
 starts the data order afresh instead. seq_len, pack_buffer and the prompt may
 change on resume: no document is lost, the rows just differ from then on.
+
+With `data.streams = S > 0` the readers are S logical streams instead, fixed for the run:
+stream s reads its shards (every S-th, as a reader does) and packs its own rows, and every
+optimizer step takes G / S rows (`turn` micro-batches) from each stream. Rank r serves streams
+r, r + world, r + 2 world, ... and its workers split them. A micro-batch is then rows of one
+stream, the same micro-batches make a step whatever the world size and worker count, and the
+cursor is the streams' own: states saved by the ranks of one world size restore onto another
+(`load_state_dict` takes them all). Such a cursor is whole only at a step boundary.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Iterator
 
 import numpy as np
@@ -82,8 +90,8 @@ class ReaderBatches:
 
 
 class _WorkerReaders(torch.utils.data.IterableDataset):
-    """DataLoader worker j runs reader (j + first) % W of this rank and hands its batches over
-    through that reader's shared-memory slots."""
+    """DataLoader worker j runs the readers of group (j + first) % W of this rank and hands its
+    batches over through that group's shared-memory slots."""
 
     def __init__(self, make, first: int, workers: int, slots: list["_Slots"]):
         self.make, self.first, self.workers, self.slots = make, first, workers, slots
@@ -200,27 +208,76 @@ def _as_is(x):
     return x
 
 
+@dataclass(frozen=True)
+class ReaderPlan:
+    """Which readers a rank runs: `groups[j]` are the reader ids worker j runs, taking `turn`
+    batches from each in turn; reader ids are global reader numbers out of `num_readers`."""
+
+    groups: tuple[tuple[int, ...], ...]
+    num_readers: int
+    turn: int
+    streams: bool  # logical streams (data.streams), not one reader per rank and worker
+
+
+def reader_plan(cfg: DataConfig, shards: ShardSet, *, global_batch: int | None, micro_batch: int, rank: int,
+                world: int) -> ReaderPlan:
+    """The rank's readers; a split that cannot work is refused with its arithmetic."""
+    workers = max(cfg.num_workers, 1)
+    S = cfg.streams
+    if not S:
+        shards.check_readers(world * workers, world, workers)
+        return ReaderPlan(tuple((rank * workers + j,) for j in range(workers)), world * workers, 1, False)
+    if global_batch is None:
+        raise ValueError("data.streams needs the global batch")
+    problems = []
+    if S % world:
+        problems.append(f"data.streams={S} cannot be shared evenly by {world} ranks: start a number of ranks "
+                        f"that divides {S}")
+    elif (S // world) % workers:
+        problems.append(f"each of the {world} ranks serves {S // world} streams, which its data.num_workers="
+                        f"{cfg.num_workers} DataLoader workers cannot share evenly: set data.num_workers to a "
+                        f"divisor of {S // world}")
+    if global_batch % (S * micro_batch):
+        problems.append(f"train.global_batch={global_batch} rows a step from data.streams={S} streams in "
+                        f"micro-batches of {micro_batch} (train.micro_batch): each stream gives "
+                        f"global_batch / streams rows a step, in whole micro-batches, so global_batch must be a "
+                        f"multiple of {S} x {micro_batch} = {S * micro_batch}")
+    if problems:
+        raise UserError("cannot split the data:\n  - " + "\n  - ".join(problems))
+    shards.check_readers(S, world, workers)
+    mine = tuple(range(rank, S, world))
+    return ReaderPlan(tuple(mine[j::workers] for j in range(workers)), S, global_batch // (S * micro_batch), True)
+
+
 class PackedLoader:
     def __init__(self, cfg: DataConfig, prompt: PromptTokens, *, micro_batch: int, rank: int, world: int,
                  pad_id: int, drop_ids: tuple[int, ...] = (), pin_memory: bool | None = None,
-                 vocab_size: int | None = None):
-        """`vocab_size`: every token id read must be below it (default: the manifest's vocabulary size)."""
+                 vocab_size: int | None = None, global_batch: int | None = None):
+        """`vocab_size`: every token id read must be below it (default: the manifest's vocabulary size).
+        `global_batch`: rows per optimizer step of all ranks (needed with data.streams)."""
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in 0..{world - 1}")
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         self.cfg, self.prompt, self.micro_batch = cfg, prompt, micro_batch
         self.rank, self.world, self.pad_id, self.drop_ids = rank, world, pad_id, tuple(drop_ids)
+        self.global_batch = global_batch
         self.workers = max(cfg.num_workers, 1)
         self.shards = ShardSet.open(cfg.shards, vocab_size)
-        self.shards.check_readers(world * self.workers, world, self.workers)
-        self._cursors: list[dict | None] = [None] * self.workers  # per local reader, last consumed
-        self._next = 0  # local reader whose batch comes next
+        self.plan = reader_plan(cfg, self.shards, global_batch=global_batch, micro_batch=micro_batch, rank=rank,
+                                world=world)
+        self._worker_of = {r: j for j, group in enumerate(self.plan.groups) for r in group}
+        self._cursors: dict[int, dict | None] = dict.fromkeys(self._worker_of)  # per reader, last consumed
+        self._next = 0  # worker whose batch comes next
+        self._taken = 0  # batches handed out (streams: a cursor is whole at a step boundary only)
         # page-locked batches: a non_blocking copy to the GPU then leaves the host free (default: on CUDA)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
 
     def _setup(self) -> dict:
         """What a cursor is tied to."""
+        if self.plan.streams:
+            return {"streams": self.cfg.streams, "global_batch": self.global_batch, "micro_batch": self.micro_batch,
+                    "seed": self.cfg.seed, "manifest": self.shards.fingerprint}
         return {"world": self.world, "rank": self.rank, "num_workers": self.cfg.num_workers,
                 "seed": self.cfg.seed, "manifest": self.shards.fingerprint}
 
@@ -230,40 +287,60 @@ class PackedLoader:
         as much again. A larger batch goes through the queue instead."""
         return 96 * self.micro_batch * self.cfg.seq_len
 
-    def _reader_batches(self, local: int) -> ReaderBatches:
-        return ReaderBatches(self.shards, self.cfg, self.prompt, micro_batch=self.micro_batch,
-                             reader=self.rank * self.workers + local, num_readers=self.world * self.workers,
-                             pad_id=self.pad_id, drop_ids=self.drop_ids, cursor=self._cursors[local])
+    def _group_batches(self, local: int) -> Iterator[PackedBatch]:
+        """The batches of worker `local`'s readers: `turn` from each in turn."""
+        readers = [iter(ReaderBatches(self.shards, self.cfg, self.prompt, micro_batch=self.micro_batch, reader=r,
+                                      num_readers=self.plan.num_readers, pad_id=self.pad_id, drop_ids=self.drop_ids,
+                                      cursor=self._cursors[r]))
+                   for r in self.plan.groups[local]]
+        while True:
+            for reader in readers:
+                for _ in range(self.plan.turn):
+                    yield next(reader)
 
     def __iter__(self) -> Iterator[PackedBatch]:
         if self.cfg.num_workers == 0:
-            source = iter(self._reader_batches(0))
+            source = self._group_batches(0)
         else:
             slots = _Slots.for_workers(self.workers, self._slot_bytes())
-            readers = _WorkerReaders(self._reader_batches, self._next, self.workers, slots)
+            readers = _WorkerReaders(self._group_batches, self._next, self.workers, slots)
             loader = torch.utils.data.DataLoader(readers, batch_size=None, num_workers=self.workers,
                                                  collate_fn=_as_is, prefetch_factor=_PREFETCH)
-            source = (slots[b.reader - self.rank * self.workers].take(b) for b in loader)
+            source = (slots[self._worker_of[b.reader]].take(b) for b in loader)
         if self.pin_memory:
             source = (_convert(b, torch.Tensor.pin_memory) for b in source)
         try:
             for batch in source:
-                local = batch.reader - self.rank * self.workers
-                self._cursors[local] = batch.cursor
-                self._next = (local + 1) % self.workers
+                self._cursors[batch.reader] = batch.cursor
+                self._next = (self._worker_of[batch.reader] + 1) % self.workers
+                self._taken += 1
                 yield batch
         except UserError as e:
             raise UserError(_own_message(e)) from None
 
     def state_dict(self) -> dict:
+        if self.plan.streams:
+            per_step = self.global_batch // (self.world * self.micro_batch)  # this rank's batches a step
+            if self._taken % per_step:
+                raise RuntimeError(f"loader: a stream cursor is whole at a step boundary only ({self._taken} "
+                                   f"batches taken, {per_step} a step)")
+            return {"version": STATE_VERSION, "setup": self._setup(), "next": 0,
+                    "streams": {str(s): _jsonable(c) for s, c in self._cursors.items()}}
         return {"version": STATE_VERSION, "setup": self._setup(), "next": self._next,
-                "readers": _jsonable(self._cursors)}
+                "readers": _jsonable(list(self._cursors.values()))}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """A state this loader's rank saved; with data.streams, the states of all ranks of the saving run
+        (a list), whatever its world size."""
         if self.cfg.reset_cursor:
             return  # data.reset_cursor=true: the data order starts afresh
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        states = state if isinstance(state, list) else [state]
+        if not states or any(not isinstance(s, dict) or s.get("version") != STATE_VERSION for s in states):
             raise UserError(f"data cursor: not a version-{STATE_VERSION} PackedLoader state")
+        if self.plan.streams or "streams" in states[0]:
+            self._load_streams(states)
+            return
+        state = states[0]
         saved, now = state["setup"], self._setup()
         diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
         if diff:
@@ -272,14 +349,31 @@ class PackedLoader:
                 "a cursor is not re-split across world sizes, ranks, worker counts, seeds or manifests "
                 "(documents would be lost or repeated). Resume with the saved setup, or set "
                 "data.reset_cursor=true to restart the data order from the beginning")
-        self._cursors = [None if c is None else dict(c) for c in state["readers"]]
+        self._cursors = {r: None if c is None else dict(c) for r, c in zip(self._cursors, state["readers"])}
         self._next = int(state["next"])
+
+    def _load_streams(self, states: list[dict]) -> None:
+        saved, now = states[0]["setup"], self._setup()
+        diff = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in set(now) | set(saved) if saved.get(k) != now.get(k)]
+        if diff:
+            raise UserError(
+                "data cursor: saved under another data setup (" + ", ".join(sorted(diff)) + "); with logical "
+                "streams the world size and worker count may change, not the streams, the global batch, the "
+                "micro-batch, the seed or the manifest. Resume with the saved ones, or set "
+                "data.reset_cursor=true to restart the data order from the beginning")
+        cursors = {int(s): c for state in states for s, c in state["streams"].items()}
+        missing = [s for s in self._cursors if s not in cursors]
+        if missing:
+            raise UserError(f"data cursor: no saved cursor of stream(s) {missing}: the states of every rank "
+                            f"that saved are needed")
+        self._cursors = {s: None if cursors[s] is None else dict(cursors[s]) for s in self._cursors}
+        self._next = 0
 
     @property
     def stats(self) -> dict:
         """Counters of everything consumed since the data began (carried through resumes)."""
         total = {k: 0 for k in _COUNTERS}
-        for c in self._cursors:
+        for c in self._cursors.values():
             for k in _COUNTERS:
                 total[k] += c["counters"][k] if c else 0
         slots = total.pop("slots")

@@ -46,6 +46,7 @@ class Pretrain:
     METRICS = ("ebae", "ebar", "lm")
 
     def __init__(self, cfg: RunConfig, plan: BatchPlan):
+        from llara_dist.data.loader import reader_plan
         from llara_dist.data.stream import ShardSet
         from llara_dist.data.verify import check_before_training
         from llara_dist.prompts import resolve_preset
@@ -56,13 +57,15 @@ class Pretrain:
         # shards'. Every id read must then be a text token of this one (not a preset token).
         self.text_vocab = check_before_training(cfg.data.shards, tokenizer_path(cfg),
                                                 resolve_preset(cfg.objective).new_tokens)
-        workers = max(cfg.data.num_workers, 1)  # readers per rank (the loader's)
-        ShardSet.open(cfg.data.shards).check_readers(plan.world * workers, plan.world, workers)
+        # the split of the shards over ranks and workers (or streams), refused here if it cannot work
+        reader_plan(cfg.data, ShardSet.open(cfg.data.shards), global_batch=plan.global_batch,
+                    micro_batch=plan.micro_batch, rank=0, world=plan.world)
 
     def loader(self, tokenizer, prompt, pad_id: int, plan: BatchPlan, rank: int):
         from llara_dist.data.loader import PackedLoader
 
         return PackedLoader(self.cfg.data, prompt, micro_batch=plan.micro_batch, rank=rank, world=plan.world,
+                            global_batch=plan.global_batch,
                             pad_id=pad_id, drop_ids=tuple(sorted(set(tokenizer.all_special_ids))),
                             vocab_size=self.text_vocab)
 
