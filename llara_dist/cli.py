@@ -28,6 +28,8 @@ COMMANDS = {
     "finetune": ("llara_dist.retrieval.finetune", "contrastive fine-tuning (query/passage groups, LoRA) on the trainer's machinery"),
     "doctor": ("llara_dist.tools.doctor", "check the attention kernel paths' parity on this machine (table, exit 1 on failure)"),
     "init-model": ("llara_dist.tools.init_model", "write a small random LLaMA/Mistral/Qwen2 with a tokenizer, for smoke tests"),
+    "convert-checkpoint": ("llara_dist.tools.convert_checkpoint",
+                           "convert a run's checkpoint ahead of a resume on another number of ranks"),
     "export": ("llara_dist.retrieval.export", "write a Hugging Face model folder from a run's checkpoint"),
     "encode": ("llara_dist.retrieval.encode", "embed passages or queries with an exported model into a .npy file"),
     "make-beir": ("llara_dist.retrieval.beir", "turn fine-tuning JSON lines into a small BEIR-layout retrieval set"),

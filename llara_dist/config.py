@@ -297,6 +297,7 @@ TRAINER_OWNED = {
     "optimizer.params.torch_adam": "train.adam_impl",
     "optimizer.params.fused": "train.adam_impl",
     "scheduler": "train.warmup_steps, train.decay and train.min_lr_ratio",
+    "checkpoint.load_universal": "nothing: the trainer sets it for a resume on another world size",
 }
 
 

@@ -12,6 +12,8 @@
 | BLOCK_MASK_COMPILE        | create_block_mask's private `_compile=` keyword (FlexAttention)  | torch 2.11-2.13       |
 | LLARA_MASK                | HF decoders passing unknown keyword arguments of the model call  | transformers 5.17-5.25|
 |                           | through to the attention function (how each layer gets the mask) |                       |
+| unshare_adam_steps        | the `step` tensor in the torch optimizer's state that DeepSpeed  | deepspeed 0.19.8,     |
+|                           | wraps (engine.optimizer.optimizer.state)                          | torch 2.11-2.13       |
 
 `problems()` confirms at start-up that each of these still exists as used, and names what is
 missing and what to do, so a release that renames one is refused before any work, not met as an
@@ -115,6 +117,19 @@ def torch_linear():
         yield
     finally:
         F.linear = patched
+
+
+def unshare_adam_steps(engine) -> None:
+    """After loading a universal checkpoint under ZeRO-3: give every sub-group its own Adam step.
+
+    DeepSpeed (0.19.8, stage3.py load_hp_checkpoint_state_from_checkpoint_dir_stage3) sets the one
+    `step` tensor it read as the step of every sub-group's state, and torch's Adam adds 1 to it in
+    place once per sub-group: with k sub-groups (sub_group_size, 1e9 by default: a 7B model has
+    several per rank on few ranks) the step grew by k at every optimizer step, and with it the bias
+    correction. A CPU-offloaded Adam keeps an int there, which has no such sharing."""
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def skip_local_gather_syncs() -> None:

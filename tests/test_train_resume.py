@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -94,6 +96,46 @@ def test_preempt_and_resume_equal_uninterrupted(train_setup, tmp_path, rendezvou
     refused = launch(root, ref, 2, f"train.zero_stage={5 - stage}", f"train.steps={STEPS + 4}", env=rendezvous())
     assert wait(refused) == [2, 2]
     assert f"written with train.zero_stage={stage}, and this start has train.zero_stage={5 - stage}" in log_text(ref)
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_resume_on_another_world_size(train_setup, tmp_path, rendezvous, stage):
+    """With logical data streams, a run preempted on 2 ranks goes on on 1: the same global batches (each
+    step's loss within fp32 summation order of the uninterrupted run's), the model and optimizer state
+    carried over through DeepSpeed's universal checkpoint, converted by itself at the start."""
+    root, _ = train_setup
+    settings = ("data.streams=4", "train.steps=6", "train.ckpt_every=100", f"train.zero_stage={stage}")
+    ref = tmp_path / "ref"
+    assert wait(launch(root, ref, 2, *settings, env=rendezvous())) == [0, 0], log_text(ref)
+    run = tmp_path / "elastic"
+    procs = launch(root, run, 2, *settings, env=rendezvous(), rank_env={0: {PREEMPT_AT_STEP_ENV: "3"}})
+    assert wait(procs) == [PREEMPTED_EXIT, PREEMPTED_EXIT], log_text(run)
+    assert wait(launch(root, run, 1, *settings)) == [0], log_text(run)
+    assert ("at step 3: world 2 -> 1, grad accumulation 2 -> 4; the same 8-row global batches continue"
+            in log_text(run)), log_text(run)
+    assert (run / "checkpoints" / "step00000003.universal").is_dir()
+    got, want = metrics(run), metrics(ref)
+    assert [m["step"] for m in got] == list(range(1, 7))
+    assert [m["docs"] for m in got] == [m["docs"] for m in want]
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), (g["step"], g["loss"], w["loss"])
+    assert got[:3] == [{**w, **{k: g[k] for k in ("time", "elapsed_s", "step_s", "tokens_per_s", "mfu")}}
+                       for g, w in zip(got[:3], want[:3])]  # the 2-rank steps: the same run
+    w_run, w_ref = final_weights(run), final_weights(ref)
+    assert w_run.keys() == w_ref.keys()
+    for name in w_ref:
+        torch.testing.assert_close(w_run[name], w_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    if stage == 2:
+        return
+    # ahead of time: convert-checkpoint, for a world size the global batch splits over
+    cmd = [sys.executable, "-m", "llara_dist", "convert-checkpoint", str(ref)]
+    bad = subprocess.run([*cmd, "--to-world", "3"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "micro_batch 2 x world 3 = 6 rows per pass" in bad.stderr, bad.stderr
+    good = subprocess.run([*cmd, "--to-world", "4"], capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout.splitlines()[-1]) == {"universal": str(ref / "checkpoints" / "step00000006.universal")}
+    assert (ref / "checkpoints" / "step00000006.universal" / "zero").is_dir()
 
 
 def test_dead_rank_ends_the_job(train_setup, tmp_path, rendezvous):

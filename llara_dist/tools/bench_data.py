@@ -140,9 +140,8 @@ def _per_cpu(tokens: int, cpu: float) -> int | None:
 
 def _texts(shards) -> dict[str, str]:
     """key -> text of every document (the .txt audit members)."""
-    from llara_dist.data.stream import shard_members
-
     from llara_dist.data.shards import samples_in
+    from llara_dist.data.stream import shard_members
 
     texts = {}
     for i in range(len(shards)):

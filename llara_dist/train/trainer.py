@@ -27,6 +27,7 @@ import numpy as np
 from llara_dist import patches
 from llara_dist.config import RunConfig, config_help, load_config, save_config, to_dict
 from llara_dist.errors import UserError
+from llara_dist.train.checkpoint import UNIVERSAL
 from llara_dist.train.distributed import BatchPlan, batch_plan, dist_env
 from llara_dist.train.trackers import check_installed
 
@@ -61,6 +62,7 @@ def start(args, config_cls, task_cls, command: str) -> int:
         for caveat in caveats(cfg):
             print(f"llara-dist {command}: warning: {caveat}", file=sys.stderr)
     check_resume(cfg, plan)
+    universal_checkpoint(cfg, plan, env.rank)
     task = task_cls(cfg, plan)  # may read and check its data
     from llara_dist.train.distributed import init_distributed
 
@@ -131,14 +133,51 @@ def check_resume(cfg: RunConfig, plan: BatchPlan) -> None:
                          f"train.zero_stage={cfg.train.zero_stage}: DeepSpeed lays out its shards differently "
                          f"per stage, so it is refused. Start with train.zero_stage={stage}, or use a new run_dir")
     saved = loop["plan"]
-    if (saved["world"], saved["global_batch"]) != (plan.world, plan.global_batch):
-        raise UserError(
-            f"{manager.folder / tag}: written by {saved['world']} rank(s) with global batch "
-            f"{saved['global_batch']} (micro_batch {saved['micro_batch']} x grad_accum {saved['grad_accum']} "
-            f"x world {saved['world']}); this start has {plan.world} rank(s) and global batch "
-            f"{plan.global_batch}. Resuming would change the data split and the per-step batch, so it is "
-            f"refused: start {saved['world']} rank(s) with train.global_batch={saved['global_batch']}, "
-            f"or use a new run_dir")
+    written = (f"{manager.folder / tag}: written by {saved['world']} rank(s) with global batch "
+               f"{saved['global_batch']} (micro_batch {saved['micro_batch']} x grad_accum {saved['grad_accum']} "
+               f"x world {saved['world']})")
+    if saved["global_batch"] != plan.global_batch:
+        raise UserError(f"{written}; this start has global batch {plan.global_batch}. Resuming would change the "
+                        f"per-step batch, so it is refused: start with train.global_batch={saved['global_batch']}, "
+                        f"or use a new run_dir")
+    data = getattr(cfg, "data", None)  # fine-tuning: a cursor over examples per rank
+    if saved["world"] != plan.world and (data is None or not (data.streams or data.reset_cursor)):
+        how = ("fine-tuning resumes on the world size that saved" if data is None else
+               "its data cursor is one reader's per rank and worker, which another world size cannot take up: "
+               "a run with data.streams can (docs/data-stream.md), or set data.reset_cursor=true to restart "
+               "the data order")
+        raise UserError(f"{written}; this start has {plan.world} rank(s): {how}; start {saved['world']} rank(s), "
+                        f"or use a new run_dir")
+
+
+def saved_world(cfg) -> int | None:
+    """The number of ranks that wrote the checkpoint a start resumes from (None: a fresh run)."""
+    manager = checkpoints(cfg)
+    tag = manager.latest()
+    return None if tag is None else manager.read_loop_state(tag, rank=0)["plan"]["world"]
+
+
+def universal_checkpoint(cfg, plan: BatchPlan, rank: int) -> None:
+    """Resuming on another world size: the latest checkpoint in DeepSpeed's universal layout. Rank 0
+    converts it (once; `llara-dist convert-checkpoint` may have done it ahead) while the others wait for
+    the folder, before any process group (a conversion of a large model outlasts a collective's timeout)."""
+    import time
+
+    manager = checkpoints(cfg, rank)
+    tag = manager.latest()
+    if tag is None or saved_world(cfg) == plan.world:
+        return
+    if rank == 0:
+        print(f"llara-dist: converting {manager.folder / tag} for {plan.world} rank(s) (DeepSpeed universal "
+              f"checkpoint)", file=sys.stderr)
+        manager.to_universal(tag)
+        return
+    deadline = time.monotonic() + cfg.train.collective_timeout_s
+    while not (manager.folder / (tag + UNIVERSAL)).is_dir():
+        if time.monotonic() > deadline:
+            raise UserError(f"{manager.folder / (tag + UNIVERSAL)}: not written by rank 0 within "
+                            f"train.collective_timeout_s={cfg.train.collective_timeout_s}")
+        time.sleep(1.0)
 
 
 @dataclass
@@ -176,18 +215,21 @@ class Trainer:
         # the data first: bad data fails before the model loads
         loader = task.loader(tokenizer, prompt, pad_id(tokenizer), plan, rank)
         ds_config = deepspeed_config(cfg.train, plan, resolve_dtype(cfg.model.dtype, default_device()))
+        manager = checkpoints(cfg, rank)
+        tag = manager.latest()
+        before = manager.read_loop_state(tag, rank=0)["plan"] if tag is not None else vars(plan)
+        if before["world"] != plan.world:  # another world size: DeepSpeed re-partitions a universal checkpoint
+            ds_config["checkpoint"] = {"load_universal": True}
         with zero3_loading(ds_config):
             model = load_model(cfg.model, tokenizer, preset)  # resized for the preset's tokens
         engine = build_engine(model, task.engine_train, ds_config)
 
-        manager = checkpoints(cfg, rank)
         state = LoopState()
-        tag = manager.latest()
         if tag is not None:
-            saved = manager.load(engine, tag)
+            saved = manager.load(engine, tag, before["world"], plan.world)
             state = LoopState(**saved["loop"])
-            loader.load_state_dict(saved["data"])
-            console.print(f"resumed from {manager.folder / tag} at step {state.step}")
+            loader.load_state_dict(saved.get("data_all", saved["data"]))
+            console.print(f"resumed from {manager.folder / tag} at step {state.step}{plan_change(before, plan)}")
         if rank == 0:
             self._describe_run(tokenizer, task.data_identity(loader))
         ledger = self._open_ledger(state.step) if cfg.train.ledger else None
@@ -261,6 +303,16 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         truncate_after(path, resume_step)  # steps after the checkpoint are redone
         return open(path, "a")
+
+
+def plan_change(before: dict, plan: BatchPlan) -> str:
+    """What a resume changed of the batch split, said in a clause ('' for nothing)."""
+    changes = [f"{name} {before[key]} -> {getattr(plan, key)}" for name, key in
+               (("world", "world"), ("micro-batch", "micro_batch"), ("grad accumulation", "grad_accum"))
+               if before[key] != getattr(plan, key)]
+    if not changes:
+        return ""
+    return f": {', '.join(changes)}; the same {plan.global_batch}-row global batches continue"
 
 
 def seed_everything(seed: int) -> None:
