@@ -1,4 +1,4 @@
-"""Exact dense retrieval and its metrics (MRR@10, Recall@k, nDCG@10), BEIR-style.
+"""Exact dense retrieval (FAISS, through index.py) and its metrics (MRR@10, Recall@k, nDCG@10), BEIR-style.
 
 Metric definitions follow trec_eval (as pytrec_eval, which BEIR uses, computes them):
 a document is relevant when its qrel grade is > 0; nDCG uses the grade itself as the
@@ -13,24 +13,19 @@ from pathlib import Path
 
 import torch
 
+from llara_dist.retrieval.index import exact_search
 
-def search(queries: torch.Tensor, passages: torch.Tensor, k: int, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k by inner product, passages in chunks.
 
-    queries [Q, H], passages [P, H] -> (scores [Q, k'], indices [Q, k']), k' = min(k, P), best first.
+def search(queries: torch.Tensor, passages: torch.Tensor, k: int,
+           chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k by inner product, passages in chunks (index.exact_search, FAISS).
+
+    queries [Q, H], passages [P, H] -> (scores [Q, k'], indices [Q, k']), k' = min(k, P), best first;
+    equal scores by the lower passage index.
     """
-    k = min(k, passages.shape[0])
-    best_s = torch.full((queries.shape[0], 0), float("-inf"), dtype=torch.float32)
-    best_i = torch.zeros((queries.shape[0], 0), dtype=torch.int64)
-    for start in range(0, passages.shape[0], chunk):
-        block = passages[start:start + chunk]
-        s = (queries.float() @ block.float().T).cpu()  # [Q, c]
-        s_top, i_top = s.topk(min(k, s.shape[1]), dim=1)
-        cand_s = torch.cat([best_s, s_top], 1)
-        cand_i = torch.cat([best_i, i_top + start], 1)
-        best_s, order = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
-        best_i = cand_i.gather(1, order)
-    return best_s, best_i
+    chunks = (passages[start:start + chunk].float().cpu().numpy() for start in range(0, passages.shape[0], chunk))
+    scores, indices = exact_search(queries.float().cpu().numpy(), chunks, k)
+    return torch.from_numpy(scores), torch.from_numpy(indices)
 
 
 def evaluate_run(run: dict[str, list[str]], qrels: dict[str, dict[str, int]],
