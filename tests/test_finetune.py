@@ -123,8 +123,9 @@ def test_groups_are_deterministic_split_by_rank_and_resume(shared_data, tokenize
 def test_loss_equals_direct_computation(shared_data, tokenizer_dir, tiny_llama_dir, preset_name):
     """Training-time embeddings and loss == inference embeddings (embed.encode) + a hand-written softmax."""
     from llara_dist.model.decoder import load_model
+    from llara_dist.model.embed import embed_batch as embed
     from llara_dist.model.embed import encode
-    from llara_dist.retrieval.finetune import contrastive_sums, embed
+    from llara_dist.retrieval.finetune import contrastive_sums
 
     cfg = ft_config(shared_data)
     loader, tok, preset = make_loader(tokenizer_dir, cfg, micro=4, world=1, rank=0, preset_name=preset_name)
@@ -190,7 +191,8 @@ def _worker(rank, world, port, paths, out):
 def reference(paths, init: dict):
     """One process, plain PyTorch: each 4-query slice scored against its 12 passages, / 8, backward, clip, AdamW."""
     from llara_dist.model.decoder import load_model
-    from llara_dist.retrieval.finetune import contrastive_sums, embed, engine_train_config
+    from llara_dist.model.embed import embed_batch as embed
+    from llara_dist.retrieval.finetune import contrastive_sums, engine_train_config
     from llara_dist.train.engine import apply_lora
 
     shared_data, tokenizer_dir, tiny_llama_dir = paths

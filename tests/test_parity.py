@@ -67,6 +67,28 @@ def test_embeddings_equal_a_separate_pass(preset_name, tokenizer_dir, tiny_llama
                 assert abs(float(got[kind][i].norm()) - 1) <= 1e-6
 
 
+@pytest.mark.parametrize("preset_name", ["paper", "released"])
+def test_packed_embeddings_equal_one_text_at_a_time(preset_name, tokenizer_dir, tiny_llama_dir, shared_data):
+    """Inference packing: texts of very different lengths, several to a row (some cut at the token limit),
+    give the vectors of one text per row to 1e-5, in the order given."""
+    from llara_dist.model.embed import encode, encode_packed
+
+    tok, preset, model, _ = load_tiny(preset_name, tokenizer_dir, tiny_llama_dir)
+    lines = [line for line in (shared_data / "wikitext2_valid.txt").read_text().splitlines() if line.strip()]
+    rng = np.random.default_rng(0)
+    texts = [" ".join(lines[i].split()[:int(n)]) for i, n in zip(rng.permutation(len(lines))[:40],
+                                                                   rng.integers(1, 120, 40))]
+    rows = []  # rows of each forward pass
+    hook = model.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    for kind in ("passage", "query"):
+        alone = encode(model, tok, preset, texts, kind, max_text_tokens=96, batch_size=1)
+        rows.clear()
+        packed = encode_packed(model, tok, preset, texts, kind, max_text_tokens=96, rows_per_batch=3, buffer=8)
+        assert packed.shape == alone.shape and (packed - alone).abs().max() <= 1e-5, kind
+        assert sum(rows) < len(texts) and max(rows) <= 3  # texts share rows; 3 rows a pass
+    hook.remove()
+
+
 def test_varlen_layout_in_the_model_equals_separate_passes(tokenizer_dir, tiny_llama_dir, shared_data, monkeypatch):
     """The varlen path end to end on CPU: its CUDA kernel swapped for per-sequence SDPA."""
     from llara_dist.kernels import registry, varlen

@@ -91,20 +91,30 @@ def load_encoder(model_dir: str | Path, attn: str = "sdpa", dtype: str = "auto",
     return model.to(device).eval(), tokenizer, p
 
 
-def encode_texts(model, tokenizer, preset, texts: list[str], kind: str, batch_size: int = 32,
-                 max_text_tokens: int = 512, progress: bool = False) -> np.ndarray:
-    """[N, hidden] float32 unit vectors, in the order of `texts`; batched by length."""
-    from llara_dist.model.embed import encode
+PACK_TEXTS = 1024  # texts packed together (and tokenized) at a time
 
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+
+def encode_texts(model, tokenizer, preset, texts: list[str], kind: str, batch_size: int = 32,
+                 max_text_tokens: int = 512, progress: bool = False, packed: bool = False) -> np.ndarray:
+    """[N, hidden] float32 unit vectors, in the order of `texts`. Packed: several texts a row, `batch_size`
+    rows a batch (embed.encode_packed); else one text a row, `batch_size` texts of similar length a batch,
+    padded to the longest (the released code's way)."""
+    from llara_dist.model.embed import encode, encode_packed
+
+    order = list(range(len(texts))) if packed else sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    step = PACK_TEXTS if packed else batch_size
     out = torch.zeros(0)
     parts = []
-    for start in range(0, len(order), batch_size):
-        chunk = [texts[i] for i in order[start:start + batch_size]]
-        parts.append(encode(model, tokenizer, preset, chunk, kind=kind, max_text_tokens=max_text_tokens,
-                            batch_size=len(chunk)))
+    for start in range(0, len(order), step):
+        chunk = [texts[i] for i in order[start:start + step]]
+        if packed:
+            parts.append(encode_packed(model, tokenizer, preset, chunk, kind=kind, max_text_tokens=max_text_tokens,
+                                       rows_per_batch=batch_size))
+        else:
+            parts.append(encode(model, tokenizer, preset, chunk, kind=kind, max_text_tokens=max_text_tokens,
+                                batch_size=len(chunk)))
         if progress:
-            print(f"\rencode {min(start + batch_size, len(order))}/{len(order)}", end="", file=sys.stderr)
+            print(f"\rencode {min(start + step, len(order))}/{len(order)}", end="", file=sys.stderr)
     if progress:
         print(file=sys.stderr)
     if parts:
@@ -314,7 +324,7 @@ def encode_to_folder(args) -> dict:
         if index not in todo:
             continue
         vectors = encode_texts(model, tokenizer, preset, [text for _, text in records], args.kind, args.batch_size,
-                               args.max_tokens)
+                               args.max_tokens, packed=args.packed)
         embeddings.write_shard(out_dir, index, [doc_id for doc_id, _ in records], vectors)
         written += 1
         progress.shard_done(len(records))
@@ -342,6 +352,10 @@ def configure(parser) -> None:
                         help="with --out-dir: replace the shards of a folder encoded with other settings")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=512, help="text tokens kept per input")
+    parser.add_argument("--packed", action="store_true",
+                        help="several texts a row, --batch-size rows a pass (the same vectors; pays off where the "
+                             "attention skips what the mask hides: varlen on a GPU; on CPU with sdpa it is slower, "
+                             "docs/retrieval.md)")
     parser.add_argument("--attn", default="sdpa", help="attention path (see `llara-dist doctor`)")
     parser.add_argument("--preset", default=None, help="only for a folder without llara.json")
 
@@ -354,7 +368,7 @@ def run(args) -> int:
         texts = read_texts(args.input)  # bad input is refused before the model loads
         model, tokenizer, preset = load_encoder(args.model, attn=args.attn, preset=args.preset)
         vecs = encode_texts(model, tokenizer, preset, texts, args.kind, args.batch_size, args.max_tokens,
-                            progress=sys.stderr.isatty())
+                            progress=sys.stderr.isatty(), packed=args.packed)
         np.save(args.out, vecs)
         print(json.dumps({"out": args.out, "count": len(texts), "dim": int(vecs.shape[1]) if vecs.size else 0}))
         return 0

@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 from llara_dist.config import FinetuneRunConfig
 from llara_dist.errors import UserError
-from llara_dist.model.decoder import forward_hidden, gather_states
-from llara_dist.model.embed import KINDS, pool
+from llara_dist.model.embed import embed_batch
 from llara_dist.train import trainer
 
 
@@ -92,12 +91,6 @@ def engine_train_config(cfg: FinetuneRunConfig):
     return dataclasses.replace(cfg.train, zero3_layer_gather=False)
 
 
-def embed(model, batch, kind: str, preset) -> torch.Tensor:
-    """[D, H] unit vectors of a batch's documents, with gradient; the same pooling as embed.encode."""
-    states = gather_states(forward_hidden(model, batch), getattr(batch, KINDS[kind]))  # [D, k, H]
-    return pool(states, preset.embed_pool)
-
-
 class GatherRows(torch.autograd.Function):
     """all_gather along dim 0 with a gradient: [n, H] per rank -> [world x n, H], rank order.
 
@@ -156,8 +149,8 @@ def finetune_step(engine, micro_batches: list, preset, world: int, temperature: 
     global_queries = queries * world  # every rank has the same micro_batch x grad_accum queries
     step_sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # [loss, hits], read after the step
     for b in micro_batches:
-        q = embed(engine, b.queries.to(engine.device, non_blocking=True), "query", preset)  # [M, H]
-        p = embed(engine, b.passages.to(engine.device, non_blocking=True), "passage", preset)  # [M x G, H]
+        q = embed_batch(engine, b.queries.to(engine.device, non_blocking=True), "query", preset)  # [M, H]
+        p = embed_batch(engine, b.passages.to(engine.device, non_blocking=True), "passage", preset)  # [M x G, H]
         group = b.passages.num_docs // b.queries.num_docs
         if gather:
             p = GatherRows.apply(p)  # [world x M x G, H]
