@@ -202,3 +202,37 @@ def test_bad_input_is_refused_with_its_file_and_line_as_it_is_reached(tmp_path):
         with pytest.raises(ValueError) as e:
             next(documents)
         assert str(e.value).startswith(str(tmp_path / message)), e.value
+
+
+def test_search_over_the_shards_writes_the_exact_top_k(one_process, model_dir, corpus, tmp_path, capsys):
+    """`llara-dist search`: the corpus's shards streamed through FAISS against the query shards give each
+    query's exact top k (the in-memory search of the same vectors), as a TREC run; mismatched folders refused."""
+    import torch
+
+    from llara_dist.retrieval import embeddings
+    from llara_dist.retrieval.search import search
+
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n"
+                               for i, t in enumerate(["the river and the town", "a song of the war", "football"])))
+    q_dir = tmp_path / "q"
+    encode_here(*encode_args(model_dir, queries, q_dir, kind="query"))
+    run = tmp_path / "run.trec"
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--passages", str(one_process), "--queries", str(q_dir), "--out", str(run), "--k", "7"])
+    assert e.value.code == 0, capsys.readouterr().err
+    got = {}
+    for line in run.read_text().splitlines():
+        qid, q0, doc, rank, score, tag = line.split()
+        got.setdefault(qid, []).append((int(rank), doc, float(score)))
+    ids, p = embeddings.read_all(one_process)
+    qids, q = embeddings.read_all(q_dir)
+    scores, rows = search(torch.from_numpy(q.astype(np.float32)), torch.from_numpy(p.astype(np.float32)), 7)
+    assert list(got) == qids
+    for i, qid in enumerate(qids):
+        assert [r for r, _, _ in got[qid]] == list(range(1, 8))
+        assert [d for _, d, _ in got[qid]] == [ids[j] for j in rows[i].tolist()]
+        np.testing.assert_allclose([s for _, _, s in got[qid]], scores[i].numpy(), atol=1e-6)
+    with pytest.raises(SystemExit) as e:  # the roles swapped: refused, naming the folder
+        main(["search", "--passages", str(q_dir), "--queries", str(one_process), "--out", str(run)])
+    assert e.value.code == 2 and f"{q_dir}: embeddings of kind 'query', not 'passage'" in capsys.readouterr().err

@@ -4,15 +4,29 @@ Metric definitions follow trec_eval (as pytrec_eval, which BEIR uses, computes t
 a document is relevant when its qrel grade is > 0; nDCG uses the grade itself as the
 gain and log2(rank + 1) as the discount; queries without a relevant document are left
 out of every mean.
+
+`llara-dist search --passages DIR --queries DIR --out run.trec [--k 100]` (configure, run): a
+corpus's embedding shards searched with query embeddings, into a TREC run.
+
+    llara-dist encode --model export/ --input corpus.jsonl --kind passage --out-dir emb/corpus
+    llara-dist encode --model export/ --input queries.jsonl --kind query --out-dir emb/queries
+    llara-dist search --passages emb/corpus --queries emb/queries --out run.trec --k 100
+
+Both folders are what `encode --out-dir` writes (retrieval/embeddings.py), from the same model and
+preset. The passages stream through an exact inner-product search one shard at a time
+(retrieval/index.py: memory bounded by a shard and the queries, not the corpus); the queries are
+held whole. The run lists each query's top k, best first, ties to the earlier passage.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import torch
 
+from llara_dist.errors import UserError
 from llara_dist.retrieval.index import exact_search
 
 
@@ -55,3 +69,44 @@ def write_trec_run(path: str | Path, run_scores: dict[str, list[tuple[str, float
         for qid, ranked in run_scores.items():
             for rank, (doc, score) in enumerate(ranked, 1):
                 f.write(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n")
+
+
+# -- `llara-dist search` ---------------------------------------------------------------------
+
+def configure(parser) -> None:
+    parser.add_argument("--passages", required=True, metavar="DIR", help="embedding shards of the corpus")
+    parser.add_argument("--queries", required=True, metavar="DIR", help="embedding shards of the queries")
+    parser.add_argument("--out", required=True, help="TREC run file to write")
+    parser.add_argument("--k", type=int, default=100, help="passages per query (default: %(default)s)")
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from llara_dist.retrieval import embeddings
+
+    if args.k < 1:
+        raise UserError(f"--k {args.k}: must be at least 1")
+    passages, queries = (embeddings.read_manifest(p) for p in (args.passages, args.queries))
+    for folder, manifest, kind in ((args.passages, passages, "passage"), (args.queries, queries, "query")):
+        if manifest is None:
+            raise UserError(f"{folder}: not an embeddings folder (llara-dist encode --out-dir writes one)")
+        if manifest["kind"] != kind:
+            raise UserError(f"{folder}: embeddings of kind {manifest['kind']!r}, not {kind!r} (encode --kind)")
+    differ = [key for key in ("model", "preset", "dim") if passages[key] != queries[key]]
+    if differ:
+        raise UserError(f"{args.passages} and {args.queries} come from different encodings ("
+                        + ", ".join(f"{k} {passages[k]!r} vs {queries[k]!r}" for k in differ) + ")")
+    qids, q = embeddings.read_all(args.queries)
+    doc_ids: list[str] = []
+
+    def shards():
+        for ids, vectors in embeddings.iter_shards(args.passages):
+            doc_ids.extend(ids)
+            yield vectors
+
+    scores, rows = exact_search(np.asarray(q, np.float32), shards(), args.k)
+    write_trec_run(args.out, {qid: [(doc_ids[r], float(s)) for r, s in zip(rows[i], scores[i])]
+                              for i, qid in enumerate(qids)})
+    print(json.dumps({"out": args.out, "queries": len(qids), "passages": len(doc_ids), "k": int(rows.shape[1])}))
+    return 0
