@@ -236,3 +236,35 @@ def test_search_over_the_shards_writes_the_exact_top_k(one_process, model_dir, c
     with pytest.raises(SystemExit) as e:  # the roles swapped: refused, naming the folder
         main(["search", "--passages", str(q_dir), "--queries", str(one_process), "--out", str(run)])
     assert e.value.code == 2 and f"{q_dir}: embeddings of kind 'query', not 'passage'" in capsys.readouterr().err
+
+
+def test_eval_through_shard_folders_reuses_them(model_dir, shared_data, tmp_path, capsys):
+    """`eval --emb-dir`: encode -> search -> metrics through shard folders; the metrics are those of the exact
+    search of the shards' vectors, and a second run reuses every shard (nothing encoded again)."""
+    import torch
+
+    from llara_dist.retrieval import embeddings
+    from llara_dist.retrieval.beir import finetune_to_beir, load_beir
+    from llara_dist.retrieval.search import evaluate_run, search
+
+    beir = tmp_path / "beir"
+    finetune_to_beir(shared_data / "llara_toy_finetune.jsonl", beir)
+    emb = tmp_path / "emb"
+    argv = ["eval", "--model", str(model_dir), "--beir", str(beir), "--emb-dir", str(emb), "--shard-docs", "13",
+            "--k", "20"]
+    runs = []
+    for _ in range(2):
+        with mock.patch.dict(os.environ, plain_env(), clear=True), one_thread(), pytest.raises(SystemExit) as e:
+            main(argv)
+        out, err = capsys.readouterr()
+        assert e.value.code == 0, err
+        runs.append((json.loads(out), err))
+    assert runs[0][0] == runs[1][0]
+    assert "0 shards to encode" in runs[1][1] and "0 shards to encode" not in runs[0][1]
+    data = load_beir(beir)
+    ids, p = embeddings.read_all(emb / "corpus")
+    qids, q = embeddings.read_all(emb / "queries")
+    keep = [i for i, qid in enumerate(qids) if qid in data.qrels]
+    _, rows = search(torch.from_numpy(q[keep].astype(np.float32)), torch.from_numpy(p.astype(np.float32)), 20)
+    want = evaluate_run({qids[i]: [ids[j] for j in rows[n].tolist()] for n, i in enumerate(keep)}, data.qrels)
+    assert runs[0][0] == want and len(ids) == len(data.corpus) > 13  # several shards

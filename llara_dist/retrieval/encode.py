@@ -283,8 +283,9 @@ def finish_if_complete(out_dir: Path, count: int) -> bool:
     return True
 
 
-def encode_to_folder(args) -> dict:
-    """`--out-dir`: this rank's missing shards of the input, written into the folder."""
+def encode_to_folder(args, encoder=None) -> dict:
+    """`--out-dir`: this rank's missing shards of the input, written into the folder. `encoder`: the
+    (model, tokenizer, preset) of load_encoder, when the caller has it loaded already."""
     from llara_dist.train.distributed import dist_env
 
     input_path = Path(args.input)
@@ -299,7 +300,7 @@ def encode_to_folder(args) -> dict:
 
     if torch.cuda.is_available():  # the ranks of one machine each on their own GPU (srun may show each only one)
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    model, tokenizer, preset = load_encoder(args.model, attn=args.attn, preset=args.preset)
+    model, tokenizer, preset = encoder or load_encoder(args.model, attn=args.attn, preset=args.preset)
     if env.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if check_folder(out_dir, wanted, args.overwrite) is None:  # new, or replaced with --overwrite
