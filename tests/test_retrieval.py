@@ -65,6 +65,23 @@ def test_bad_qrels_named(tmp_path):
         load_beir(tmp_path)
 
 
+def test_qrels_in_beir_trec_and_ms_marco_layouts(tmp_path):
+    from llara_dist.retrieval.beir import read_qrels
+
+    want = {"q1": {"d1": 1, "d7": 0}, "1048585": {"7187158": 1}, "q2": {"d2": 2}}
+    layouts = {
+        "beir.tsv": "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td7\t0\n1048585\t7187158\t1\nq2\td2\t2\n",
+        "trec.txt": "q1 0 d1 1\nq1 0 d7 0\n1048585 0 7187158 1\nq2 Q0 d2 2\n",
+        "qrels.dev.small.tsv": "q1\t0\td1\t1\nq1\t0\td7\t0\n1048585\t0\t7187158\t1\nq2\t0\td2\t2\n",
+    }
+    for name, text in layouts.items():
+        (tmp_path / name).write_text(text)
+        assert read_qrels(tmp_path / name) == want, name
+    (tmp_path / "bad.txt").write_text("q1 0 d1 1\nq1 d1\n")
+    with pytest.raises(ValueError, match=r"bad.txt:2: expected .* or `query iteration document grade`"):
+        read_qrels(tmp_path / "bad.txt")
+
+
 def test_make_beir_command(shared_data, tmp_path):
     import json
     import subprocess

@@ -29,6 +29,29 @@ def _jsonl(path: Path, required: tuple[str, ...]):
         yield line_no, obj
 
 
+def read_qrels(path: str | Path, corpus=None) -> dict[str, dict[str, int]]:
+    """Relevance judgements, query -> document -> grade, in any of the usual layouts:
+    BEIR `query-id<TAB>corpus-id<TAB>score` (a header line allowed), and TREC qrels
+    `query iteration document grade` (whitespace-separated; MS MARCO's qrels.dev.small.tsv is
+    this with tabs). The number of fields on a line tells which. With `corpus` (its ids), a
+    document not in it is refused, naming the line."""
+    qrels: dict[str, dict[str, int]] = {}
+    for line_no, line in read_lines(path, "qrels file"):
+        parts = line.split("\t") if "\t" in line else line.split()
+        if line_no == 1 and not parts[-1].lstrip("-").isdigit():
+            continue  # a header
+        if len(parts) == 4:
+            parts = [parts[0], parts[2], parts[3]]  # TREC: the iteration field is unused
+        if len(parts) != 3 or not parts[2].lstrip("-").isdigit():
+            raise UserError(f"{path}:{line_no}: expected `query-id<TAB>corpus-id<TAB>score` (BEIR) or "
+                            "`query iteration document grade` (TREC qrels)")
+        qid, did, grade = parts
+        if corpus is not None and did not in corpus:
+            raise UserError(f"{path}:{line_no}: corpus id {did!r} is not in corpus.jsonl")
+        qrels.setdefault(qid, {})[did] = int(grade)
+    return qrels
+
+
 def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
     folder = Path(folder)
     for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
@@ -40,18 +63,8 @@ def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
         title = (d.get("title") or "").strip()
         corpus[str(d["_id"])] = f"{title}\n{d['text']}" if title else d["text"]
     queries = {str(q["_id"]): q["text"] for _, q in _jsonl(folder / "queries.jsonl", ("_id", "text"))}
-    qrels: dict[str, dict[str, int]] = {}
     qrels_path = folder / "qrels" / f"{split}.tsv"
-    for line_no, line in read_lines(qrels_path, "qrels file"):
-        parts = line.split("\t")
-        if line_no == 1 and not parts[-1].lstrip("-").isdigit():
-            continue  # header
-        if len(parts) != 3 or not parts[2].lstrip("-").isdigit():
-            raise UserError(f"{qrels_path}:{line_no}: expected `query-id<TAB>corpus-id<TAB>score`")
-        qid, did, grade = parts
-        if did not in corpus:
-            raise UserError(f"{qrels_path}:{line_no}: corpus id {did!r} is not in corpus.jsonl")
-        qrels.setdefault(qid, {})[did] = int(grade)
+    qrels = read_qrels(qrels_path, corpus)
     unknown = sorted(set(qrels) - set(queries))
     if unknown:
         raise UserError(f"{qrels_path}: query ids not in queries.jsonl: {unknown[:5]}")
