@@ -35,9 +35,22 @@ def tokenizer_dir(tmp_path_factory, shared_data) -> Path:
 
 
 @pytest.fixture(scope="session")
+def released_prompt(tokenizer_dir):
+    """The released preset's PromptTokens under the test tokenizer (its tokens added)."""
+    from llara_dist.config import ObjectiveConfig
+    from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
+    from llara_dist.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    preset = resolve_preset(ObjectiveConfig(preset="released"))
+    add_special_tokens(tok, preset)
+    return prompt_tokens(tok, preset)
+
+
+@pytest.fixture(scope="session")
 def wikitext_shards(tmp_path_factory, tokenizer_dir, shared_data) -> Path:
     """WikiText under the 2000-token test tokenizer, 5 shards of 100 documents (the last smaller).
-    Shared by the session: copy it before changing it."""
+    Shared by every test: copy it before changing it."""
     from llara_dist.data.prep import PrepSettings, prep
 
     out = tmp_path_factory.mktemp("integrity") / "shards"

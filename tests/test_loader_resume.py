@@ -11,21 +11,11 @@ from dataclasses import fields
 import pytest
 import torch
 
-from llara_dist.config import DataConfig, ObjectiveConfig
+from llara_dist.config import DataConfig
 from llara_dist.data.batch import PackedBatch
 from llara_dist.data.loader import PackedLoader, _InSlot, _jsonable, _Slots
-from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
-from llara_dist.tokenizer import load_tokenizer
 
 K, M = 7, 9  # batches before the save, batches compared after it (both cross an epoch)
-
-
-@pytest.fixture(scope="module")
-def prompt(tokenizer_dir):
-    tok = load_tokenizer(tokenizer_dir)
-    preset = resolve_preset(ObjectiveConfig(preset="released"))
-    add_special_tokens(tok, preset)
-    return prompt_tokens(tok, preset)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +47,9 @@ def assert_same(a: PackedBatch, b: PackedBatch) -> None:
 
 
 @pytest.mark.parametrize("workers,world,rank", [(0, 1, 0), (2, 1, 0), (0, 2, 0), (0, 2, 1), (2, 2, 1)])
-def test_resume_gives_the_same_next_batches(folder, prompt, workers, world, rank):
+def test_resume_gives_the_same_next_batches(folder, released_prompt, workers, world, rank):
     def loader():
-        return make(folder, prompt, workers=workers, world=world, rank=rank)
+        return make(folder, released_prompt, workers=workers, world=world, rank=rank)
 
     straight = loader()
     expected = take(straight, K + M)
@@ -83,7 +73,7 @@ def test_resume_gives_the_same_next_batches(folder, prompt, workers, world, rank
 
 
 @pytest.mark.parametrize("slots", ["shared", "too small", "no shared memory"])
-def test_worker_hand_over_changes_nothing(folder, prompt, monkeypatch, slots):
+def test_worker_hand_over_changes_nothing(folder, released_prompt, monkeypatch, slots):
     """One worker reads as reader 0 of 1, as the main process does with none: the same batches and
     cursors, whether they come through the shared-memory slots or (slots too small, or none to be
     had) the queue."""
@@ -93,8 +83,8 @@ def test_worker_hand_over_changes_nothing(folder, prompt, monkeypatch, slots):
         def full(self):
             raise RuntimeError("unable to write to file </torch_1_2_3>: No space left on device (28)")
         monkeypatch.setattr(torch.Tensor, "share_memory_", full)
-    in_process = take(make(folder, prompt, workers=0), K + M)
-    worker = make(folder, prompt, workers=1)
+    in_process = take(make(folder, released_prompt, workers=0), K + M)
+    worker = make(folder, released_prompt, workers=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = take(worker, K + M)
@@ -105,10 +95,10 @@ def test_worker_hand_over_changes_nothing(folder, prompt, monkeypatch, slots):
     assert max(b.cursor["epoch"] for b in in_process) >= 1
 
 
-def test_slot_reuse_beyond_the_prefetch_is_an_error(folder, prompt):
+def test_slot_reuse_beyond_the_prefetch_is_an_error(folder, released_prompt):
     """A slot rewritten before the trainer copied it out (more batches in flight than the slots)
     is refused, never read as a mix of two batches."""
-    batches = take(make(folder, prompt), _Slots.COUNT + 1)
+    batches = take(make(folder, released_prompt), _Slots.COUNT + 1)
     slots = _Slots(1 << 16)
     sent = [slots.put(b) for b in batches]  # the last one overwrites the first one's slot
     assert all(isinstance(item, _InSlot) for item in sent)
@@ -117,28 +107,28 @@ def test_slot_reuse_beyond_the_prefetch_is_an_error(folder, prompt):
         slots.take(sent[0])
 
 
-def test_cursor_from_another_setup_refused(folder, prompt):
-    loader = make(folder, prompt, world=2, rank=0)
+def test_cursor_from_another_setup_refused(folder, released_prompt):
+    loader = make(folder, released_prompt, world=2, rank=0)
     take(loader, 2)
     state = loader.state_dict()
     with pytest.raises(ValueError) as e:
-        make(folder, prompt, world=1, rank=0).load_state_dict(state)
+        make(folder, released_prompt, world=1, rank=0).load_state_dict(state)
     msg = str(e.value)
     assert "world 2 -> 1" in msg and "data.reset_cursor=true" in msg and "not re-split" in msg
 
-    workers = make(folder, prompt, workers=2, world=1)
+    workers = make(folder, released_prompt, workers=2, world=1)
     take(workers, 1)
     with pytest.raises(ValueError, match=r"num_workers 2 -> 0.*data\.reset_cursor=true"):
-        make(folder, prompt, workers=0, world=1).load_state_dict(workers.state_dict())
+        make(folder, released_prompt, workers=0, world=1).load_state_dict(workers.state_dict())
 
-    reset = make(folder, prompt, world=1, rank=0, reset_cursor=True)
+    reset = make(folder, released_prompt, world=1, rank=0, reset_cursor=True)
     reset.load_state_dict(state)  # ignored: the data order starts afresh
-    assert_same(take(reset, 1)[0], take(make(folder, prompt, world=1), 1)[0])
+    assert_same(take(reset, 1)[0], take(make(folder, released_prompt, world=1), 1)[0])
 
 
-def test_every_document_once_per_epoch_across_readers(folder, prompt, wiki_docs):
+def test_every_document_once_per_epoch_across_readers(folder, released_prompt, wiki_docs):
     """Two ranks x two workers; one document per row so the consumed order is the read order."""
-    loaders = [make(folder, prompt, workers=2, world=2, rank=r, micro_batch=1, pack_buffer=1) for r in (0, 1)]
+    loaders = [make(folder, released_prompt, workers=2, world=2, rank=r, micro_batch=1, pack_buffer=1) for r in (0, 1)]
     its = [iter(lo) for lo in loaders]
     epoch0, epochs = [], {}
     while len(epochs) < 4 or min(epochs.values()) < 1:
@@ -152,9 +142,9 @@ def test_every_document_once_per_epoch_across_readers(folder, prompt, wiki_docs)
     assert sorted(epoch0) == sorted(k for k, *_ in wiki_docs[:30])
 
 
-def test_too_few_shards_refused(folder, prompt):
+def test_too_few_shards_refused(folder, released_prompt):
     with pytest.raises(ValueError, match=r"6 shard\(s\) for 8 readers"):
-        make(folder, prompt, workers=4, world=2)
+        make(folder, released_prompt, workers=4, world=2)
 
 
 def test_bench_data_prints_one_json_line(folder, tokenizer_dir, capsys):

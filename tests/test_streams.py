@@ -8,21 +8,11 @@ import itertools
 
 import pytest
 
-from llara_dist.config import DataConfig, ObjectiveConfig
+from llara_dist.config import DataConfig
 from llara_dist.data.loader import PackedLoader
 from llara_dist.errors import UserError
-from llara_dist.prompts import add_special_tokens, prompt_tokens, resolve_preset
-from llara_dist.tokenizer import load_tokenizer
 
 STREAMS, GLOBAL_BATCH, MICRO_BATCH = 4, 8, 1  # each stream gives 2 micro-batches a step
-
-
-@pytest.fixture(scope="module")
-def prompt(tokenizer_dir):
-    tok = load_tokenizer(tokenizer_dir)
-    preset = resolve_preset(ObjectiveConfig(preset="released"))
-    add_special_tokens(tok, preset)
-    return prompt_tokens(tok, preset)
 
 
 @pytest.fixture(scope="module")
@@ -55,46 +45,46 @@ def run(folder, prompt, world: int, workers: int, steps: int, states=None):
     return out, saved
 
 
-def test_the_steps_do_not_depend_on_ranks_or_workers(folder, prompt):
-    reference, _ = run(folder, prompt, 2, 0, 10)
+def test_the_steps_do_not_depend_on_ranks_or_workers(folder, released_prompt):
+    reference, _ = run(folder, released_prompt, 2, 0, 10)
     assert all(len(step) == GLOBAL_BATCH // MICRO_BATCH for step in reference)
     assert len({key for step in reference for keys, _ in step for key in keys}) == 40  # every document, epochs on
     for world, workers in ((1, 0), (1, 2), (4, 1)):
-        assert run(folder, prompt, world, workers, 10)[0] == reference, (world, workers)
+        assert run(folder, released_prompt, world, workers, 10)[0] == reference, (world, workers)
 
 
-def test_cursors_saved_at_one_world_size_resume_at_another(folder, prompt):
-    reference, _ = run(folder, prompt, 2, 0, 10)
-    first, states = run(folder, prompt, 2, 2, 4)
+def test_cursors_saved_at_one_world_size_resume_at_another(folder, released_prompt):
+    reference, _ = run(folder, released_prompt, 2, 0, 10)
+    first, states = run(folder, released_prompt, 2, 2, 4)
     assert first == reference[:4]
-    on_one, _ = run(folder, prompt, 1, 2, 6, states)  # a node gone: 2 ranks -> 1
+    on_one, _ = run(folder, released_prompt, 1, 2, 6, states)  # a node gone: 2 ranks -> 1
     assert on_one == reference[4:]
-    on_four, states4 = run(folder, prompt, 4, 0, 3, states)  # more nodes: 2 ranks -> 4
+    on_four, states4 = run(folder, released_prompt, 4, 0, 3, states)  # more nodes: 2 ranks -> 4
     assert on_four == reference[4:7]
-    back, _ = run(folder, prompt, 1, 0, 3, states4)  # and down again: 4 -> 1
+    back, _ = run(folder, released_prompt, 1, 0, 3, states4)  # and down again: 4 -> 1
     assert back == reference[7:]
 
 
-def test_splits_that_cannot_work_are_refused_with_their_arithmetic(folder, prompt):
+def test_splits_that_cannot_work_are_refused_with_their_arithmetic(folder, released_prompt):
     with pytest.raises(UserError, match=r"data\.streams=4 cannot be shared evenly by 3 ranks"):
-        loaders(folder, prompt, 3, 0, global_batch=12)
+        loaders(folder, released_prompt, 3, 0, global_batch=12)
     with pytest.raises(UserError, match=r"2 streams, which its data\.num_workers=3 DataLoader workers cannot share"):
-        loaders(folder, prompt, 2, 3)
+        loaders(folder, released_prompt, 2, 3)
     with pytest.raises(UserError, match=r"global_batch must be a multiple of 4 x 1 = 4"):
-        loaders(folder, prompt, 2, 0, global_batch=6)
+        loaders(folder, released_prompt, 2, 0, global_batch=6)
     with pytest.raises(UserError, match=r"8 shard\(s\) for 16 readers"):
-        loaders(folder, prompt, 1, 0, global_batch=16, streams=16)
+        loaders(folder, released_prompt, 1, 0, global_batch=16, streams=16)
 
 
-def test_a_stream_cursor_is_saved_at_step_boundaries_only_and_needs_every_rank(folder, prompt):
-    loader = loaders(folder, prompt, 2, 0)[0]
+def test_a_stream_cursor_is_saved_at_step_boundaries_only_and_needs_every_rank(folder, released_prompt):
+    loader = loaders(folder, released_prompt, 2, 0)[0]
     it = iter(loader)
     next(it)  # 1 of the rank's 4 micro-batches of the step
     with pytest.raises(RuntimeError, match="step boundary"):
         loader.state_dict()
     it.close()
-    _, states = run(folder, prompt, 2, 0, 1)
+    _, states = run(folder, released_prompt, 2, 0, 1)
     with pytest.raises(UserError, match=r"no saved cursor of stream\(s\) \[1, 3\]"):
-        loaders(folder, prompt, 1, 0)[0].load_state_dict(states[:1])  # rank 1's streams are missing
+        loaders(folder, released_prompt, 1, 0)[0].load_state_dict(states[:1])  # rank 1's streams are missing
     with pytest.raises(UserError, match="global_batch 8 -> 16"):
-        loaders(folder, prompt, 1, 0, global_batch=16)[0].load_state_dict(states)
+        loaders(folder, released_prompt, 1, 0, global_batch=16)[0].load_state_dict(states)

@@ -37,9 +37,13 @@ class Packer:
     def full(self) -> bool:
         return len(self._docs) >= self.capacity
 
+    def cost(self, doc: Doc) -> int:
+        """Tokens of a row the document takes: its text, cut to fit, and the prompts."""
+        return min(len(doc.ids), self.max_text) + self.overhead
+
     def add(self, doc: Doc) -> None:
         self._docs.append(doc)
-        self._costs.append(min(len(doc.ids), self.max_text) + self.overhead)
+        self._costs.append(self.cost(doc))
 
     def pop_row(self) -> list[Doc]:
         """The next row: the oldest document, then the subset of the others that fills it best."""

@@ -57,7 +57,7 @@ def encode_packed(model, tokenizer, preset: Preset, texts: list[str], kind: str 
     rows: list[list[Doc]] = []
 
     def flush():
-        seq_len = max(sum(min(len(d.ids), packer.max_text) + prompt.overhead for d in r) for r in rows)
+        seq_len = max(sum(packer.cost(d) for d in r) for r in rows)
         batch = build_batch(rows, prompt, seq_len, pad_id(tokenizer)).to(device)
         out[[int(k) for k in batch.keys]] = embed_batch(model, batch, kind, preset).cpu()
         rows.clear()

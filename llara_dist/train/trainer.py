@@ -61,8 +61,7 @@ def start(args, config_cls, task_cls, command: str) -> int:
     if env.rank == 0:
         for caveat in caveats(cfg):
             print(f"llara-dist {command}: warning: {caveat}", file=sys.stderr)
-    check_resume(cfg, plan)
-    universal_checkpoint(cfg, plan, env.rank)
+    universal_checkpoint(cfg, plan, env.rank, check_resume(cfg, plan))
     task = task_cls(cfg, plan)  # may read and check its data
     from llara_dist.train.distributed import init_distributed
 
@@ -120,12 +119,13 @@ def checkpoints(cfg: RunConfig, rank: int = 0):
     return CheckpointManager(Path(cfg.run_dir) / "checkpoints", cfg.train.keep_checkpoints, rank)
 
 
-def check_resume(cfg: RunConfig, plan: BatchPlan) -> None:
-    """Refuse to resume a checkpoint written with another world size, global batch or ZeRO stage."""
+def check_resume(cfg: RunConfig, plan: BatchPlan) -> int | None:
+    """Refuse to resume a checkpoint this start cannot take up (another global batch or ZeRO stage; another
+    world size without logical data streams); the number of ranks that wrote it (None: a fresh run)."""
     manager = checkpoints(cfg)
     tag = manager.latest()
     if tag is None:
-        return
+        return None
     loop = manager.read_loop_state(tag, rank=0)
     stage = loop["config"]["train"].get("zero_stage", 3)  # checkpoints from before train.zero_stage: ZeRO-3
     if stage != cfg.train.zero_stage:
@@ -148,25 +148,19 @@ def check_resume(cfg: RunConfig, plan: BatchPlan) -> None:
                "the data order")
         raise UserError(f"{written}; this start has {plan.world} rank(s): {how}; start {saved['world']} rank(s), "
                         f"or use a new run_dir")
+    return saved["world"]
 
 
-def saved_world(cfg) -> int | None:
-    """The number of ranks that wrote the checkpoint a start resumes from (None: a fresh run)."""
-    manager = checkpoints(cfg)
-    tag = manager.latest()
-    return None if tag is None else manager.read_loop_state(tag, rank=0)["plan"]["world"]
-
-
-def universal_checkpoint(cfg, plan: BatchPlan, rank: int) -> None:
+def universal_checkpoint(cfg, plan: BatchPlan, rank: int, saved_world: int | None) -> None:
     """Resuming on another world size: the latest checkpoint in DeepSpeed's universal layout. Rank 0
     converts it (once; `llara-dist convert-checkpoint` may have done it ahead) while the others wait for
     the folder, before any process group (a conversion of a large model outlasts a collective's timeout)."""
     import time
 
+    if saved_world is None or saved_world == plan.world:
+        return
     manager = checkpoints(cfg, rank)
     tag = manager.latest()
-    if tag is None or saved_world(cfg) == plan.world:
-        return
     if rank == 0:
         print(f"llara-dist: converting {manager.folder / tag} for {plan.world} rank(s) (DeepSpeed universal "
               f"checkpoint)", file=sys.stderr)
