@@ -43,11 +43,12 @@ def cluster():
         subprocess.run([str(CLUSTER), "down"], capture_output=True, timeout=120)
 
 
-def submit(env: dict, out: Path, cmd: str, extra_env: dict | None = None, args: list[str] = ()) -> str:
+def submit(env: dict, out: Path, cmd: str, extra_env: dict | None = None, args: list[str] = (),
+           size: list[str] = SIZE) -> str:
     # the job inherits this environment: the virtualenv's tools first on PATH, as when it is active
     path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     run_env = dict(env, PATH=path, CMD=cmd, DS_ACCELERATOR="cpu", **(extra_env or {}))
-    res = subprocess.run(["sbatch", "--parsable", *SIZE, f"--output={out}", f"--chdir={ROOT}", str(SBATCH), *args],
+    res = subprocess.run(["sbatch", "--parsable", *size, f"--output={out}", f"--chdir={ROOT}", str(SBATCH), *args],
                          env=run_env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, f"sbatch failed: {res.stderr}"
     return res.stdout.strip().split(";")[0]
@@ -171,6 +172,44 @@ def test_trainer_preempted_requeued_resumes_to_same_loss(cluster, tmp_path, tiny
     assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
     assert got[STEPS] == want[STEPS]  # the same final loss, and every step on the way:
     assert got == want
+
+
+def test_requeued_on_fewer_nodes_resumes_by_itself(cluster, tmp_path, tiny_run):
+    """A 2-node job loses a node: the node is drained, USR1 comes, the job saves and requeues itself, and
+    as it cannot get 2 nodes any more it is shrunk to the 1 left (scontrol update, as an operator or a
+    watchdog does). The trainer converts the checkpoint for 1 rank by itself and goes on with the same
+    global batches (data.streams): the losses those of an uninterrupted 2-node run within fp32
+    summation order."""
+    cmd = f"{sys.executable} -u -m llara_dist train --config {tiny_run} data.streams=4"
+    ref_out, pre_out = tmp_path / "reference.log", tmp_path / "elastic.log"
+    ref_dir, pre_dir = tmp_path / "reference", tmp_path / "elastic"
+    ref = submit(cluster, ref_out, cmd, args=[f"run_dir={ref_dir}"])
+    pre = submit(cluster, pre_out, cmd + f" train.steps=$((${{SLURM_RESTART_COUNT:-0}} > 0 ? {STEPS} : 100000))",
+                 args=[f"run_dir={pre_dir}"])
+    try:
+        wait_until(lambda: len(metrics(pre_dir)) >= 3, 180, "3 training steps", cluster, pre, pre_out)
+        subprocess.run(["scontrol", "update", "nodename=node2", "state=drain", "reason=leaving"],
+                       env=cluster, check=True, timeout=30)
+        subprocess.run(["scancel", "--signal=USR1", "--full", pre], env=cluster, check=True, timeout=30)
+        wait_until(lambda: job(cluster, pre).get("Restarts") == "1" and job(cluster, pre)["JobState"] == "PENDING",
+                   120, "requeue", cluster, pre, pre_out)
+        subprocess.run(["scontrol", "update", f"jobid={pre}", "NumNodes=1-1", "NumTasks=1", "NumCPUs=1"],
+                       env=cluster, check=True, timeout=30)
+        wait_until(lambda: finished(cluster, pre), 240, "resume on 1 node and finish", cluster, pre, pre_out)
+        wait_until(lambda: finished(cluster, ref), 120, "finish", cluster, ref, ref_out)
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], env=cluster, capture_output=True,
+                       timeout=30)
+    log = pre_out.read_text()
+    assert job(cluster, ref)["JobState"] == "COMPLETED", ref_out.read_text()
+    assert job(cluster, pre)["JobState"] == "COMPLETED" and job(cluster, pre)["Restarts"] == "1", log
+    assert re.search(r"restart 0: 2 nodes, 2 tasks", log) and re.search(r"restart 1: 1 nodes, 1 tasks", log), log
+    step = int(re.search(r"saved step (\d+), exiting with 42", log).group(1))
+    assert f"at step {step}: world 2 -> 1, grad accumulation 2 -> 4; the same 4-row global batches continue" in log
+    want, got = metrics(ref_dir), metrics(pre_dir)
+    assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
+    assert [got[k] for k in range(1, step + 1)] == [want[k] for k in range(1, step + 1)]  # the 2-node steps
+    assert [got[k] for k in want] == pytest.approx([want[k] for k in want], rel=1e-5)
 
 
 def test_dead_rank_ends_the_job_without_requeue(cluster, tmp_path):

@@ -21,24 +21,30 @@ def folder(tmp_path_factory, wiki_docs, write_test_shards):
     return write_test_shards(tmp_path_factory.mktemp("shards"), wiki_docs[:40], 8)
 
 
-def loaders(folder, prompt, world: int, workers: int, global_batch=GLOBAL_BATCH, streams=STREAMS):
+def loaders(folder, prompt, world: int, workers: int, global_batch=GLOBAL_BATCH, streams=STREAMS,
+            micro_batch=MICRO_BATCH):
     cfg = DataConfig(shards=str(folder), seq_len=256, num_workers=workers, pack_buffer=6, seed=7, streams=streams)
-    return [PackedLoader(cfg, prompt, micro_batch=MICRO_BATCH, rank=r, world=world, pad_id=3, drop_ids=(0, 1, 2, 3),
+    return [PackedLoader(cfg, prompt, micro_batch=micro_batch, rank=r, world=world, pad_id=3, drop_ids=(0, 1, 2, 3),
                          global_batch=global_batch) for r in range(world)]
 
 
-def run(folder, prompt, world: int, workers: int, steps: int, states=None):
-    """(per step, the sorted micro-batches of all ranks as (document keys, token ids)), the ranks' states."""
-    ranks = loaders(folder, prompt, world, workers)
+def run(folder, prompt, world: int, workers: int, steps: int, states=None, micro_batch=MICRO_BATCH):
+    """(per step, the sorted micro-batches of all ranks as (document keys, token ids)), the ranks' states.
+    With micro-batches of several rows, each row counts as a micro-batch of its own (its token ids; the
+    keys of the whole micro-batch), so that splits of the same rows into micro-batches compare."""
+    ranks = loaders(folder, prompt, world, workers, micro_batch=micro_batch)
     for loader in ranks:
         if states is not None:
             loader.load_state_dict(states)
     its = [iter(loader) for loader in ranks]
-    per_rank = GLOBAL_BATCH // (world * MICRO_BATCH)
+    per_rank = GLOBAL_BATCH // (world * micro_batch)
     out = []
     for _ in range(steps):
-        out.append(sorted((tuple(b.keys), b.input_ids.flatten().tolist())
-                          for it in its for b in itertools.islice(it, per_rank)))
+        batches = [b for it in its for b in itertools.islice(it, per_rank)]
+        if micro_batch == 1:
+            out.append(sorted((tuple(b.keys), b.input_ids.flatten().tolist()) for b in batches))
+        else:
+            out.append(sorted(row.tolist() for b in batches for row in b.input_ids))
     saved = [loader.state_dict() for loader in ranks]
     for it in its:
         it.close()
@@ -63,6 +69,10 @@ def test_cursors_saved_at_one_world_size_resume_at_another(folder, released_prom
     assert on_four == reference[4:7]
     back, _ = run(folder, released_prompt, 1, 0, 3, states4)  # and down again: 4 -> 1
     assert back == reference[7:]
+    # the micro-batch too: the same rows a step, split 4 x 2 instead of 8 x 1
+    rows = [sorted(ids for _, ids in step) for step in reference]
+    assert run(folder, released_prompt, 1, 2, 6, states, micro_batch=2)[0] == rows[4:]
+    assert run(folder, released_prompt, 2, 0, 3, states4, micro_batch=2)[0] == rows[7:]
 
 
 def test_splits_that_cannot_work_are_refused_with_their_arithmetic(folder, released_prompt):

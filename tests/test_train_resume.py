@@ -98,35 +98,66 @@ def test_preempt_and_resume_equal_uninterrupted(train_setup, tmp_path, rendezvou
     assert f"written with train.zero_stage={stage}, and this start has train.zero_stage={5 - stage}" in log_text(ref)
 
 
+def step_keys(run_dir: Path) -> dict:
+    """{step: the sorted document keys of all ranks}: the ledgers of every rank file in the folder (after
+    world-size changes, ranks that existed for some steps only)."""
+    out: dict = {}
+    for path in sorted(run_dir.glob("ledger-rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            out.setdefault(rec["step"], []).extend(rec["keys"])
+    return {step: sorted(keys) for step, keys in sorted(out.items())}
+
+
 @pytest.mark.parametrize("stage", [3, 2])
 def test_resume_on_another_world_size(train_setup, tmp_path, rendezvous, stage):
-    """With logical data streams, a run preempted on 2 ranks goes on on 1: the same global batches (each
-    step's loss within fp32 summation order of the uninterrupted run's), the model and optimizer state
-    carried over through DeepSpeed's universal checkpoint, converted by itself at the start."""
-    root, _ = train_setup
-    settings = ("data.streams=4", "train.steps=6", "train.ckpt_every=100", f"train.zero_stage={stage}",
+    """With logical data streams, a preempted run goes on on another number of ranks, micro-batch and
+    worker count: the same global batches (each step's loss within fp32 summation order of the
+    uninterrupted run's), the model and optimizer state carried over through DeepSpeed's universal
+    checkpoint, converted by itself at the start. ZeRO-3: 2 ranks -> 4 (micro-batch 2 -> 1) -> 1 (2
+    DataLoader workers); ZeRO-2: 2 ranks -> 1."""
+    root, keys = train_setup
+    settings = ("--ledger", "data.streams=4", "train.steps=6", "train.ckpt_every=100", f"train.zero_stage={stage}",
                 # ZeRO-3: several optimizer sub-groups per rank, as a 7B model has on few ranks
                 "train.deepspeed={zero_optimization: {sub_group_size: 20000}}" if stage == 3 else "train.seed=0")
     ref = tmp_path / "ref"
     assert wait(launch(root, ref, 2, *settings, env=rendezvous())) == [0, 0], log_text(ref)
     run = tmp_path / "elastic"
-    procs = launch(root, run, 2, *settings, env=rendezvous(), rank_env={0: {PREEMPT_AT_STEP_ENV: "3"}})
+    stop = "2" if stage == 3 else "3"
+    procs = launch(root, run, 2, *settings, env=rendezvous(), rank_env={0: {PREEMPT_AT_STEP_ENV: stop}})
     assert wait(procs) == [PREEMPTED_EXIT, PREEMPTED_EXIT], log_text(run)
-    assert wait(launch(root, run, 1, *settings)) == [0], log_text(run)
-    assert ("at step 3: world 2 -> 1, grad accumulation 2 -> 4; the same 8-row global batches continue"
-            in log_text(run)), log_text(run)
-    assert (run / "checkpoints" / "step00000003.universal").is_dir()
+    if stage == 3:
+        procs = launch(root, run, 4, *settings, "train.micro_batch=1", env=rendezvous(),
+                       rank_env={3: {PREEMPT_AT_STEP_ENV: "4"}})
+        assert wait(procs) == [PREEMPTED_EXIT] * 4, log_text(run)
+        assert ("at step 2: world 2 -> 4, micro-batch 2 -> 1; the same 8-row global batches continue"
+                in log_text(run)), log_text(run)
+        assert wait(launch(root, run, 1, *settings, "data.num_workers=2")) == [0], log_text(run)
+        assert ("at step 4: world 4 -> 1, micro-batch 1 -> 2, grad accumulation 2 -> 4; the same 8-row global "
+                "batches continue" in log_text(run)), log_text(run)
+        assert (run / "checkpoints" / "step00000004.universal").is_dir()
+    else:
+        assert wait(launch(root, run, 1, *settings)) == [0], log_text(run)
+        assert ("at step 3: world 2 -> 1, grad accumulation 2 -> 4; the same 8-row global batches continue"
+                in log_text(run)), log_text(run)
+        assert (run / "checkpoints" / "step00000003.universal").is_dir()
     got, want = metrics(run), metrics(ref)
     assert [m["step"] for m in got] == list(range(1, 7))
     assert [m["docs"] for m in got] == [m["docs"] for m in want]
     for g, w in zip(got, want):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), (g["step"], g["loss"], w["loss"])
-    assert got[:3] == [{**w, **{k: g[k] for k in ("time", "elapsed_s", "step_s", "tokens_per_s", "mfu")}}
-                       for g, w in zip(got[:3], want[:3])]  # the 2-rank steps: the same run
+    first = int(stop)
+    assert got[:first] == [{**w, **{k: g[k] for k in ("time", "elapsed_s", "step_s", "tokens_per_s", "mfu")}}
+                           for g, w in zip(got[:first], want[:first])]  # the 2-rank steps: the same run
     w_run, w_ref = final_weights(run), final_weights(ref)
     assert w_run.keys() == w_ref.keys()
     for name in w_ref:
         torch.testing.assert_close(w_run[name], w_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the ledger: every step's documents those of the uninterrupted run, and so every document of the
+    # first epoch once, whatever served it
+    assert step_keys(run) == step_keys(ref)
+    counts = Counter(k for ks in step_keys(run).values() for k in ks)
+    assert set(counts) == set(keys) and max(counts.values()) - min(counts.values()) <= 1
 
     if stage == 2:
         return

@@ -275,9 +275,9 @@ class PackedLoader:
 
     def _setup(self) -> dict:
         """What a cursor is tied to."""
-        if self.plan.streams:
-            return {"streams": self.cfg.streams, "global_batch": self.global_batch, "micro_batch": self.micro_batch,
-                    "seed": self.cfg.seed, "manifest": self.shards.fingerprint}
+        if self.plan.streams:  # a stream packs row by row: its cursor at a step boundary is free of the micro-batch
+            return {"streams": self.cfg.streams, "global_batch": self.global_batch, "seed": self.cfg.seed,
+                    "manifest": self.shards.fingerprint}
         return {"world": self.world, "rank": self.rank, "num_workers": self.cfg.num_workers,
                 "seed": self.cfg.seed, "manifest": self.shards.fingerprint}
 
@@ -354,12 +354,12 @@ class PackedLoader:
 
     def _load_streams(self, states: list[dict]) -> None:
         saved, now = states[0]["setup"], self._setup()
-        diff = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in set(now) | set(saved) if saved.get(k) != now.get(k)]
+        diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
         if diff:
             raise UserError(
-                "data cursor: saved under another data setup (" + ", ".join(sorted(diff)) + "); with logical "
-                "streams the world size and worker count may change, not the streams, the global batch, the "
-                "micro-batch, the seed or the manifest. Resume with the saved ones, or set "
+                "data cursor: saved under another data setup (" + ", ".join(diff) + "); with logical "
+                "streams the world size, worker count and micro-batch may change, not the streams, the global "
+                "batch, the seed or the manifest. Resume with the saved ones, or set "
                 "data.reset_cursor=true to restart the data order from the beginning")
         cursors = {int(s): c for state in states for s, c in state["streams"].items()}
         missing = [s for s in self._cursors if s not in cursors]
