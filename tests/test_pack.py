@@ -98,7 +98,9 @@ def test_fill_on_real_passages(wiki_docs, prompt_and_tok):
 
 
 def test_state_round_trip():
-    docs = synthetic(200, 120, seed=2)
+    # some documents carry a stored EBAE set (prep's target options), which the state keeps too
+    docs = [Doc(d.key, d.ids, d.next_set, np.unique(d.ids[:5]) if i % 3 == 0 else None)
+            for i, d in enumerate(synthetic(200, 120, seed=2))]
     straight = pack_all(docs, 256, 20, 12)
     packer, rows = Packer(256, 20, 12), []
     for d in docs[:50]:
@@ -112,7 +114,8 @@ def test_state_round_trip():
     rows += feed_and_drain(fresh, docs[50:])
 
     def flat(rs):
-        return [(d.key, d.ids.tolist(), None if d.next_set is None else d.next_set.tolist()) for r in rs for d in r]
+        return [(d.key, d.ids.tolist(), None if d.next_set is None else d.next_set.tolist(),
+                 None if d.self_set is None else d.self_set.tolist()) for r in rs for d in r]
 
     assert [len(r) for r in rows] == [len(r) for r in straight]
     assert flat(rows) == flat(straight)

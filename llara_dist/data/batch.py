@@ -96,8 +96,9 @@ def build_batch(rows: list[list], prompt: PromptTokens, seq_len: int, pad_id: in
     """Lay out rows of documents (each a list of shards.Doc) into a PackedBatch.
 
     A document's text is cut to `seq_len - prompt.overhead` tokens (the packer counts
-    such cuts). EBAE targets are the unique ids of the visible text, EBAR targets the
-    next chunk's set; ids in `drop_ids` (the tokenizer's special tokens) are dropped.
+    such cuts). EBAE targets are the set prep stored (`Doc.self_set`, under `prep --stop-words`
+    or `--self-tokens`: it does not depend on the cut), else the unique ids of the visible text;
+    EBAR targets the next chunk's set; ids in `drop_ids` (the tokenizer's special tokens) are dropped.
     `pad_id` fills the slots after a row's documents (tokenizer.pad_id gives it): they belong
     to no document, so no real token attends them and no loss reads them.
     """
@@ -153,7 +154,9 @@ def build_batch(rows: list[list], prompt: PromptTokens, seq_len: int, pad_id: in
     self_emb = base[:, None] + (S - k) + np.arange(k)[None, :]
     next_emb = base[:, None] + S + (N - k) + np.arange(k)[None, :]
 
-    ebae_ids, ebae_offsets = _target_sets(texts, drop)
+    # stored sets are sorted and unique already; sorting them again with the texts costs no more
+    ebae_ids, ebae_offsets = _target_sets([t if d.self_set is None else d.self_set for d, t in zip(docs, texts)],
+                                          drop)
     ebar_ids, ebar_offsets = _target_sets(nexts, drop, presorted=True)  # prep stored them sorted, unique
     input_ids, doc, segment, position = map(torch.from_numpy, (input_ids, doc, segment, position))
     return PackedBatch(

@@ -69,15 +69,19 @@ class Packer:
 
     def state(self) -> dict:
         """The buffered documents, oldest first, as flat arrays (cheap to make for every batch):
-        keys, ids (concatenated) and lens, next (concatenated) and next_lens (-1: no next chunk)."""
+        keys, ids (concatenated) and lens, next (concatenated) and next_lens (-1: no next chunk), self
+        and self_lens likewise (-1: no stored EBAE set)."""
         docs = self._docs
         nexts = [d.next_set for d in docs if d.next_set is not None]
+        selves = [d.self_set for d in docs if d.self_set is not None]
         return {
             "keys": [d.key for d in docs],
             "lens": np.array([len(d.ids) for d in docs], dtype=np.int64),
             "ids": np.concatenate([d.ids for d in docs]) if docs else np.zeros(0, np.int32),
             "next_lens": np.array([-1 if d.next_set is None else len(d.next_set) for d in docs], dtype=np.int64),
             "next": np.concatenate(nexts) if nexts else np.zeros(0, np.int32),
+            "self_lens": np.array([-1 if d.self_set is None else len(d.self_set) for d in docs], dtype=np.int64),
+            "self": np.concatenate(selves) if selves else np.zeros(0, np.int32),
         }
 
     def load(self, state: dict) -> None:
@@ -85,8 +89,12 @@ class Packer:
         self._docs.clear()
         self._costs.clear()
         ids, nxt = np.asarray(state["ids"], dtype=np.int32), np.asarray(state["next"], dtype=np.int32)
-        at, next_at = 0, 0
-        for key, n, m in zip(state["keys"], state["lens"], state["next_lens"]):
+        # states saved before stored EBAE sets existed have none
+        own = np.asarray(state.get("self", []), dtype=np.int32)
+        self_lens = state.get("self_lens", [-1] * len(state["keys"]))
+        at, next_at, self_at = 0, 0, 0
+        for key, n, m, k in zip(state["keys"], state["lens"], state["next_lens"], self_lens):
             next_set = None if m < 0 else nxt[next_at:next_at + m]
-            self.add(Doc(key, ids[at:at + n], next_set))
-            at, next_at = at + n, next_at + max(m, 0)
+            self_set = None if k < 0 else own[self_at:self_at + k]
+            self.add(Doc(key, ids[at:at + n], next_set, self_set))
+            at, next_at, self_at = at + n, next_at + max(m, 0), self_at + max(k, 0)

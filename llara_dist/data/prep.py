@@ -4,8 +4,10 @@ Articles are cut into chunks at sentence ends (about --chunk-words words, the ti
 prepended to the first chunk), each chunk is paired with the next chunk of its article
 (the EBAR target; the last chunk has none, and the manifest counts those), everything
 is tokenized once, and the documents go into deterministic tar shards of --shard-docs
-documents each. Re-running on the same input gives byte-identical shards and
-manifest, whatever --workers is. Formats and rules: docs/data-prep.md.
+documents each. The target sets can be made as the released LLaRA code makes them: stop
+words taken out of the target texts before tokenizing (--stop-words), the targets cut to
+their first N tokens (--self-tokens, --next-tokens); see TargetRule. Re-running on the same
+input gives byte-identical shards and manifest, whatever --workers is. Formats and rules: docs/data-prep.md.
 
     # the sample data (tokenizer: any local Hugging Face tokenizer folder)
     llara-dist prep --input ../shared/data/wikitext2_valid.txt --format wikitext \\
@@ -28,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llara_dist.data import shards
+from llara_dist.data import shards, stopwords
 from llara_dist.data.formats import FORMATS, RECHUNKED, Article, Reader, Stats, expand_inputs
 from llara_dist.errors import UserError
 
@@ -59,6 +61,32 @@ class PrepSettings:
     layout: str = "block"  # shards.LAYOUTS
     workers: int = 1
     overwrite: bool = False
+    stop_words: str | None = None  # "nltk-english", a file of words, or None / "none"
+    self_tokens: int | None = None  # EBAE target: the first N tokens of the (filtered) text; None: all
+    next_tokens: int | None = None  # EBAR target: the first N tokens of the (filtered) next chunk; None: all
+
+
+@dataclass(frozen=True)
+class TargetRule:
+    """How prep makes the BoW target sets from the texts.
+
+    Default (nothing set): no `.self` is stored, so the EBAE target is the unique ids of the text the
+    row shows, and `.next` holds the unique ids of the whole next chunk. The released LLaRA code
+    (`--remove_stop_words True --cutoff_len C`) instead tokenizes each target text after taking out
+    punctuation and stop words, and keeps its first C - 1 tokens (C counts its BOS): that is
+    `stop_words=nltk-english, self_tokens=next_tokens=C - 1`. A stored `.self` comes from the whole
+    chunk as prep stores it, so it does not change with the row's cut of the text."""
+
+    stop_words: frozenset[str] | None = None
+    self_tokens: int | None = None
+    next_tokens: int | None = None
+
+    @property
+    def stores_self(self) -> bool:
+        return self.stop_words is not None or self.self_tokens is not None
+
+    def target_texts(self, texts: list[str]) -> list[str]:
+        return texts if self.stop_words is None else [stopwords.filter_text(t, self.stop_words) for t in texts]
 
 
 @dataclass
@@ -93,6 +121,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=shards.LAYOUTS, default="block",
                         help="block: up to 256 documents per tar member (compact); sample: a member per field "
                              "of each document, as earlier versions wrote (default block; llara_dist/data/shards.py)")
+    parser.add_argument("--stop-words", metavar="LIST",
+                        help="take punctuation and stop words out of the target texts before tokenizing them, as "
+                             "the released LLaRA code's --remove_stop_words: nltk-english (NLTK's 179 words), a "
+                             "file of words one per line, or none (default: none; the texts themselves are kept)")
+    parser.add_argument("--self-tokens", type=int, metavar="N",
+                        help="EBAE target: the first N tokens of the chunk (after --stop-words) (default: all)")
+    parser.add_argument("--next-tokens", type=int, metavar="N",
+                        help="EBAR target: the first N tokens of the next chunk (after --stop-words) (default: all); "
+                             "the released code's --cutoff_len C keeps C - 1")
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizing processes (default 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the shards and manifest.json already in --out")
@@ -103,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         inputs=args.input, format=args.format, tokenizer=args.tokenizer, out=args.out,
         chunk_words=args.chunk_words, chunk_tokens=args.chunk_tokens, seq_len=args.seq_len,
         preset=args.preset, min_words=args.min_words, shard_docs=args.shard_docs, layout=args.layout,
-        workers=args.workers, overwrite=args.overwrite)
+        workers=args.workers, overwrite=args.overwrite, stop_words=args.stop_words,
+        self_tokens=args.self_tokens, next_tokens=args.next_tokens)
     print(prep(settings).summary)
     return 0
 
@@ -116,7 +154,7 @@ def _resolve(s: PrepSettings) -> dict:
     for name in ("shard_docs", "workers", "min_words"):
         if getattr(s, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("chunk_words", "chunk_tokens", "seq_len"):
+    for name in ("chunk_words", "chunk_tokens", "seq_len", "self_tokens", "next_tokens"):
         if getattr(s, name) is not None and getattr(s, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
     if s.seq_len is not None and s.chunk_tokens is not None:
@@ -163,12 +201,23 @@ def _resolve(s: PrepSettings) -> dict:
     }
 
 
+def _targets(s: PrepSettings) -> tuple[TargetRule, dict | None]:
+    """The target rule and the manifest's "targets" (None with the defaults: the manifest then
+    reads as before these options existed, which means the same)."""
+    words, listed = stopwords.load(s.stop_words)
+    rule = TargetRule(words, s.self_tokens, s.next_tokens)
+    if rule == TargetRule():
+        return rule, None
+    return rule, {"stop_words": listed, "self_tokens": s.self_tokens, "next_tokens": s.next_tokens,
+                  "self_stored": rule.stores_self}
+
+
 # -- workers -----------------------------------------------------------------------------
 
 _W: dict = {}  # per process: the chunker (and through it the tokenizer)
 
 
-def _init_worker(tokenizer_dir: str, chunking: dict, in_pool: bool, tok=None) -> None:
+def _init_worker(tokenizer_dir: str, chunking: dict, rule: TargetRule, in_pool: bool, tok=None) -> None:
     if in_pool:  # one process per core already; the tokenizer's own threads would fight them
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from llara_dist.data.chunking import Chunker
@@ -180,6 +229,7 @@ def _init_worker(tokenizer_dir: str, chunking: dict, in_pool: bool, tok=None) ->
     # Re-chunked formats: cut by words and/or tokens. The others: chunks as given,
     # cut down only to a token limit (None: kept whole).
     _W["chunker"] = Chunker(words, tokens, tok) if chunking["rechunked"] else Chunker(None, tokens, tok)
+    _W["targets"] = rule
 
 
 @dataclass
@@ -224,16 +274,28 @@ def _process(block: list[tuple[int, Article]]) -> _BlockOut:
         for _, a in block:
             per_article.append(fitted[k:k + len(a.chunks)])
             k += len(a.chunks)
-    next_ids = iter(chunker.encode([a.next_text for _, a in block if a.next_text is not None]))
+    rule: TargetRule = _W["targets"]
+    next_ids = iter(chunker.encode(rule.target_texts([a.next_text for _, a in block if a.next_text is not None])))
+    # the target tokens of every chunk: its own ids, or those of its text without stop words
+    filtered = None if rule.stop_words is None else iter(
+        chunker.encode(rule.target_texts([text for chunks in per_article for text, _ in chunks])))
     for (index, a), chunks in zip(block, per_article):
         arrays = [np.asarray(ids, dtype=shards.ID_DTYPE) for _, ids in chunks]
+        targets = arrays if filtered is None else [np.asarray(next(filtered), dtype=shards.ID_DTYPE) for _ in chunks]
         tail = np.asarray(next(next_ids), dtype=shards.ID_DTYPE) if a.next_text is not None else None
         src = _source_name(a.source)
         for c, ((text, _), arr) in enumerate(zip(chunks, arrays)):
-            nxt = arrays[c + 1] if c + 1 < len(arrays) else tail
+            nxt = targets[c + 1] if c + 1 < len(targets) else tail
+            if nxt is not None and rule.next_tokens is not None:
+                nxt = nxt[:rule.next_tokens]
+            own = targets[c][:rule.self_tokens] if rule.stores_self else None
             line = a.chunk_lines[c] if a.chunk_lines else a.line
+            if (own is not None and not own.size) or (nxt is not None and not nxt.size):
+                # only stop words: that task has no term for this document (as in the released code)
+                out.stats.handled["empty_target_set"] += 1
+                out.stats.first.setdefault("handled.empty_target_set", f"{a.source}:{line}")
             meta = {"article": index, "chunk": c, "source": f"{a.source}:{line}", "title": a.title}
-            out.samples.append(shards.encode_sample(shards.make_key(src, index, c), arr, nxt, text, meta))
+            out.samples.append(shards.encode_sample(shards.make_key(src, index, c), arr, nxt, text, meta, own))
             out.tokens.append(int(arr.size))
             out.no_next.append(nxt is None)
     return out
@@ -252,15 +314,15 @@ def _blocks(reader: Reader):
         yield block
 
 
-def _results(blocks, s: PrepSettings, chunking: dict, tokenizer):
+def _results(blocks, s: PrepSettings, chunking: dict, rule: TargetRule, tokenizer):
     """Block results in block order, from up to `workers` processes, with bounded
     read-ahead (a large corpus is never all in memory)."""
     if s.workers == 1:
-        _init_worker(s.tokenizer, chunking, in_pool=False, tok=tokenizer)
+        _init_worker(s.tokenizer, chunking, rule, in_pool=False, tok=tokenizer)
         yield from map(_process, blocks)
         return
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(s.workers, initializer=_init_worker, initargs=(s.tokenizer, chunking, True)) as pool:
+    with ctx.Pool(s.workers, initializer=_init_worker, initargs=(s.tokenizer, chunking, rule, True)) as pool:
         pending = collections.deque()
         for block in blocks:
             pending.append(pool.apply_async(_process, (block,)))
@@ -354,6 +416,7 @@ def prep(s: PrepSettings, progress: bool | None = None) -> PrepResult:
     if not getattr(tokenizer, "is_fast", False):
         raise PrepError(f"{s.tokenizer}: prep needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}")
     chunking = _resolve(s)
+    rule, targets = _targets(s)
     identity = shards.tokenizer_identity(s.tokenizer, tokenizer)
     out = Path(s.out)
     _prepare_out(out, s.overwrite)
@@ -365,7 +428,7 @@ def prep(s: PrepSettings, progress: bool | None = None) -> PrepResult:
     t_busy = time.monotonic()
     docs = tokens = articles = 0
     try:
-        for res in _results(_blocks(reader), s, chunking, tokenizer):
+        for res in _results(_blocks(reader), s, chunking, rule, tokenizer):
             for sample, n, no_next in zip(res.samples, res.tokens, res.no_next):
                 writer.add(sample, n, no_next)
             docs += len(res.samples)
@@ -403,10 +466,22 @@ def prep(s: PrepSettings, progress: bool | None = None) -> PrepResult:
         "handled": dict(sorted(stats.handled.items())),
         "first_seen": dict(sorted(stats.first.items())),
     }
+    if targets is not None:
+        manifest["targets"] = targets
     shards.write_manifest(out, manifest)
     now = time.monotonic()
     seconds, busy = now - t0, now - t_busy
     return PrepResult(manifest, out, seconds, busy, summary(manifest, out, seconds, busy))
+
+
+def _targets_line(t: dict) -> str:
+    words = t.get("stop_words")
+    stop = f"{words['list']} ({words['words']} words)" if words else "none"
+    ebae = "stored" if t.get("self_stored") else "the text's ids"
+    if t.get("self_tokens"):
+        ebae += f", first {t['self_tokens']} tokens"
+    ebar = f"first {t['next_tokens']} tokens" if t.get("next_tokens") else "all tokens"
+    return f"  targets: stop words {stop}; EBAE {ebae}; EBAR {ebar} of the next chunk"
 
 
 def _counts(c: dict) -> str:
@@ -434,6 +509,7 @@ def summary(manifest: dict, out, seconds: float, busy: float) -> str:
         f"  time: {seconds:.1f} s in all; {busy:.1f} s reading, tokenizing, writing: {rate}",
         f"  chunks: {'re-chunked' if ch['rechunked'] else 'as given'}" + (f", {limits}" if limits else ""),
         f"  docs without EBAR target (last chunk of an article): {m['docs_without_next']:,}",
+    ] + ([_targets_line(m["targets"])] if m.get("targets") else []) + [
         f"  skipped: {detail('skipped')}",
         f"  truncated: {detail('truncated')}",
         f"  handled: {detail('handled')}",

@@ -1,10 +1,12 @@
 """The shard layout, shared by prep (writer) and the stream (reader).
 
-A document (a chunk of an article) has four fields:
+A document (a chunk of an article) has four fields, and a fifth where prep was told to:
 
     ids    text token ids, int32 little-endian (no special tokens)
-    next   EBAR target set: sorted unique int32 ids of the next chunk;
-           absent when the chunk is the last of its article
+    next   EBAR target set: sorted unique int32 ids of the next chunk (or of its first
+           `--next-tokens`, after any `--stop-words`); absent when the chunk is the last of its article
+    self   EBAE target set, sorted unique int32 ids: written only under `--stop-words` or
+           `--self-tokens`; without it the EBAE target is the unique ids of the text the row shows
     txt    the chunk's text, UTF-8 (for audit; never read in training)
     json   {"article", "chunk", "source"}
 
@@ -15,13 +17,16 @@ Layout `block` (what prep writes): up to BLOCK_DOCS documents share one tar memb
 four members per document made a shard of 100-word passages about 3x its payload; a block
 costs one header for hundreds of documents. The member holds BLOCK_MAGIC, the length of a
 JSON index (the documents' keys and each field's byte length per document, -1 for a missing
-`next`), the index, padding to 4 bytes, then each field of every document in turn: all the
-ids, all the next sets, all the texts, all the json.
+`next` or `self`; `self` listed only in blocks that hold one), the index, padding to 4 bytes,
+then each field of every document in turn: all the ids, all the next sets, all the self sets,
+all the texts, all the json.
 
 Layout `sample` (shards of earlier versions, still read; `prep --layout sample` writes it):
 one webdataset sample per document, a member per field: `<key>.ids`, `<key>.next`, ...
 
-Either way the reader sees samples, one dict of field bytes per document (`samples_in`).
+Either way the reader sees samples, one dict of field bytes per document (`samples_in`). The
+two target sets travel together: a reader that asks for `next` gets `self` too, so the
+stream, which asks for the fields training needs, reads the EBAE sets of shards that hold them.
 
 Also here, shared by prep, the stream, train and verify-shards: the manifest's I/O, the
 check of token ids against a vocabulary, and the tokenizer's identity as the manifest
@@ -48,6 +53,7 @@ class Doc:
     key: str
     ids: np.ndarray  # [n] int32 text tokens
     next_set: np.ndarray | None  # [m] int32 sorted unique ids of the next chunk, None if last chunk
+    self_set: np.ndarray | None = None  # [s] int32 sorted unique EBAE target ids, None: the text's own ids
 
     @property
     def has_next(self) -> bool:
@@ -58,8 +64,9 @@ def make_key(source: str, article: int, chunk: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_]', '_', source)}-{article:09d}-{chunk:05d}"
 
 
-def encode_sample(key: str, ids, next_ids, text: str, meta: dict) -> dict:
-    """A document to the bytes of its sample; `next_ids` is the next chunk's tokens or None."""
+def encode_sample(key: str, ids, next_ids, text: str, meta: dict, self_ids=None) -> dict:
+    """A document to the bytes of its sample; `next_ids` is the next chunk's tokens (its EBAR target)
+    or None, `self_ids` its EBAE target tokens where they are not `ids` themselves, else None."""
     sample = {
         "__key__": key,
         "ids": np.asarray(ids, dtype=ID_DTYPE).tobytes(),
@@ -68,10 +75,22 @@ def encode_sample(key: str, ids, next_ids, text: str, meta: dict) -> dict:
     }
     if next_ids is not None:
         sample["next"] = np.unique(np.asarray(next_ids, dtype=ID_DTYPE)).astype(ID_DTYPE).tobytes()
+    if self_ids is not None:
+        sample["self"] = np.unique(np.asarray(self_ids, dtype=ID_DTYPE)).astype(ID_DTYPE).tobytes()
     return sample
 
 
-FIELDS = ("ids", "next", "txt", "json")
+FIELDS = ("ids", "next", "self", "txt", "json")
+# Fields a block's index lists only when one of its documents has them: blocks without them are
+# byte for byte what prep wrote before they existed, and such blocks read as documents without them.
+OPTIONAL = frozenset({"self"})
+
+
+def _with_targets(fields) -> tuple:
+    """`fields`, with `self` where `next` is asked for: the two target sets are read together."""
+    return (*fields, "self") if "next" in fields and "self" not in fields else tuple(fields)
+
+
 BLOCK = "docs"  # the member extension of a block of documents
 BLOCK_MAGIC = b"LLARAD01"
 BLOCK_DOCS = 256
@@ -83,6 +102,8 @@ def encode_block(samples: list[dict]) -> bytes:
     index = {"keys": [s["__key__"] for s in samples]}
     body = []
     for f in FIELDS:
+        if f in OPTIONAL and not any(f in s for s in samples):
+            continue
         index[f] = [len(s[f]) if f in s else -1 for s in samples]
         body += [s[f] for s in samples if f in s]
     head = json.dumps(index, separators=(",", ":")).encode("utf-8")
@@ -94,13 +115,14 @@ def decode_block(payload: bytes, where: str, fields=FIELDS, index_only: bool = F
     """A block member to its samples, with the `fields` asked for (the others are not copied);
     `index_only`: `payload` ends after the index, and the samples hold their keys alone."""
     start = len(BLOCK_MAGIC) + 4
+    fields = _with_targets(fields)
     try:
         if payload[:len(BLOCK_MAGIC)] != BLOCK_MAGIC:
             raise ValueError("not a llara-dist document block")
         head_len = int.from_bytes(payload[len(BLOCK_MAGIC):start], "little")
         index = json.loads(payload[start:start + head_len])
         keys = index["keys"]
-        lengths = {f: index[f] for f in FIELDS}
+        lengths = {f: index[f] if f in index or f not in OPTIONAL else [-1] * len(keys) for f in FIELDS}
         if any(len(v) != len(keys) for v in lengths.values()):
             raise ValueError("its index lists fields of another number of documents")
     except (ValueError, KeyError, TypeError) as e:
@@ -123,6 +145,7 @@ def decode_block(payload: bytes, where: str, fields=FIELDS, index_only: bool = F
 def samples_in(members, where: str, fields=FIELDS) -> list[dict]:
     """The samples, in file order, of a shard's (member name, bytes) in either layout."""
     out, current = [], None
+    fields = _with_targets(fields)
     for name, payload in members:
         key, _, ext = name.partition(".")
         if ext == BLOCK:
@@ -143,11 +166,14 @@ def decode_sample(sample: dict, where: str = "") -> Doc:
     raw = sample.get("ids")
     if raw is None or len(raw) % 4:
         raise UserError(f"{where}: sample {key!r} has no valid .ids member")
-    nxt = sample.get("next")
-    next_set = None if nxt is None or len(nxt) % 4 else np.frombuffer(nxt, dtype=ID_DTYPE)
-    if nxt is not None and (next_set is None or (next_set[1:] <= next_set[:-1]).any()):
-        raise UserError(f"{where}: sample {key!r} has a .next member that is not a sorted set of int32 ids")
-    return Doc(key=key, ids=np.frombuffer(raw, dtype=ID_DTYPE), next_set=next_set)
+    sets = {}
+    for member in ("next", "self"):
+        raw_set = sample.get(member)
+        ids = None if raw_set is None or len(raw_set) % 4 else np.frombuffer(raw_set, dtype=ID_DTYPE)
+        if raw_set is not None and (ids is None or (ids[1:] <= ids[:-1]).any()):
+            raise UserError(f"{where}: sample {key!r} has a .{member} member that is not a sorted set of int32 ids")
+        sets[member] = ids
+    return Doc(key=key, ids=np.frombuffer(raw, dtype=ID_DTYPE), next_set=sets["next"], self_set=sets["self"])
 
 
 SHARD_NAME = re.compile(r"shard-\d{6}\.tar")  # what shard_name gives
@@ -176,6 +202,8 @@ def write_shard(path, samples, layout: str = "block") -> None:
 #   "docs": int, "tokens": int,                 # totals (tokens: text tokens)
 #   "tokenizer": tokenizer_identity(...),       # below
 #   "chunking": {...}, "format": str, "inputs": [...],
+#   "targets": {"stop_words": {...} | None, "self_tokens": int | None, "next_tokens": int | None},
+#                                               # only where prep's target options were given
 #   "skipped": {reason: count}, "truncated": {reason: count}
 # }
 # Manifests from before "bytes", "vocab_sha256" and "special_tokens" are read as they are:
@@ -216,7 +244,7 @@ def out_of_range(docs: list[Doc], vocab_size: int) -> list[tuple[str, str, int]]
     """(key, member, first bad id) of every document whose .ids or .next hold an id outside
     [0, vocab_size). One min and max over the whole list first: a clean shard costs two
     numpy reductions, not two per document."""
-    arrays = [a for d in docs for a in (d.ids, d.next_set) if a is not None and a.size]
+    arrays = [a for d in docs for a in (d.ids, d.next_set, d.self_set) if a is not None and a.size]
     if not arrays:
         return []
     flat = np.concatenate(arrays)
@@ -224,7 +252,7 @@ def out_of_range(docs: list[Doc], vocab_size: int) -> list[tuple[str, str, int]]
         return []
     bad = []
     for d in docs:
-        for member, a in (("ids", d.ids), ("next", d.next_set)):
+        for member, a in (("ids", d.ids), ("next", d.next_set), ("self", d.self_set)):
             if a is not None and a.size and (a.min() < 0 or a.max() >= vocab_size):
                 bad.append((d.key, member, int(a[(a < 0) | (a >= vocab_size)][0])))
                 break
