@@ -10,7 +10,8 @@ Three ways to embed the same texts, in turn, for --rounds rounds:
 Two workloads from the corpus's words: MS MARCO-like passages (60-80 words) and BEIR-like mixed
 lengths (10-400 words, cut at --max-tokens). The model is a random LLaMA of --hidden/--layers
 (on CPU a small one; on a GPU pass 4096/4 for 7B-shaped layers). Prints one JSON line per
-workload and way: docs/s and tokens/s (median of the rounds, with min and max), peak GPU memory.
+workload and way: docs/s and tokens/s (median of the rounds, with min and max), peak GPU memory,
+and for the padded ways the share of their slots that padding takes (the most packing can save).
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ def workloads(corpus: str, n: int, seed: int = 0) -> dict[str, list[str]]:
     return {"msmarco-like": texts(60, 80), "beir-like": texts(10, 400)}
 
 
+def padding_share(lengths: list[int], overhead: int, batch: int, by_length: bool) -> float:
+    """The share of the slots that padding takes when texts of these token counts go one a row, `batch`
+    rows a batch padded to the longest (sorted by length first, or in input order): the most that
+    packing can save against that way (as encode_texts batches, up to sorting by characters)."""
+    rows = [n + overhead for n in (sorted(lengths) if by_length else lengths)]
+    slots = sum(len(rows[i:i + batch]) * max(rows[i:i + batch]) for i in range(0, len(rows), batch))
+    return 1 - sum(rows) / slots
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True)
@@ -56,7 +66,7 @@ def main() -> None:
     from llara_dist.model.decoder import default_device, load_model
     from llara_dist.model.embed import encode, encode_packed
     from llara_dist.model.tiny import tiny_config
-    from llara_dist.prompts import resolve_preset
+    from llara_dist.prompts import prompt_tokens, resolve_preset
     from llara_dist.retrieval.encode import encode_texts
     from llara_dist.tokenizer import load_tokenizer
 
@@ -78,7 +88,11 @@ def main() -> None:
         "padded": lambda t: encode(model, tok, preset, t, "passage", args.max_tokens, batch_size=args.batch),
     }
     for name, texts in workloads(args.corpus, args.docs).items():
-        tokens = sum(min(len(x), args.max_tokens) for x in tok(texts, add_special_tokens=False)["input_ids"])
+        lengths = [min(len(x), args.max_tokens) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+        tokens = sum(lengths)
+        overhead = prompt_tokens(tok, preset).overhead
+        padding = {"sorted-padded": padding_share(lengths, overhead, args.batch, by_length=True),
+                   "padded": padding_share(lengths, overhead, args.batch, by_length=False)}
         seconds = {way: [] for way in ways}
         vectors = {}
         peak = {}
@@ -101,6 +115,7 @@ def main() -> None:
                 "docs_per_s": round(len(texts) / med, 1), "docs_per_s_min": round(len(texts) / max(times), 1),
                 "docs_per_s_max": round(len(texts) / min(times), 1), "tokens_per_s": round(tokens / med),
                 "speedup_vs_sorted_padded": round(statistics.median(seconds["sorted-padded"]) / med, 2),
+                "padding_share": round(padding[way], 3) if way in padding else None,
                 "peak_gib": round(peak[way], 2) if way in peak else None, "max_vector_gap": gap,
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "model": f"llama hidden {args.hidden} x {args.layers} layers", "rounds": args.rounds}), flush=True)
