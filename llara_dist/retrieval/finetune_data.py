@@ -12,11 +12,15 @@ a of a step gives rank r the examples [a x world + r] x micro_batch + [0, micro_
 of the step's global batch: the micro-batches of all ranks at one micro-step form a
 contiguous slice, the set of passages that cross-device negatives score against. The
 cursor (examples consumed, all ranks) is the loader's whole state.
+
+With finetune.grad_cache_chunk = C > 0 a micro-batch also comes as sub-batches of C texts
+(queries, then passages, in the same order), each as long as its own longest text: the
+pieces that GradCache (finetune.grad_cache_backward) runs through the model one at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +70,9 @@ class GroupBatch:
     queries: PackedBatch  # M documents, one per row
     passages: PackedBatch  # M x G documents, one per row, group by group
     keys: list[str]  # the examples' "file:line"
+    # finetune.grad_cache_chunk > 0: the same queries and passages again, in sub-batches of that many texts
+    query_chunks: list[PackedBatch] = field(default_factory=list)
+    passage_chunks: list[PackedBatch] = field(default_factory=list)
 
     @property
     def num_docs(self) -> int:
@@ -114,13 +121,19 @@ class GroupLoader:
 
     def batch(self, numbers) -> GroupBatch:
         groups = [self.group(n) for n in numbers]
-        queries = self._pack([ex.query for ex, _ in groups], self.cfg.query_max_len)
-        passages = self._pack([p for _, ps in groups for p in ps], self.cfg.passage_max_len)
-        return GroupBatch(queries, passages, [ex.key for ex, _ in groups])
+        queries = self._rows([ex.query for ex, _ in groups], self.cfg.query_max_len)
+        passages = self._rows([p for _, ps in groups for p in ps], self.cfg.passage_max_len)
+        chunk = self.cfg.grad_cache_chunk
+        return GroupBatch(self._pack(queries), self._pack(passages), [ex.key for ex, _ in groups],
+                          [self._pack(queries[i:i + chunk]) for i in range(0, len(queries), chunk)] if chunk else [],
+                          [self._pack(passages[i:i + chunk]) for i in range(0, len(passages), chunk)] if chunk else [])
 
-    def _pack(self, texts: list[str], max_len: int) -> PackedBatch:
-        """One text per row, rows as long as the longest (as embed.encode lays them out)."""
+    def _rows(self, texts: list[str], max_len: int) -> list[list[Doc]]:
+        """One text per row (as embed.encode lays them out), cut to max_len tokens."""
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        rows = [[Doc(f"t{i}", np.asarray(x[:max_len], np.int64), None)] for i, x in enumerate(ids)]
+        return [[Doc(f"t{i}", np.asarray(x[:max_len], np.int64), None)] for i, x in enumerate(ids)]
+
+    def _pack(self, rows: list[list[Doc]]) -> PackedBatch:
+        """The rows as long as the longest of them."""
         seq_len = self.prompt.overhead + max(len(r[0].ids) for r in rows)
         return build_batch(rows, self.prompt, seq_len, self.pad_id)
