@@ -38,7 +38,8 @@ def run_bench(device: str, layers: int, extra: list[str], steps: int, out: Path)
     cmd = [sys.executable, str(Path(__file__).with_name("train_bench.py")), "--shape", "host", "--device", device,
            "--layers", str(layers), "--seq-len", str(SEQ_LEN), "--rows", str(ROWS), "--micro-batch", str(MICRO_BATCH),
            "--docs", "dpr", "--paths", "sdpa", "--steps", str(steps), "--no-compare-checkpointing",
-           "--no-compare-fused", "--out", str(out), *extra]
+           "--no-compare-fused", "--no-released-recipe", "--rounds", "1",  # the rounds are this script's own
+           "--out", str(out), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")

@@ -1,4 +1,5 @@
-"""bench/train_bench.py on CPU: its workloads, and one whole run of a tiny shape through the real engine.
+"""bench/train_bench.py on CPU: its workloads, its smoke run (every row, both rounds, a tiny shape through the
+real engines), and its summary's rule on spread.
 
 The report's work is counted here another way: documents, tokens and attention pairs from the
 step's documents and the mask rule, FLOPs from torch's own count over a model of the benchmarked
@@ -63,74 +64,103 @@ def test_workload_layouts_hold_the_same_documents(bench):
     assert sum(b.text_tokens() for b in w.packed) == sum(b.text_tokens() for b in w.padded)
 
 
-def test_tiny_run_reports_equal_work(tmp_path, bench):
+def test_smoke_run_reports_equal_work_and_its_spread(tmp_path, bench):
     from helpers import allowed_pairs, flops_per_token_and_pair
 
     from llara_dist.model.tiny import tiny_llama_config
 
     out = tmp_path / "bench"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "bench" / "train_bench.py"), "--shape", "tiny", "--device", "cpu",
-           "--seq-len", "256", "--rows", "4", "--micro-batch", "2", "--warmup", "0", "--steps", "1",
-           "--compare-fused", "--compare-compiled", "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_bench.py"), "--smoke", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     assert report["device"] == "cpu" and report["table_peak_tflops"] is None and report["matmul_peak_tflops"] > 0
-    assert report["micro_batches"] == 2
+    assert (report["micro_batches"], report["rounds"], report["steps"]) == (2, 2, 2)
     assert [w["docs"] for w in report["workloads"]] == ["dpr", "chunks"]
-    # the tiny shape, its vocabulary with the released preset's 16 tokens: FLOPs per token and per pair
-    # from torch's count of the matmuls a model of that shape runs
+    assert report["recipe_engine_released"]["freed"]  # the recipe's engine is gone before the shared one is built
+    # the tiny shape, its vocabulary with the released preset's 16 tokens: FLOPs per token and per pair from
+    # torch's count of the matmuls a model of that shape runs, the LM head's share per position from the
+    # same count at half the vocabulary
     assert report["shape"] == {"hidden": 128, "heads": 4, "intermediate": 344, "vocab": 2000 + 16, "layers": 2}
-    per_token, per_pair = flops_per_token_and_pair(tiny_llama_config(2016, hidden=128, layers=2, heads=4,
-                                                                     intermediate=344))
+    shape = dict(hidden=128, layers=2, heads=4, intermediate=344)
+    per_token, per_pair = flops_per_token_and_pair(tiny_llama_config(2016, **shape))
+    per_head = 2 * (per_token - flops_per_token_and_pair(tiny_llama_config(1008, **shape))[0])
     prompt = bench.released_prompt(2000)
     for w in report["workloads"]:
         # the step's documents again (the bench's --seed 0), counted from their ids and the mask rule
         step = bench.make_workload(w["docs"], bench.drawn_docs(w["docs"], 2000, 0), prompt, 256, rows=4,
                                    micro_batch=2)
-        text = sum(min(len(d.ids), 256 - prompt.overhead) for d in step.docs)
-        counted = {"docs": len(step.docs), "text_tokens": text, "real_tokens": text + len(step.docs) * prompt.overhead,
-                   "pairs": sum(int(allowed_pairs(b).sum()) for b in step.packed)}
+        texts = [min(len(d.ids), 256 - prompt.overhead) for d in step.docs]
+        counted = {"docs": len(step.docs), "text_tokens": sum(texts),
+                   "real_tokens": sum(texts) + len(step.docs) * prompt.overhead,
+                   "pairs": sum(int(allowed_pairs(b).sum()) for b in step.packed),
+                   # where the LM head runs: 8 + 8 embedding positions a document, and the LM loss's text tokens
+                   "head_positions": 2 * prompt.num_emb_tokens * len(step.docs) + sum(texts)}
         assert w["documents"] == counted["docs"]
         rows = {r["config"]: r for r in w["results"]}
-        # flex/varlen cannot train on CPU; the fastest of ours again with activation checkpointing, then with
-        # fused ops, then with compiled layers (first workload)
+        # the recipe first (its own engine), the baseline with and without fused ops, ours on sdpa (flex and
+        # varlen cannot train on CPU), two-pass, the fastest with fused ops; on the first workload also with
+        # activation checkpointing and compiled layers
         first = w["docs"] == "dpr"
-        assert list(rows) == ["baseline", "sdpa", "two-pass"] + (["sdpa+ckpt", "sdpa+fused", "sdpa+compiled"]
-                                                                 if first else [])
-        assert [r["checkpointing"] for r in rows.values()] == [False, False, False] + [True, False, False] * first
-        assert [r["fused_ops"] for r in rows.values()] == [False, False, False] + [False, True, False] * first
-        assert [r["compiled_layers"] for r in rows.values()] == [False] * 3 + [False, False, True] * first
-        base = rows["baseline"]
-        assert base["rows"] == base["docs"] == w["documents"]  # one document per sequence
-        assert rows["sdpa"]["rows"] == 4 and rows["sdpa"]["micro_batches"] == base["micro_batches"] == 2
-        for r in rows.values():
-            same = ("docs", "docs_hash", "text_tokens", "real_tokens", "pairs")
-            assert {k: r[k] for k in same} == {k: base[k] for k in same}, r["config"]
-            assert abs(r["loss_at_start"] - base["loss_at_start"]) <= 1e-4 * abs(base["loss_at_start"])
-            assert {k: r[k] for k in counted} == counted, r["config"]
-            assert r["flops"] == per_token * counted["real_tokens"] + per_pair * counted["pairs"]
-            assert r["step_s"] > 0 and r["text_tokens_per_s"] == pytest.approx(r["text_tokens"] / r["step_s"])
+        assert list(rows) == ["released-recipe", "baseline", "baseline+fused", "sdpa", "two-pass", "sdpa+fused"] + \
+            (["sdpa+ckpt", "sdpa+compiled"] if first else [])
+        assert {c: r["ref"] for c, r in rows.items()} == {
+            "released-recipe": None, "baseline": None, "baseline+fused": "baseline", "sdpa": "baseline",
+            "two-pass": "sdpa", "sdpa+fused": "baseline+fused",
+            **({"sdpa+ckpt": "sdpa", "sdpa+compiled": "sdpa+fused"} if first else {})}
+        checkpointed = ["released-recipe"] + (["sdpa+ckpt"] if first else [])
+        assert [c for c, r in rows.items() if r["checkpointing"]] == checkpointed
+        assert [c for c, r in rows.items() if r["fused_ops"]] == ["baseline+fused", "sdpa+fused"]
+        # the recipe: one document a micro-batch, each padded up to a multiple of 8; the baseline: one a row
+        recipe, base = rows["released-recipe"], rows["baseline"]
+        assert recipe["engine"] == "recipe" and recipe["micro_batches"] == recipe["rows"] == counted["docs"]
+        assert recipe["slots"] == sum(-(-(n + prompt.overhead) // 8) * 8 for n in texts)
+        assert base["rows"] == base["docs"] == w["documents"] and base["micro_batches"] == 2
+        assert rows["sdpa"]["rows"] == 4 and rows["sdpa"]["slots"] == 4 * 256
+        for c, r in rows.items():
+            assert {k: r[k] for k in counted} == counted, c
+            assert abs(r["loss_at_start"] - base["loss_at_start"]) <= 1e-4 * abs(base["loss_at_start"]), c
+            per_layers = per_token - per_head  # a token's FLOPs in the decoder layers
+            assert r["flops"] == per_layers * counted["real_tokens"] + per_head * counted["head_positions"] \
+                + per_pair * counted["pairs"]
+            # every timed step of both rounds; the median and the spread
+            times = r["step_s_all"]
+            assert len(times) == 4 and len(r["step_s_rounds"]) == 2
+            assert (r["step_s_min"], r["step_s_max"]) == (min(times), max(times)) and r["step_s"] == np.median(times)
+            assert r["text_tokens_per_s"] == pytest.approx(r["text_tokens"] / r["step_s"])
             assert r["mfu_measured"] == pytest.approx(r["flops"] / r["step_s"] / (report["matmul_peak_tflops"] * 1e12))
-            assert r["speedup"] == pytest.approx(base["step_s"] / r["step_s"])
             assert r["mfu_table"] is None and r["peak_mem_gib"] is None
             assert r["syncs_per_step"] is None and r["sync_sites"] is None  # counted on CUDA only
-        assert rows["sdpa"]["slots"] == 4 * 256 and rows["sdpa"]["fill"] > base["fill"] * 0.5
+            other = rows.get(r["ref"])
+            assert r["x_ref"] == (None if other is None else pytest.approx(other["step_s"] / r["step_s"]))
+            if other is not None:  # within spread exactly when the two [min, max] ranges overlap
+                apart = max(times) < min(other["step_s_all"]) or min(times) > max(other["step_s_all"])
+                assert r["x_ref_within_spread"] is not apart
+        for c in ("baseline+fused", "sdpa+fused"):
+            assert 0 <= rows[c]["fused_loss_gap"] <= 1e-4  # the loss against eager's at the same weights
     md = (out / "bench.md").read_text().splitlines()
     table = [ln for ln in md if ln.startswith("| dpr") or ln.startswith("| chunks")]
-    assert len(table) == 9 and all(ln.count("|") == 12 and ln.endswith("| n/a |") for ln in table)
-    assert sum(ln.startswith("- ") and "x the baseline" in ln for ln in md) == 2
-    ckpt, *compiled = report["workloads"][0]["results"][-3:]
-    for r, what in zip(compiled, ("fused ops", "compiled layers")):
-        assert 0 <= r["fused_loss_gap"] <= 1e-4  # the loss against eager's at the same weights
-        assert f"- dpr: {what} on sdpa: {r['step_s'] / rows_of(report, 'dpr')['sdpa']['step_s']:.2f}x the step " \
-               f"time, peak memory n/a (without: n/a); loss {r['fused_loss_gap']:.1e} from eager's; " \
-               f"{r['graphs_compiled']} graphs compiled" in md
+    assert len(table) == 14 and all(ln.count("|") == 13 and ln.endswith("| n/a |") for ln in table)
+    dpr = rows_of(report, "dpr")
+    for line, fast, slow in (("- dpr: ours as the trainer runs it (sdpa+fused) against the released recipe as its "
+                              "README runs it: ", "sdpa+fused", "released-recipe"),
+                             ("- dpr: same shape, fused ops on both sides: sdpa+fused ", "sdpa+fused",
+                              "baseline+fused"),
+                             ("- dpr: same shape, no fused ops on either side: sdpa ", "sdpa", "baseline")):
+        said = next(ln for ln in md if ln.startswith(line))
+        x = dpr[slow]["step_s"] / dpr[fast]["step_s"]
+        assert said.startswith(line + f"{x:.2f}x")
+        assert ("(within spread)" in said) == bench.overlaps(dpr[fast], dpr[slow])
+    for name in ("baseline+fused", "baseline"):  # no table peak on a CPU: the measured one alone
+        assert f"- dpr: bound on any ratio against {name} at this shape (1 / its MFU): " \
+               f"{1 / dpr[name]['mfu_measured']:.2f}x at the measured matmul peak" in "\n".join(md)
+    compiled = dpr["sdpa+compiled"]
     # the two layers share their graphs (one without grad for the loss check, one training), not one each
-    assert 1 <= compiled[1]["graphs_compiled"] <= 2
-    assert f"- dpr: activation checkpointing on sdpa: {ckpt['step_s'] / rows_of(report, 'dpr')['sdpa']['step_s']:.2f}x " \
-           "the step time, peak memory n/a (without: n/a)" in md
+    assert 1 <= compiled["graphs_compiled"] <= 2
+    assert f"{compiled['graphs_compiled']} graphs compiled for 2 layers (target 1-2)" in "\n".join(md)
+    assert any(ln.startswith(f"- dpr: activation checkpointing on sdpa: "
+                             f"{dpr['sdpa+ckpt']['step_s'] / dpr['sdpa']['step_s']:.2f}x the step time") for ln in md)
 
 
 def rows_of(report, docs):
@@ -152,7 +182,7 @@ def _checkpointing_worker(rank, world, port, paths, out):
     vocab = bench.SHAPES["tiny"]["vocab"]
     args = SimpleNamespace(shape="tiny", layers=0, micro_batch=2, seq_len=256, seed=0, zero3_layer_gather=True,
                            zero_stage=3)
-    engine = bench.build(args, torch.device("cpu"), torch.float32, 1, vocab)
+    engine = bench.build(args, torch.device("cpu"), torch.float32, 1, bench.model_config(args, vocab))
     batch = bench.make_workload("dpr", bench.drawn_docs("dpr", vocab, 0), bench.released_prompt(vocab), 256,
                                 rows=2, micro_batch=2).packed[0]
     set_attention(engine, "sdpa", "cpu")
@@ -187,23 +217,46 @@ def test_activation_checkpointing_keeps_loss_and_gradients(run_ranks, tmp_path):
         torch.testing.assert_close(plain_again["grads"][name], g, rtol=0, atol=0, msg=name)
 
 
-def test_markdown_keeps_a_failed_configuration_and_the_others(bench):
-    ok = dict(docs=40, step_s=2.0, text_tokens_per_s=100.0, docs_per_s=20.0, speedup=1.0, fill=0.8,
-              peak_mem_gib=10.0, mfu_table=0.1, mfu_measured=0.2, checkpointing=False)
-    report = {"device": "H100", "torch": "2", "dtype": "bfloat16", "seq_len": 1024, "micro_batches": 4,
-              "micro_batch": 8, "steps": 3, "matmul_peak_tflops": 800.0,
-              "shape": {"layers": 2, "hidden": 4096, "vocab": 32016},
-              "workloads": [{"docs": "dpr", "results": [
-                  {**ok, "config": "baseline"},
-                  {"config": "flex", "path": "flex", "error": "RuntimeError: out of memory"},
-                  {**ok, "config": "sdpa", "step_s": 0.5, "text_tokens_per_s": 400.0, "speedup": 4.0,
-                   "mfu_table": 0.4},
-                  {**ok, "config": "two-pass", "step_s": 1.0, "speedup": 2.0},
-                  {**ok, "config": "sdpa+ckpt", "path": "sdpa", "step_s": 0.6, "text_tokens_per_s": 333.3,
-                   "speedup": 3.33, "peak_mem_gib": 4.0, "checkpointing": True}]}]}
+def test_summary_claims_a_gain_only_beyond_the_spread(bench):
+    """A ratio between configurations whose step-time ranges overlap is "within spread"; one whose ranges
+    are apart is a gain. A failed configuration keeps its row, the others theirs."""
+    from llara_dist.train.metrics import FlopRates
+
+    work = dict(docs=40, docs_hash="h", text_tokens=30_000, real_tokens=40_000, pairs=10 ** 7, head_positions=31_000,
+                slots=50_000, peak_mem_gib=10.0, syncs_per_step=9)
+
+    def row(config, ref, times, **extra):
+        return {**work, "config": config, "path": config.split("+")[0], "ref": ref, "step_s": float(np.median(times)),
+                "step_s_min": min(times), "step_s_max": max(times), "step_s_all": times, "compiled_layers": False,
+                "text_tokens_per_s": 30_000 / float(np.median(times)), **extra}
+
+    results = [row("released-recipe", None, [6.0, 6.1, 6.2]),
+               row("baseline", None, [1.00, 1.02, 1.04]),
+               row("baseline+fused", "baseline", [0.90, 0.92, 0.94]),
+               {"config": "flex", "path": "flex", "ref": "baseline", "error": "RuntimeError: out of memory"},
+               row("sdpa", "baseline", [0.98, 0.99, 1.01]),  # overlaps the baseline's range: no gain
+               row("sdpa+fused", "baseline+fused", [0.60, 0.61, 0.63])]  # apart from baseline+fused's
+    rates = FlopRates(per_token=10 ** 10, per_head_position=10 ** 9, per_pair=10 ** 4)
+    bench.finish(results, "dpr", rates, 989e12, 800e12)
+    report = {"device": "H100", "torch": "2", "dtype": "bfloat16", "seq_len": 1024, "micro_batches": 2,
+              "micro_batch": 16, "steps": 3, "rounds": 2, "warmup": 1, "matmul_peak_tflops": 800.0,
+              "table_peak_tflops": 989.0, "shape": {"layers": 8, "hidden": 4096, "vocab": 32016},
+              "workloads": [{"docs": "dpr", "results": results}]}
     md = bench.markdown(report)
     assert "| dpr | flex | failed: RuntimeError: out of memory |" in md
-    assert "| dpr (40) | sdpa | 0.500 | 400 | 20.0 | 4.00 | 0.80 | 10.0 | 40.0% | 20.0% |" in md
-    assert "- dpr: best path sdpa 4.00x the baseline (target >= 4); joint prompt 2.00x two-pass " \
-           "(target >= 1.6); MFU 40.0% (target >= 50%)" in md  # not the checkpointed sdpa
-    assert "- dpr: activation checkpointing on sdpa: 1.20x the step time, peak memory 4.0 GiB (without: 10.0 GiB)" in md
+    flops = 10 ** 10 * 40_000 + 10 ** 9 * 31_000 + 10 ** 4 * 10 ** 7
+    assert results[-1]["flops"] == flops and results[-1]["mfu_table"] == pytest.approx(flops / 0.61 / 989e12)
+    assert "| dpr (40) | sdpa | 0.990 | 0.980-1.010 | 30,303 | 1.03 (baseline, within spread) | 6.16 | 0.80 |" in md
+    assert "| dpr (40) | sdpa+fused | 0.610 | 0.600-0.630 | 49,180 | 1.51 (baseline+fused) | 10.00 |" in md
+    assert "- dpr: ours as the trainer runs it (sdpa+fused) against the released recipe as its README runs it: " \
+           "10.00x (target >= 5)" in md
+    assert "- dpr: same shape, fused ops on both sides: sdpa+fused 1.51x baseline+fused (target >= 1.3)" in md
+    assert "- dpr: same shape, no fused ops on either side: sdpa 1.03x (within spread) baseline" in md
+    assert f"- dpr: MFU of sdpa+fused (FLOPs where applied) {flops / 0.61 / 989e12:.1%} of the 989 TFLOP/s " \
+           f"table peak (target >= 55%)" in md
+    base = results[2]  # the bound: no configuration can beat baseline+fused by more than 1 / its MFU
+    assert f"- dpr: bound on any ratio against baseline+fused at this shape (1 / its MFU): " \
+           f"{0.92 * 800e12 / flops:.2f}x at the measured matmul peak (800.0 TFLOP/s), " \
+           f"{0.92 * 989e12 / flops:.2f}x at the 989 TFLOP/s table peak" in md and base["mfu_table"] is not None
+    assert "- dpr: fused ops on sdpa: 0.62x the step time, peak memory 10.0 GiB (without: 10.0 GiB)" in md
+    assert "- dpr: fused ops on baseline: 0.90x the step time, peak memory" in md

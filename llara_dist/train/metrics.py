@@ -12,12 +12,25 @@ included, Python's imports not), carried over from the row of the step a start r
 time between starts is not in it, nor the steps a crash lost after its last checkpoint (their
 redoing is).
 
-MFU = model FLOPs of the step's real tokens / (step time x ranks x peak FLOP/s). Model
-FLOPs are the usual 6N per token for the matmul weights (LM head included, as if applied
-at every token) plus the attention score and value products of the pairs the packed mask
-really allows (a document attends only itself, NEXT tokens skip SELF): 3 (forward +
-backward) x 4 x heads x head_dim x layers per (query, key) pair. Recomputation under
-activation checkpointing is not counted (model FLOPs, not hardware FLOPs).
+MFU = model FLOPs of the step / (step time x ranks x peak FLOP/s). Model FLOPs count the matmuls
+where they are applied (`FlopRates`):
+
+- each linear weight of the decoder layers at every real token (padding is not credited): 2 per
+  weight for the forward, 2 for the gradient of its input, 2 for its own gradient when it trains.
+  So a trained weight costs 6, a frozen one (LoRA's base weights) 4, and a frozen one whose input
+  needs no gradient 2 (under LoRA, the first layer's q, k, v projections read the frozen
+  embeddings through a frozen norm);
+- the LM head only at the positions the objective applies it to (`head_positions`: each
+  document's 2 x k embedding positions, and with the LM loss its text tokens), at the same 6, 4
+  or 2 per weight; fine-tuning applies it nowhere (a step result without `head_positions`: 0);
+- attention's score and value products of the (query, key) pairs the packed mask really allows (a
+  document attends only itself, NEXT tokens skip SELF): 3 (forward + backward) x 4 x heads x
+  head_dim x layers per pair.
+
+Not counted: the model call's own LM head at each row's last position (decoder.forward_hidden asks
+for the logits of one position, which nothing uses: forward only, wasted), recomputation under
+activation checkpointing, and whatever a configuration does beyond the objective's need (the
+benchmark's baseline applies the head at every position): model FLOPs, not hardware FLOPs.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import datetime
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,22 +76,108 @@ def attention_pairs(batch) -> int:
 
 def matmul_params(hf_config) -> int:
     """Weights of the linear layers (attention, MLP, LM head): the N of 6N."""
+    return layer_matmul_params(hf_config) + hf_config.hidden_size * hf_config.vocab_size
+
+
+def layer_matmul_params(hf_config) -> int:
+    """Weights of the decoder layers' linear layers (attention and MLP), the LM head left out."""
     d, layers = hf_config.hidden_size, hf_config.num_hidden_layers
     heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or d // heads
+    head_dim = _head_dim(hf_config)
     kv = getattr(hf_config, "num_key_value_heads", None) or heads
     attn = d * heads * head_dim * 2 + d * kv * head_dim * 2  # q, o; k, v
     mlp = 3 * d * hf_config.intermediate_size  # gate, up, down
-    return layers * (attn + mlp) + d * hf_config.vocab_size
+    return layers * (attn + mlp)
 
 
-def train_flops(hf_config, real_tokens: int, pairs: int) -> float:
-    """Model FLOPs of one training pass (forward + backward) over the given tokens and pairs."""
-    heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    dense = 6 * matmul_params(hf_config) * real_tokens
-    attention = 3 * 4 * heads * head_dim * hf_config.num_hidden_layers * pairs
-    return float(dense + attention)
+def _head_dim(hf_config) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+@dataclass(frozen=True)
+class FlopRates:
+    """Model FLOPs of one training pass (forward + backward) per unit of work, for one model and what
+    of it trains: per real token (the decoder layers' linear layers), per position the LM head is
+    applied at, per attention (query, key) pair."""
+
+    per_token: int
+    per_head_position: int
+    per_pair: int
+
+    def step(self, real_tokens: int, pairs: int, head_positions: int) -> float:
+        return float(self.per_token * real_tokens + self.per_head_position * head_positions
+                     + self.per_pair * pairs)
+
+
+def _pair_flops(hf_config) -> int:
+    return 3 * 4 * hf_config.num_attention_heads * _head_dim(hf_config) * hf_config.num_hidden_layers
+
+
+def full_training_rates(hf_config) -> FlopRates:
+    """Every weight trains (pretraining without LoRA): 6 per weight, from the config alone."""
+    return FlopRates(6 * layer_matmul_params(hf_config), 6 * hf_config.hidden_size * hf_config.vocab_size,
+                     _pair_flops(hf_config))
+
+
+# the linear layers that read a decoder layer's normed input (LLaMA, Mistral, Qwen2)
+INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+def flop_rates(model) -> FlopRates:
+    """The rates of `model` as it trains: a HF causal LM, peft-wrapped under LoRA, ZeRO-3-partitioned
+    or not, or a DeepSpeed engine around it. Each nn.Linear (LoRA's adapters and base layers included)
+    costs 2 per weight forward, 2 more where its input needs a gradient, 2 more where it trains."""
+    core = getattr(model, "module", model)  # a DeepSpeed engine's model
+    head = core.get_output_embeddings()
+    in_head = {id(m) for m in head.modules()}
+    no_input_grad = _linears_reading_frozen_input(core)
+    per_token = per_head = 0
+    for m in core.modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        w = m.weight
+        n = getattr(w, "ds_numel", w.numel())  # ZeRO-3 leaves a partitioned weight empty
+        cost = 2 * n * (1 + (id(m) not in no_input_grad) + w.requires_grad)
+        if id(m) in in_head:
+            per_head += cost
+        else:
+            per_token += cost
+    return FlopRates(per_token, per_head, _pair_flops(core.config))
+
+
+def _linears_reading_frozen_input(core) -> set[int]:
+    """ids of the linear layers whose input needs no gradient: with the input embeddings and the first
+    layer's input norm frozen (LoRA), what reads that norm's output (the first layer's q, k, v and
+    their LoRA A; not LoRA B, which reads A's trained output). Empty when anything upstream trains."""
+    from llara_dist.model.decoder import decoder_layers
+
+    layers = decoder_layers(core)
+    embeddings = core.get_input_embeddings()
+    if not layers or any(p.requires_grad for p in embeddings.parameters()):
+        return set()
+    first = layers[0]
+    norm = getattr(first, "input_layernorm", None)
+    if norm is None or any(p.requires_grad for p in norm.parameters()):
+        return set()
+    out = set()
+    for name, m in first.named_modules():
+        parts = name.split(".")
+        if isinstance(m, torch.nn.Linear) and any(p in INPUT_PROJECTIONS for p in parts) and "lora_B" not in parts:
+            out.add(id(m))
+    return out
+
+
+def head_positions(batch, preset) -> int:
+    """Positions the objective applies the LM head to (objective.loss_sums): the 2 x k embedding
+    positions of every document (EBAE and EBAR alike, a document without a next chunk included), and
+    with an LM loss each LM target (its text tokens)."""
+    return 2 * batch.self_emb.numel() + (batch.lm_index.numel() if preset.lm_weight else 0)
+
+
+def train_flops(hf_config, real_tokens: int, pairs: int, head_at: int | None = None) -> float:
+    """Model FLOPs of one full-training pass (every weight trains), the LM head at `head_at`
+    positions (None: at every token, as a plain causal LM applies it)."""
+    return full_training_rates(hf_config).step(real_tokens, pairs, real_tokens if head_at is None else head_at)
 
 
 # short names on the progress line; a metric not here shows under its own name

@@ -98,7 +98,7 @@ def train_step(engine, micro_batches: list, objective, world: int) -> dict:
     import torch
 
     from llara_dist.train.distributed import all_reduce_sum
-    from llara_dist.train.metrics import attention_pairs
+    from llara_dist.train.metrics import attention_pairs, head_positions
 
     terms = objective.TERMS
     local = [0.0] * len(terms)
@@ -115,9 +115,10 @@ def train_step(engine, micro_batches: list, objective, world: int) -> dict:
         engine.step()  # the optimizer steps at the last micro-batch only
         step_sums += torch.stack([loss.detach(), *(parts[t] for t in terms)]).double()
     stats = [sum(b.num_docs for b in micro_batches), sum(b.real_tokens() for b in micro_batches),
-             sum(b.input_ids.numel() for b in micro_batches), sum(attention_pairs(b) for b in micro_batches)]
+             sum(b.input_ids.numel() for b in micro_batches), sum(attention_pairs(b) for b in micro_batches),
+             sum(head_positions(b, objective.preset) for b in micro_batches)]  # where the LM head ran: MFU
     total = all_reduce_sum(step_sums.tolist() + stats, engine.device)  # after every backward
     out = {"loss": total[0], **dict(zip(terms, total[1:1 + len(terms)]))}
-    out.update(zip(("docs", "real_tokens", "slots", "pairs"), total[1 + len(terms):]))
+    out.update(zip(("docs", "real_tokens", "slots", "pairs", "head_positions"), total[1 + len(terms):]))
     out["counts"] = counts
     return out

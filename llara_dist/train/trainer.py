@@ -193,7 +193,7 @@ class Trainer:
         from llara_dist.tokenizer import load_tokenizer, pad_id
         from llara_dist.train.checkpoint import rng_state
         from llara_dist.train.engine import build_engine, deepspeed_config, zero3_loading
-        from llara_dist.train.metrics import Console, MetricsLog, StepTimer, peak_flops, train_flops
+        from llara_dist.train.metrics import Console, MetricsLog, StepTimer, flop_rates, peak_flops
         from llara_dist.train.preempt import PREEMPTED_EXIT, Preemption, clear_preempted, mark_preempted
 
         cfg, plan, rank, task = self.cfg, self.plan, self.rank, self.task
@@ -229,7 +229,7 @@ class Trainer:
         ledger = self._open_ledger(state.step) if cfg.train.ledger else None
         log = MetricsLog(cfg, console, enabled=rank == 0, resume_step=state.step, task_metrics=task.METRICS)
         peak = peak_flops(cfg.train.peak_tflops)
-        hf_config = engine.module.config
+        rates = flop_rates(engine)  # which weights train (LoRA) decides what a token costs
 
         def save() -> None:
             loop = {"loop": vars(state), "data": loader.state_dict(), "rng": rng_state(),
@@ -260,7 +260,8 @@ class Trainer:
                 state.tokens += int(result["real_tokens"])
                 state.docs += int(result["docs"])
                 dt = timer.lap()
-                flops = train_flops(hf_config, int(result["real_tokens"]), int(result["pairs"]))
+                flops = rates.step(int(result["real_tokens"]), int(result["pairs"]),
+                                   int(result.get("head_positions", 0)))  # 0: a task without the LM head
                 log.log({"step": state.step, "loss": result["loss"], **{k: result[k] for k in task.METRICS},
                          "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                          "docs": int(result["docs"]), "real_tokens": int(result["real_tokens"]),
