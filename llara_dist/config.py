@@ -432,7 +432,8 @@ class TrainConfig:
     zero3_layer_gather: bool | None = opt(None, "ZeRO-3: gather each decoder layer's parameters at once (one hook "
                                                 "pair per layer instead of one per linear and norm: less host work "
                                                 "per step). Unset: on, but off in finetune, which runs each layer "
-                                                "twice per backward; false: DeepSpeed's per-module gathering")
+                                                "twice per backward, and with LoRA unless activation_checkpointing; "
+                                                "false: DeepSpeed's per-module gathering")
     offload_optimizer: bool = opt(False, "keep optimizer states in CPU memory")
     offload_params: bool = opt(False, "ZeRO-3: keep parameters in CPU memory")
     lora_r: int = opt(0, "LoRA rank (0: train all weights)")
@@ -459,8 +460,25 @@ class TrainConfig:
                                   "'llara-dist[NAME]'")
     wandb_project: str = opt("llara-dist", "Weights & Biases project of the run when train.trackers has wandb")
 
+    @property
+    def lora_without_recompute(self) -> bool:
+        # DeepSpeed's gathering by layer breaks in the backward of LoRA's frozen weights (a released,
+        # empty weight reaches autograd) unless the layer is recomputed there (DeepSpeed 0.19.8)
+        return bool(self.lora_r) and not self.activation_checkpointing
+
+    def gathers_by_layer(self) -> bool:
+        """Whether ZeRO-3 gathers a decoder layer's parameters at once (zero3_layer_gather; unset: on, except
+        for LoRA without activation checkpointing, which must gather per module)."""
+        if self.zero_stage != 3 or self.zero3_layer_gather is False:
+            return False
+        return self.zero3_layer_gather is True or not self.lora_without_recompute
+
     def check(self) -> list[str]:
         out = []
+        if self.zero3_layer_gather is True and self.zero_stage == 3 and self.lora_without_recompute:
+            out.append("zero3_layer_gather: with LoRA (lora_r) DeepSpeed's gathering by layer fails in the backward "
+                       "of the frozen weights unless the layers are recomputed: set activation_checkpointing=true, "
+                       "or leave zero3_layer_gather unset (LoRA then gathers per module)")
         for name in ("global_batch", "micro_batch", "steps", "ckpt_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 out.append(f"{name}: must be >= 1")
@@ -504,7 +522,7 @@ class RunConfig:
     train: TrainConfig = opt(TrainConfig(), "optimisation")
 
     def check(self) -> list[str]:
-        return compile_layers_problems(self.model, self.train, per_module=self.train.zero3_layer_gather is False)
+        return compile_layers_problems(self.model, self.train, per_module=not self.train.gathers_by_layer())
 
 
 def compile_layers_problems(model: ModelConfig, train: TrainConfig, per_module: bool) -> list[str]:

@@ -214,3 +214,12 @@ def test_lora_trains_only_the_adapters(train_setup, tmp_path, tiny_llama_dir):
     lora_b = [k for k in weights if "lora_B" in k]
     assert len(lora_b) == 2 * 7  # 2 layers x 7 target modules
     assert all(weights[k].abs().sum() > 0 for k in lora_b)  # peft starts B at zero: these were trained
+
+    # without activation checkpointing ZeRO-3 gathers per module (by layer it fails in DeepSpeed's backward of
+    # the frozen weights), and asking for gathering by layer is refused
+    plain = tmp_path / "lora-plain"
+    assert wait(launch(root, plain, 1, "train.steps=1", "train.lora_r=4", "objective.preset=paper")) == [0], \
+        log_text(plain)
+    refused = tmp_path / "lora-by-layer"
+    assert wait(launch(root, refused, 1, "train.lora_r=4", "train.zero3_layer_gather=true")) == [2]
+    assert "gathering by layer fails in the backward of the frozen weights" in log_text(refused)

@@ -114,7 +114,7 @@ def build_engine(model, train, ds_config: dict):
         model.config.use_cache = False
     if train.lora_r:
         model = apply_lora(model, train)
-    if train.zero3_layer_gather is not False and train.zero_stage == 3:  # unset: on (the task may turn it off)
+    if train.gathers_by_layer():  # unset: on, unless LoRA without recompute (the task may turn it off)
         layers = gather_by_layer(model, required=train.zero3_layer_gather is True)
         zero = ds_config["zero_optimization"]
         if layers and not {"stage3_prefetch_bucket_size", "prefetch_bucket_size"} & zero.keys():
