@@ -268,3 +268,80 @@ def test_eval_through_shard_folders_reuses_them(model_dir, shared_data, tmp_path
     _, rows = search(torch.from_numpy(q[keep].astype(np.float32)), torch.from_numpy(p.astype(np.float32)), 20)
     want = evaluate_run({qids[i]: [ids[j] for j in rows[n].tolist()] for n, i in enumerate(keep)}, data.qrels)
     assert runs[0][0] == want and len(ids) == len(data.corpus) > 13  # several shards
+
+
+def write_prep_folder(folder: Path, records: list[tuple[str, str]]) -> Path:
+    """A folder as `prep` writes it: the first half of the records in a block-layout shard, the rest in
+    a sample-layout one (shards of earlier versions), with sizes and sha256 in manifest.json."""
+    import hashlib
+
+    from llara_dist.data import shards
+
+    folder.mkdir(parents=True)
+    half = len(records) // 2
+    entries = []
+    for i, (part, layout) in enumerate(((records[:half], "block"), (records[half:], "sample"))):
+        path = folder / shards.shard_name(i)
+        shards.write_shard(path, [shards.encode_sample(key, [1, 2, 3], None, text, {"article": n, "chunk": 0,
+                                                                                     "source": "t"})
+                                  for n, (key, text) in enumerate(part)], layout=layout)
+        data = path.read_bytes()
+        entries.append({"name": path.name, "docs": len(part), "tokens": 3 * len(part), "bytes": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest()})
+    shards.write_manifest(folder, {"version": 1, "shards": entries, "docs": len(records), "tokens": 3 * len(records),
+                                   "tokenizer": {}, "chunking": {}, "format": "test", "inputs": [], "skipped": {},
+                                   "truncated": {}})
+    return folder
+
+
+def test_prep_shards_as_input_give_their_keys_and_stored_texts(model_dir, shared_data, tmp_path, capsys):
+    """`encode --input PREP_FOLDER`: documents in manifest order, the shard key as id and the stored text
+    (both layouts); the folder of vectors is the one the same records give as a .tsv."""
+    lines = [ln.strip() for ln in (shared_data / "wikitext2_valid.txt").read_text(encoding="utf-8").splitlines()]
+    texts = [" ".join(ln.split()[:8 + i % 15]) for i, ln in enumerate(ln for ln in lines if ln and ln[0] != "=")]
+    records = [(f"wiki-{i:09d}-{i % 3:05d}", texts[i]) for i in range(23)]
+    prep_dir = write_prep_folder(tmp_path / "prep", records)
+    assert list(iter_documents(prep_dir)) == records
+    tsv = tmp_path / "same.tsv"
+    tsv.write_text("".join(f"{key}\t{text}\n" for key, text in records))
+    args = ["--model", str(model_dir), "--kind", "passage", "--shard-docs", "8", "--batch-size", "4"]
+    encode_here(*args, "--input", str(prep_dir), "--out-dir", str(tmp_path / "from_prep"))
+    encode_here(*args, "--input", str(tsv), "--out-dir", str(tmp_path / "from_tsv"))
+    ids, vectors = embeddings.read_all(tmp_path / "from_prep")
+    assert ids == [key for key, _ in records] and vectors.shape[0] == 23
+    assert np.array_equal(vectors, embeddings.read_all(tmp_path / "from_tsv")[1])
+    # A shard changed after prep is refused by name before the model loads; so is a folder without manifest.
+    shard = prep_dir / "shard-000001.tar"
+    damaged = bytearray(shard.read_bytes())
+    damaged[700] ^= 0xFF  # a byte of the first member's data
+    shard.write_bytes(bytes(damaged))
+    err = refused(["encode", *args, "--input", str(prep_dir), "--out-dir", str(tmp_path / "x")], capsys)
+    assert f"{shard}: sha256 " in err and "the shard changed after prep" in err
+    (tmp_path / "plain").mkdir()
+    err = refused(["encode", *args, "--input", str(tmp_path / "plain"), "--out-dir", str(tmp_path / "y")], capsys)
+    assert f"{tmp_path / 'plain'}: a folder, but no manifest.json" in err
+
+
+def test_eval_with_a_pq_index_re_ranking_every_passage_is_the_exact_eval(model_dir, shared_data, tmp_path, capsys):
+    """`eval --emb-dir --index pq`: with a pool as large as the corpus the re-ranking scores every
+    passage, so the metrics are the exact search's; the index is saved beside the corpus's shards, its
+    recall measured (1.0) when built, and reused by a rerun."""
+    from llara_dist.retrieval.beir import finetune_to_beir
+
+    beir = tmp_path / "beir"
+    finetune_to_beir(shared_data / "llara_toy_finetune.jsonl", beir)
+    emb = tmp_path / "emb"
+    argv = ["eval", "--model", str(model_dir), "--beir", str(beir), "--emb-dir", str(emb), "--shard-docs", "13",
+            "--k", "20"]
+    results = []
+    for extra in ([], ["--index", "pq", "--rerank", "100000"], ["--index", "pq", "--rerank", "100000"]):
+        with mock.patch.dict(os.environ, plain_env(), clear=True), one_thread(), pytest.raises(SystemExit) as e:
+            main([*argv, *extra])
+        out, err = capsys.readouterr()
+        assert e.value.code == 0, err
+        results.append(json.loads(out))
+    exact, built, reused = results
+    assert built.pop("approximate")["built"] and not reused["approximate"]["built"]
+    assert reused.pop("approximate")["recall"]["value"] == 1.0
+    assert built == reused == pytest.approx(exact, abs=1e-9)
+    assert (emb / "corpus" / "index.faiss").is_file()

@@ -1,17 +1,38 @@
-"""FAISS search over embedding shards against brute force; the IVF index's recall; the metrics
-of search.evaluate_run against pytrec_eval (trec_eval itself) on randomised runs and qrels."""
+"""FAISS search over embedding shards against brute force; the IVF index's recall; the approximate
+index kept beside a shard folder (recall reported, reuse, rebuilt when the shards change); the
+search benchmark at tiny size; the metrics of search.evaluate_run against pytrec_eval (trec_eval
+itself) on randomised runs and qrels."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
 import pytrec_eval
+from helpers import refused
 
+from llara_dist.cli import main
 from llara_dist.errors import UserError
-from llara_dist.retrieval.index import build_ivf, exact_search, recall_against_exact
+from llara_dist.retrieval import embeddings
+from llara_dist.retrieval.index import (
+    INDEX_FILE,
+    INDEX_MANIFEST,
+    PQSettings,
+    build_ivf,
+    build_pq,
+    exact_search,
+    pq_candidates,
+    recall_against_exact,
+    rerank,
+)
 from llara_dist.retrieval.search import evaluate_run
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def brute_force(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,6 +131,160 @@ def test_ivf_recall_against_exact():
     flat = rng.standard_normal((20000, 64)).astype(np.float32)
     poor = build_ivf([flat], dim=64, nlist=128, nprobe=1, check_queries=rng.standard_normal((100, 64)), check_k=10)
     assert poor.recall < 0.6
+
+
+def unit(rng, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_rerank_gives_the_exact_order_of_the_candidates():
+    rng = np.random.default_rng(3)
+    corpus, queries = unit(rng, 900, 32), unit(rng, 12, 32)
+    candidates = np.stack([rng.choice(900, 60, replace=False) for _ in range(12)])
+    candidates[0, 50:] = -1  # a query with fewer candidates than asked for
+    shards = [corpus[a:a + 250] for a in range(0, 900, 250)]
+    scores, rows = rerank(queries, candidates, shards, 55)
+    assert rows.shape == (12, 55)
+    for i in range(12):
+        pool = candidates[i][candidates[i] >= 0]
+        ref_scores, ref_order = brute_force(queries[i:i + 1], corpus[pool], 55)
+        n = min(55, len(pool))
+        assert rows[i, :n].tolist() == pool[ref_order[0, :n]].tolist()
+        np.testing.assert_allclose(scores[i, :n], ref_scores[0, :n], atol=1e-5)
+        assert (rows[i, n:] == -1).all() and np.isneginf(scores[i, n:]).all()
+    # every row a candidate: the exact search itself, float16 shards as stored
+    everything = np.tile(np.arange(900), (12, 1))
+    half = [s.astype(np.float16) for s in shards]
+    assert np.array_equal(rerank(queries, everything, half, 10)[1], exact_search(queries, half, 10)[1])
+    with pytest.raises(UserError, match="row 900 of a corpus of 900 rows"):
+        rerank(queries, np.full((12, 1), 900), shards, 1)
+
+
+def test_pq_codes_with_a_larger_pool_recall_more():
+    """On structureless data the codes alone rank poorly; exact re-ranking of a larger pool finds more
+    of the true top-k, and two dimensions a code beat four."""
+    rng = np.random.default_rng(5)
+    corpus, queries = unit(rng, 6000, 64), unit(rng, 40, 64)
+    shards = lambda: (corpus[a:a + 1000] for a in range(0, 6000, 1000))  # noqa: E731
+    _, truth = exact_search(queries, shards(), 10)
+    recall = {}
+    for m in (16, 32):
+        index, exact = build_pq(shards(), 64, PQSettings(m=m), check_queries=queries, check_k=10)
+        assert index.ntotal == 6000 and np.array_equal(exact.result()[1], truth)
+        for pool in (10, 100, 1000):
+            rows = rerank(queries, pq_candidates(index, queries, pool), shards(), 10)[1]
+            recall[m, pool] = recall_against_exact(rows, truth)
+    assert recall[32, 10] < recall[32, 100] < recall[32, 1000] and recall[32, 1000] >= 0.95
+    assert recall[16, 100] < recall[32, 100]
+    ivf, _ = build_pq(shards(), 64, PQSettings(m=32, nlist=8))
+    rows = rerank(queries, pq_candidates(ivf, queries, 1000, nprobe=8), shards(), 10)[1]
+    assert recall_against_exact(rows, truth) >= 0.95  # every list probed
+    with pytest.raises(UserError, match="12 sub-quantizers do not divide the dimension 64"):
+        build_pq(shards(), 64, PQSettings(m=12))
+
+
+def write_random_folder(folder: Path, vectors: np.ndarray, kind: str, shard_docs: int, tag: str = "v1") -> None:
+    identity = {"model": "random", "preset": "released", "kind": kind, "max_tokens": 0, "shard_docs": shard_docs,
+                "input": "random", "input_sha256": f"random-{tag}"}
+    embeddings.write_folder(folder, ((([f"{kind[0]}{i}" for i in range(a, min(a + shard_docs, len(vectors)))]),
+                                      vectors[a:a + shard_docs]) for a in range(0, len(vectors), shard_docs)), identity)
+
+
+def search_cli(argv: list[str], capsys) -> tuple[dict, str]:
+    with pytest.raises(SystemExit) as e:
+        main(["search", *argv])
+    out, err = capsys.readouterr()
+    assert e.value.code == 0, err
+    return json.loads(out), err
+
+
+def read_run(path: Path) -> dict[str, list[str]]:
+    run: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        qid, _, doc, _, _, _ = line.split()
+        run.setdefault(qid, []).append(doc)
+    return run
+
+
+def test_search_with_a_saved_pq_index(tmp_path, capsys):
+    """`search --index pq`: the index is built beside the passage shards with its recall@k on sample
+    queries (the recall of the very run it wrote), reused by a rerun, rebuilt when the shards change."""
+    rng = np.random.default_rng(11)
+    passages, queries = tmp_path / "p", tmp_path / "q"
+    corpus = unit(rng, 5000, 64)
+    write_random_folder(passages, corpus, "passage", 700)
+    write_random_folder(queries, unit(rng, 30, 64), "query", 100)
+    exact_run, pq_run = tmp_path / "exact.trec", tmp_path / "pq.trec"
+    search_cli(["--passages", str(passages), "--queries", str(queries), "--out", str(exact_run), "--k", "10"], capsys)
+    argv = ["--passages", str(passages), "--queries", str(queries), "--out", str(pq_run), "--k", "10", "--index",
+            "pq", "--rerank", "40", "--pq-m", "16", "--check-queries", "30"]
+    first, err = search_cli(argv, capsys)
+    report = first["approximate"]
+    assert report["built"] and f"{passages / INDEX_FILE}: building (no {INDEX_FILE}" in err
+    assert "recall@10" in err and (passages / INDEX_MANIFEST).is_file()
+    exact, approx = read_run(exact_run), read_run(pq_run)
+    measured = np.mean([len(set(exact[q]) & set(approx[q])) / 10 for q in exact])
+    assert report["recall"] == {"k": 10, "queries": 30, "value": pytest.approx(measured)}
+    assert 0.3 < measured < 1  # a pool of 40 of 5000, 4 dimensions a code: some neighbours missed
+    stamp = (passages / INDEX_FILE).stat().st_mtime_ns
+    second, err = search_cli(argv, capsys)
+    assert not second["approximate"]["built"] and "building" not in err
+    assert (passages / INDEX_FILE).stat().st_mtime_ns == stamp and read_run(pq_run) == approx
+    assert second["approximate"]["recall"] == report["recall"]  # as measured when it was built
+    # The same count and manifest, other vectors: caught by the shards' sha256 as they are re-ranked.
+    changed = corpus.copy()
+    changed[:700] = unit(rng, 700, 64)
+    embeddings.write_shard(passages, 0, [f"p{i}" for i in range(700)], changed[:700])
+    third, err = search_cli(argv, capsys)
+    assert "built over other shards (their sha256 differs); rebuilding" in err and third["approximate"]["built"]
+    _, truth = exact_search(embeddings.read_all(queries)[1], [changed.astype(np.float16)], 10)
+    assert third["approximate"]["recall"]["value"] == pytest.approx(
+        recall_against_exact(np.array([[int(d[1:]) for d in row] for row in read_run(pq_run).values()]), truth))
+    # Other shards by their manifest (another count): rebuilt before searching, saying why.
+    write_random_folder(passages, corpus[:4000], "passage", 700, tag="v2")
+    fourth, err = search_cli(argv, capsys)
+    assert "built over other shards (their count: 5000 != 4000)" in err and fourth["passages"] == 4000
+    # Other settings: rebuilt too.
+    fifth, err = search_cli([*argv[:-4], "--pq-m", "32"], capsys)
+    assert "built with other settings" in err and fifth["approximate"]["built"]
+
+
+def test_an_index_built_without_check_queries_is_reused(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    write_random_folder(tmp_path / "p", unit(rng, 400, 16), "passage", 150)
+    write_random_folder(tmp_path / "q", unit(rng, 6, 16), "query", 100)
+    argv = ["--passages", str(tmp_path / "p"), "--queries", str(tmp_path / "q"), "--out", str(tmp_path / "run"),
+            "--k", "5", "--index", "pq", "--rerank", "400", "--check-queries", "0"]
+    first, _ = search_cli(argv, capsys)
+    second, _ = search_cli(argv, capsys)
+    assert first["approximate"]["built"] and first["approximate"]["recall"] is None
+    assert not second["approximate"]["built"]
+
+
+def test_pq_search_refusals(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    write_random_folder(tmp_path / "p", unit(rng, 300, 24), "passage", 100)
+    write_random_folder(tmp_path / "q", unit(rng, 5, 24), "query", 100)
+    base = ["search", "--passages", str(tmp_path / "p"), "--queries", str(tmp_path / "q"), "--out",
+            str(tmp_path / "run"), "--index", "pq"]
+    assert "--rerank 50: re-ranks fewer candidates than --k 100" in refused([*base, "--rerank", "50"], capsys)
+    assert "5 sub-quantizers do not divide the dimension 24" in refused([*base, "--pq-m", "5"], capsys)
+    err = refused(["eval", "--model", str(tmp_path), "--beir", str(tmp_path), "--index", "pq"], capsys)
+    assert "--index pq searches the shard folders of --emb-dir" in err
+
+
+def test_search_bench_runs_at_tiny_size(tmp_path):
+    """bench/search_bench.py end to end at a tiny size: its figures come from the runs it wrote."""
+    work = tmp_path / "bench"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "search_bench.py"), "--docs", "3000", "--dim", "32",
+                           "--queries", "20", "--k", "10", "--shard-docs", "1000", "--rerank", "300", "--dir",
+                           str(work)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["docs"] == 3000 and result["exact"]["peak_rss_mib"] > 0
+    assert 0.5 <= result["pq_build"]["recall@10"] <= 1 and result["pq_reuse"]["index_built"] is False
+    assert not work.exists()  # the vectors are deleted unless --keep
 
 
 def random_case(rng) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:

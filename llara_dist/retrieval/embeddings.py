@@ -4,6 +4,7 @@
     DIR/emb-000000.npy     float16 [n, dim]: documents [0, shard_docs) of the input, in input order
     DIR/ids-000000.txt     their document ids, one a line
     DIR/emb-000001.npy ...
+    DIR/index.faiss, DIR/index.json   an approximate index over the shards, once search builds one
 
     for ids, vectors in iter_shards("DIR"):   # in input order; an unfinished folder is refused
         ...
@@ -20,7 +21,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -33,7 +34,9 @@ DTYPE = "float16"  # unit vectors: fp16 keeps ~3 decimal digits per component at
 TMP_SUFFIX = ".tmp"
 # What must agree for shards to belong together: the same model, prompts, texts and cut.
 IDENTITY_KEYS = ("format", "version", "model", "preset", "kind", "max_tokens", "shard_docs", "input_sha256")
-FORMAT_FILE = re.compile(r"^(?:emb-\d{6,}\.npy|ids-\d{6,}\.txt|manifest\.json)(?:\.\d+)?(?:\.tmp)?$")
+# The approximate index that search keeps beside the shards (index.py) belongs to them: replaced with them.
+FORMAT_FILE = re.compile(r"^(?:emb-\d{6,}\.npy|ids-\d{6,}\.txt|manifest\.json|index\.faiss|index\.json)"
+                         r"(?:\.\d+)?(?:\.tmp)?$")
 
 
 def emb_name(index: int) -> str:
@@ -147,6 +150,30 @@ def iter_shards(folder: str | Path) -> Iterator[tuple[list[str], np.ndarray]]:
             raise UserError(f"{emb}: {len(ids)} ids and vectors {vectors.dtype} {list(vectors.shape)}, expected "
                             f"{expected} of {manifest['dtype']} [{expected}, {dim}] as {MANIFEST} says")
         yield ids, vectors
+
+
+def write_folder(folder: str | Path, shards: Iterable[tuple[list[str], np.ndarray]], identity: dict) -> dict:
+    """A finished folder from vectors made elsewhere (a benchmark's, a test's): `shards` yields
+    (ids, vectors) of identity["shard_docs"] documents each, the last one fewer; `identity` holds
+    the other IDENTITY_KEYS (model, preset, kind, max_tokens, input_sha256) and `input`. Returns the
+    manifest, written with its count after the last shard."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {**identity, "format": FORMAT, "version": VERSION, "dtype": DTYPE}
+    count, dim, shard_docs = 0, None, identity["shard_docs"]
+    for index, (ids, vectors) in enumerate(shards):
+        if dim is None:
+            dim = int(vectors.shape[1])
+            write_manifest(folder, {**manifest, "dim": dim})
+        if count % shard_docs or len(ids) > shard_docs:
+            raise ValueError(f"shard {index}: {len(ids)} documents after a short shard or over {shard_docs}")
+        write_shard(folder, index, ids, vectors)
+        count += len(ids)
+    if dim is None:
+        raise ValueError("no shards to write")
+    manifest = {**manifest, "dim": dim, "count": count}
+    write_manifest(folder, manifest)
+    return manifest
 
 
 def read_all(folder: str | Path) -> tuple[list[str], np.ndarray]:

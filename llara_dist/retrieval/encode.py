@@ -7,8 +7,9 @@
 Passages get the SELF (summarize) prompt, queries the NEXT (predict) prompt, with the
 pooling of the preset recorded in the model folder's `llara.json` (written by export).
 Input, read as a stream: JSON lines with "text" (optional "title", id in "_id" or "id": BEIR's
-corpus.jsonl and queries.jsonl), a .tsv of `id<TAB>text` lines (MS MARCO's collection.tsv), or
-plain text, one per line (its id: the line number).
+corpus.jsonl and queries.jsonl), a .tsv of `id<TAB>text` lines (MS MARCO's collection.tsv), a
+folder of `prep` shards (each document's stored text, its id the shard key), or plain text, one
+per line (its id: the line number).
 
 `--out` writes one float32 .npy, the whole input in memory. `--out-dir` writes a folder of
 float16 shards with their ids (retrieval/embeddings.py), for corpora of any size: each rank of a
@@ -133,8 +134,32 @@ def _json_document(path: Path, line_no: int, obj) -> tuple[object, str]:
     return doc_id, f"{title}\n{obj['text']}" if title else obj["text"]
 
 
+def _prep_records(folder: Path) -> Iterator[tuple[str, object, str]]:
+    """(where, shard key, stored text) of every document of a `prep` shard folder, shard by shard in
+    the manifest's order, each shard checked against the size and sha256 the manifest gives it."""
+    from llara_dist.data import shards as sh
+    from llara_dist.data.stream import shard_members
+
+    if not (folder / sh.MANIFEST).is_file():
+        raise UserError(f"{folder}: a folder, but no {sh.MANIFEST}; an input folder is one `llara-dist prep` wrote")
+    for entry in sh.read_manifest(str(folder))["shards"]:
+        url = sh.shard_url(str(folder), entry["name"])
+        for sample in sh.samples_in(shard_members(url, entry.get("bytes"), entry.get("sha256")), url, ("txt",)):
+            where = f"{url}: document {sample['__key__']!r}"
+            if "txt" not in sample:
+                raise UserError(f"{where}: no stored text (.txt), which encode reads")
+            try:
+                yield where, sample["__key__"], sample["txt"].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: its text is not UTF-8 ({e})") from None
+
+
 def _records(path: Path) -> Iterator[tuple[int, object, str]]:
-    """(line number, raw id, text) in file order; the format from the suffix, else the first line."""
+    """(line number, raw id, text) in file order; the format from the suffix, else the first line.
+    A folder is `prep`'s shards: (where, key, text) of each document (_prep_records)."""
+    if path.is_dir():
+        yield from _prep_records(path)
+        return
     if path.suffix.lower() == ".tsv":
         for line_no, line in read_lines(path, "input file"):
             doc_id, tab, text = line.partition("\t")
@@ -160,8 +185,9 @@ def iter_documents(path: str | Path) -> Iterator[tuple[str, str]]:
 
     JSON lines: {"text", "title"?, "_id" or "id"?} (BEIR corpus.jsonl, queries.jsonl; a title goes
     before the text on its own line); .tsv: `id<TAB>text` (MS MARCO collection.tsv, queries.*.tsv);
-    else plain lines. A record without an id is named by its line number. Bad input is refused
-    with the file, the line and the reason."""
+    a folder of `prep` shards (block or sample layout): each document's key and stored text; else
+    plain lines. A record without an id is named by its line number. Bad input is refused with the
+    file, the line (or shard and key) and the reason."""
     path = Path(path)
     for line_no, doc_id, text in _records(path):
         doc_id = str(doc_id)
@@ -180,6 +206,9 @@ def read_texts(path: str | Path) -> list[str]:
 
 
 def file_sha256(path: str | Path) -> str:
+    """A file's sha256; a prep folder's is its manifest's, which holds every shard's sha256."""
+    if Path(path).is_dir():
+        path = Path(path) / "manifest.json"
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -341,7 +370,8 @@ def encode_to_folder(args, encoder=None) -> dict:
 def configure(parser) -> None:
     parser.add_argument("--model", required=True, help="exported model folder (with llara.json)")
     parser.add_argument("--input", required=True,
-                        help="JSON lines with text (title, _id/id), a .tsv of id<TAB>text, or plain lines")
+                        help="JSON lines with text (title, _id/id), a .tsv of id<TAB>text, plain lines, or a "
+                             "folder of `prep` shards (ids: the shard keys)")
     parser.add_argument("--kind", choices=("passage", "query"), required=True)
     out = parser.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="output .npy file, [N, hidden] float32 (the whole input in memory)")

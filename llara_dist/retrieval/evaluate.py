@@ -8,7 +8,9 @@ MRR@10, Recall@{10,100,1000} and nDCG@10 as JSON (definitions in search.py). In 
 default; with --emb-dir, encode -> search -> metrics through shard folders (DIR/corpus and
 DIR/queries, as `encode --out-dir` writes them): a rerun, or a preempted run started again,
 reuses the shards already written, the ranks of a launcher share the encoding, rank 0 searches
-the shards as they stream (memory: one shard) and reports. Vectors are then float16.
+the shards as they stream (memory: one shard) and reports. Vectors are then float16. With
+--emb-dir, `--index pq` makes the search approximate, through an index saved beside the corpus's
+shards and reused (search.add_index_arguments); the metrics JSON then has its recall and timings.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from llara_dist.errors import UserError
 from llara_dist.retrieval.beir import load_beir
 from llara_dist.retrieval.encode import encode_texts, load_encoder
-from llara_dist.retrieval.search import evaluate_run, search, write_trec_run
+from llara_dist.retrieval.search import add_index_arguments, evaluate_run, search, search_folder, write_trec_run
 
 
 def evaluate_model(model, tokenizer, preset, beir_dir, split: str = "test", k: int = 1000,
@@ -42,7 +44,7 @@ def evaluate_model(model, tokenizer, preset, beir_dir, split: str = "test", k: i
 
 def scored_run(qids: list[str], doc_ids: list[str], scores, rows, qrels: dict, trec: str | None) -> dict:
     """The metrics of a search's top-k (rows index doc_ids), its TREC run written where asked."""
-    ranked = {qid: [(doc_ids[j], float(s)) for j, s in zip(rows[n].tolist(), scores[n].tolist())]
+    ranked = {qid: [(doc_ids[j], float(s)) for j, s in zip(rows[n].tolist(), scores[n].tolist()) if j >= 0]
               for n, qid in enumerate(qids)}
     if trec:
         write_trec_run(trec, ranked)
@@ -58,7 +60,6 @@ def evaluate_folders(args) -> dict | None:
 
     from llara_dist.retrieval import embeddings
     from llara_dist.retrieval.encode import encode_to_folder
-    from llara_dist.retrieval.index import exact_search
 
     data = load_beir(args.beir, args.split)  # a bad folder is refused before the model loads
     encoder = load_encoder(args.model, attn=args.attn)
@@ -78,15 +79,9 @@ def evaluate_folders(args) -> dict | None:
         time.sleep(2.0)
     all_qids, q = embeddings.read_all(folders["query"])
     keep = [i for i, qid in enumerate(all_qids) if qid in data.qrels]
-    doc_ids: list[str] = []
-
-    def shards():
-        for ids, vectors in embeddings.iter_shards(folders["passage"]):
-            doc_ids.extend(ids)
-            yield vectors
-
-    scores, rows = exact_search(np.asarray(q[keep], np.float32), shards(), args.k)
-    return scored_run([all_qids[i] for i in keep], doc_ids, scores, rows, data.qrels, args.trec)
+    scores, rows, doc_ids, report = search_folder(args, folders["passage"], np.asarray(q[keep], np.float32), args.k)
+    metrics = scored_run([all_qids[i] for i in keep], doc_ids, scores, rows, data.qrels, args.trec)
+    return metrics | ({"approximate": report} if report else {})
 
 
 def configure(parser) -> None:
@@ -103,6 +98,7 @@ def configure(parser) -> None:
                         help="encode into shard folders DIR/corpus and DIR/queries, resumable and shared by the "
                              "ranks of a launcher, and search them shard by shard (default: all in memory)")
     parser.add_argument("--shard-docs", type=int, default=10000, help="documents per shard with --emb-dir")
+    add_index_arguments(parser)
 
 
 def run(args) -> int:
@@ -111,6 +107,9 @@ def run(args) -> int:
         if metrics is None:  # not rank 0: its shards are written, rank 0 reports
             return 0
     else:
+        if args.index != "exact":
+            raise UserError(f"--index {args.index} searches the shard folders of --emb-dir; the in-memory "
+                            "evaluation searches exactly")
         model, tokenizer, preset = load_encoder(args.model, attn=args.attn)
         metrics = evaluate_model(model, tokenizer, preset, args.beir, args.split, args.k, args.batch_size,
                                  args.max_tokens, args.trec)

@@ -16,6 +16,11 @@ Both folders are what `encode --out-dir` writes (retrieval/embeddings.py), from 
 preset. The passages stream through an exact inner-product search one shard at a time
 (retrieval/index.py: memory bounded by a shard and the queries, not the corpus); the queries are
 held whole. The run lists each query's top k, best first, ties to the earlier passage.
+
+With `--index pq` the search is approximate (index.FolderIndex): 4-bit product-quantization codes of
+every passage, built once and saved beside the shards (`index.faiss`, `index.json`), propose
+`--rerank` candidates per query, which are scored exactly from the shards. The recall@k of the
+result against exact search, on a sample of the queries, is measured when the index is built.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import torch
 
 from llara_dist.errors import UserError
 from llara_dist.retrieval.index import exact_search
+
+DEFAULT_POOL = 5000  # candidates re-ranked per query with --index pq (at least k)
 
 
 def search(queries: torch.Tensor, passages: torch.Tensor, k: int,
@@ -73,11 +80,63 @@ def write_trec_run(path: str | Path, run_scores: dict[str, list[tuple[str, float
 
 # -- `llara-dist search` ---------------------------------------------------------------------
 
+def add_index_arguments(parser) -> None:
+    """The search's options shared by `search` and `eval --emb-dir`."""
+    parser.add_argument("--index", choices=("exact", "pq"), default="exact",
+                        help="exact: every passage scored (default); pq: an approximate index of 4-bit product-"
+                             "quantization codes, saved beside the passage shards and reused, proposes --rerank "
+                             "candidates per query, scored exactly from the shards")
+    parser.add_argument("--pq-m", type=int, metavar="M",
+                        help="--index pq: sub-quantizers, M/2 bytes a vector (default: dimension / 2)")
+    parser.add_argument("--nlist", type=int, default=1,
+                        help="--index pq: IVF lists over the codes (default: %(default)s, every code scanned; "
+                             "random-like data gains nothing from lists)")
+    parser.add_argument("--nprobe", type=int, default=16, help="--index pq: lists scanned per query")
+    parser.add_argument("--rerank", type=int, metavar="POOL",
+                        help=f"--index pq: candidates re-ranked per query (default: the larger of {DEFAULT_POOL} "
+                             "and --k)")
+    parser.add_argument("--check-queries", type=int, default=100,
+                        help="--index pq: queries whose recall@k against exact search is measured when the index "
+                             "is built (default: %(default)s)")
+    parser.add_argument("--rebuild-index", action="store_true", help="--index pq: build the index even if saved")
+
+
+def search_folder(args, passages_dir, queries, k: int) -> tuple:
+    """(scores, rows, doc ids, report) of `queries` against the passage shards in `passages_dir`, as
+    add_index_arguments' options say; report is None for the exact search."""
+    import numpy as np
+
+    from llara_dist.retrieval import embeddings
+    from llara_dist.retrieval.index import FolderIndex, PQSettings, default_pq_m
+
+    if args.index == "exact":
+        doc_ids: list[str] = []
+
+        def shards():
+            for ids, vectors in embeddings.iter_shards(passages_dir):
+                doc_ids.extend(ids)
+                yield vectors
+
+        scores, rows = exact_search(np.asarray(queries, np.float32), shards(), k)
+        return scores, rows, doc_ids, None
+    if args.nprobe < 1 or args.check_queries < 0:
+        raise UserError(f"--nprobe {args.nprobe}, --check-queries {args.check_queries}: need at least 1 and 0")
+    pool = args.rerank if args.rerank is not None else max(DEFAULT_POOL, k)
+    if pool < k:
+        raise UserError(f"--rerank {pool}: re-ranks fewer candidates than --k {k}")
+    dim = (embeddings.read_manifest(passages_dir) or {}).get("dim", queries.shape[1])
+    settings = PQSettings(m=args.pq_m or default_pq_m(dim), nlist=args.nlist)
+    found = FolderIndex(passages_dir, settings).search(queries, k, pool, args.nprobe, args.check_queries,
+                                                       rebuild=args.rebuild_index)
+    return found.scores, found.rows, found.doc_ids, found.report
+
+
 def configure(parser) -> None:
     parser.add_argument("--passages", required=True, metavar="DIR", help="embedding shards of the corpus")
     parser.add_argument("--queries", required=True, metavar="DIR", help="embedding shards of the queries")
     parser.add_argument("--out", required=True, help="TREC run file to write")
     parser.add_argument("--k", type=int, default=100, help="passages per query (default: %(default)s)")
+    add_index_arguments(parser)
 
 
 def run(args) -> int:
@@ -98,15 +157,9 @@ def run(args) -> int:
         raise UserError(f"{args.passages} and {args.queries} come from different encodings ("
                         + ", ".join(f"{k} {passages[k]!r} vs {queries[k]!r}" for k in differ) + ")")
     qids, q = embeddings.read_all(args.queries)
-    doc_ids: list[str] = []
-
-    def shards():
-        for ids, vectors in embeddings.iter_shards(args.passages):
-            doc_ids.extend(ids)
-            yield vectors
-
-    scores, rows = exact_search(np.asarray(q, np.float32), shards(), args.k)
-    write_trec_run(args.out, {qid: [(doc_ids[r], float(s)) for r, s in zip(rows[i], scores[i])]
+    scores, rows, doc_ids, report = search_folder(args, args.passages, np.asarray(q, np.float32), args.k)
+    write_trec_run(args.out, {qid: [(doc_ids[r], float(s)) for r, s in zip(rows[i], scores[i]) if r >= 0]
                               for i, qid in enumerate(qids)})
-    print(json.dumps({"out": args.out, "queries": len(qids), "passages": len(doc_ids), "k": int(rows.shape[1])}))
+    print(json.dumps({"out": args.out, "queries": len(qids), "passages": len(doc_ids), "k": int(rows.shape[1]),
+                      "index": args.index} | ({"approximate": report} if report else {})))
     return 0
