@@ -28,11 +28,11 @@ def loaders(folder, prompt, world: int, workers: int, global_batch=GLOBAL_BATCH,
                          global_batch=global_batch) for r in range(world)]
 
 
-def run(folder, prompt, world: int, workers: int, steps: int, states=None, micro_batch=MICRO_BATCH):
+def run(folder, prompt, world: int, workers: int, steps: int, states=None, micro_batch=MICRO_BATCH, streams=STREAMS):
     """(per step, the sorted micro-batches of all ranks as (document keys, token ids)), the ranks' states.
     With micro-batches of several rows, each row counts as a micro-batch of its own (its token ids; the
     keys of the whole micro-batch), so that splits of the same rows into micro-batches compare."""
-    ranks = loaders(folder, prompt, world, workers, micro_batch=micro_batch)
+    ranks = loaders(folder, prompt, world, workers, micro_batch=micro_batch, streams=streams)
     for loader in ranks:
         if states is not None:
             loader.load_state_dict(states)
@@ -73,6 +73,14 @@ def test_cursors_saved_at_one_world_size_resume_at_another(folder, released_prom
     rows = [sorted(ids for _, ids in step) for step in reference]
     assert run(folder, released_prompt, 1, 2, 6, states, micro_batch=2)[0] == rows[4:]
     assert run(folder, released_prompt, 2, 0, 3, states4, micro_batch=2)[0] == rows[7:]
+
+
+def test_four_ranks_with_two_workers_each_take_up_two_ranks_cursors(folder, released_prompt):
+    """8 streams: 4 ranks of 2 DataLoader workers serve them as 2 ranks of 1 worker did."""
+    reference, _ = run(folder, released_prompt, 2, 1, 6, streams=8)
+    first, states = run(folder, released_prompt, 2, 1, 3, streams=8)
+    assert first == reference[:3]
+    assert run(folder, released_prompt, 4, 2, 3, states, streams=8)[0] == reference[3:]
 
 
 def test_splits_that_cannot_work_are_refused_with_their_arithmetic(folder, released_prompt):
