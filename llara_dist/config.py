@@ -522,14 +522,19 @@ class RunConfig:
     train: TrainConfig = opt(TrainConfig(), "optimisation")
 
     def check(self) -> list[str]:
-        return compile_layers_problems(self.model, self.train, per_module=not self.train.gathers_by_layer())
+        by_layer = ("train.activation_checkpointing=true (with LoRA, gathering by layer needs it)"
+                    if self.train.lora_without_recompute else "train.zero3_layer_gather=true")
+        return compile_layers_problems(self.model, self.train, per_module=not self.train.gathers_by_layer(),
+                                       by_layer=by_layer)
 
 
-def compile_layers_problems(model: ModelConfig, train: TrainConfig, per_module: bool) -> list[str]:
-    """model.compile_layers needs a layer without hooks inside: not ZeRO-3 gathering per module."""
+def compile_layers_problems(model: ModelConfig, train: TrainConfig, per_module: bool,
+                            by_layer: str | None = None) -> list[str]:
+    """model.compile_layers needs a layer without hooks inside: not ZeRO-3 gathering per module.
+    `by_layer`: the setting that would make it gather by layer, where the task can."""
     if model.compile_layers is True and train.zero_stage == 3 and per_module:
         return ["model.compile_layers: ZeRO-3 gathers per module here, and compiling a layer would trace the "
-                "hooks inside it; set train.zero3_layer_gather (pretraining) or train.zero_stage=2"]
+                f"hooks inside it; set {by_layer + ' or ' if by_layer else ''}train.zero_stage=2"]
     return []
 
 

@@ -312,9 +312,12 @@ def test_compile_layers_needs_layers_without_hooks_inside(tokenizer_dir, tiny_ll
     from llara_dist.prompts import resolve_preset
     from llara_dist.tokenizer import load_tokenizer
 
-    with pytest.raises(ConfigError, match="model.compile_layers: ZeRO-3 gathers per module here"):
+    with pytest.raises(ConfigError, match="gathers per module here.*; set train.zero3_layer_gather=true or"):
         load_config(RunConfig, None, ["model.compile_layers=true", "train.zero3_layer_gather=false"])
-    with pytest.raises(ConfigError, match="model.compile_layers: ZeRO-3 gathers per module here"):
+    with pytest.raises(ConfigError, match="gathers per module here.*; set train.activation_checkpointing=true"):
+        load_config(RunConfig, None, ["model.compile_layers=true", "train.lora_r=4"])  # LoRA gathers per module
+    load_config(RunConfig, None, ["model.compile_layers=true", "train.lora_r=4", "train.activation_checkpointing=true"])
+    with pytest.raises(ConfigError, match="gathers per module here.*; set train.zero_stage=2"):
         load_config(FinetuneRunConfig, None, ["finetune.data=x", "model.compile_layers=true"])
     load_config(FinetuneRunConfig, None, ["finetune.data=x", "model.compile_layers=true", "train.zero_stage=2"])
     cfg = load_config(RunConfig, None, ["model.compile_layers=true", f"model.path={tiny_llama_dir}"]).model

@@ -134,15 +134,21 @@ def _json_document(path: Path, line_no: int, obj) -> tuple[object, str]:
     return doc_id, f"{title}\n{obj['text']}" if title else obj["text"]
 
 
+def _prep_manifest(folder: Path) -> dict:
+    from llara_dist.data import shards as sh
+
+    if not (folder / sh.MANIFEST).is_file():
+        raise UserError(f"{folder}: a folder, but no {sh.MANIFEST}; an input folder is one `llara-dist prep` wrote")
+    return sh.read_manifest(str(folder))
+
+
 def _prep_records(folder: Path) -> Iterator[tuple[str, object, str]]:
     """(where, shard key, stored text) of every document of a `prep` shard folder, shard by shard in
     the manifest's order, each shard checked against the size and sha256 the manifest gives it."""
     from llara_dist.data import shards as sh
     from llara_dist.data.stream import shard_members
 
-    if not (folder / sh.MANIFEST).is_file():
-        raise UserError(f"{folder}: a folder, but no {sh.MANIFEST}; an input folder is one `llara-dist prep` wrote")
-    for entry in sh.read_manifest(str(folder))["shards"]:
+    for entry in _prep_manifest(folder)["shards"]:
         url = sh.shard_url(str(folder), entry["name"])
         for sample in sh.samples_in(shard_members(url, entry.get("bytes"), entry.get("sha256")), url, ("txt",)):
             where = f"{url}: document {sample['__key__']!r}"
@@ -218,8 +224,12 @@ def file_sha256(path: str | Path) -> str:
 
 def count_documents(path: str | Path) -> int:
     """Read the whole input once before any model loads: bad input is refused at start, not hours
-    into the run, and the count fixes the shards."""
-    count = sum(1 for _ in iter_documents(path))
+    into the run, and the count fixes the shards. A `prep` folder's manifest has the count already
+    (its shards are checked against their sha256 as the encode reads them)."""
+    if Path(path).is_dir():
+        count = sum(int(entry["docs"]) for entry in _prep_manifest(Path(path))["shards"])
+    else:
+        count = sum(1 for _ in iter_documents(path))
     if not count:
         raise UserError(f"{path}: no texts to encode (the file is empty or blank)")
     return count
