@@ -1,5 +1,6 @@
 """FAISS search over embedding shards against brute force; the IVF index's recall; the approximate
-index kept beside a shard folder (recall reported, reuse, rebuilt when the shards change); the
+index kept beside a shard folder (recall reported at the pool it was measured at, reuse, rebuilt when
+the shards change or its file is damaged, queries searched in blocks of bounded memory); the
 search benchmark at tiny size; the metrics of search.evaluate_run against pytrec_eval (trec_eval
 itself) on randomised runs and qrels."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tracemalloc
 import weakref
 from pathlib import Path
 
@@ -18,15 +20,19 @@ from helpers import refused
 
 from llara_dist.cli import main
 from llara_dist.errors import UserError
+from llara_dist.quiet import VERBOSE_ENV
 from llara_dist.retrieval import embeddings
 from llara_dist.retrieval.index import (
+    BLOCK_ENTRIES,
     INDEX_FILE,
     INDEX_MANIFEST,
+    FolderIndex,
     PQSettings,
     build_ivf,
     build_pq,
     exact_search,
     pq_candidates,
+    query_blocks,
     recall_against_exact,
     rerank,
 )
@@ -225,13 +231,14 @@ def test_search_with_a_saved_pq_index(tmp_path, capsys):
     assert "recall@10" in err and (passages / INDEX_MANIFEST).is_file()
     exact, approx = read_run(exact_run), read_run(pq_run)
     measured = np.mean([len(set(exact[q]) & set(approx[q])) / 10 for q in exact])
-    assert report["recall"] == {"k": 10, "queries": 30, "value": pytest.approx(measured)}
+    assert report["recall"] == {"k": 10, "pool": 40, "nprobe": 1, "queries": 30, "value": pytest.approx(measured),
+                                "measured": "now"}
     assert 0.3 < measured < 1  # a pool of 40 of 5000, 4 dimensions a code: some neighbours missed
     stamp = (passages / INDEX_FILE).stat().st_mtime_ns
     second, err = search_cli(argv, capsys)
     assert not second["approximate"]["built"] and "building" not in err
     assert (passages / INDEX_FILE).stat().st_mtime_ns == stamp and read_run(pq_run) == approx
-    assert second["approximate"]["recall"] == report["recall"]  # as measured when it was built
+    assert second["approximate"]["recall"] == report["recall"] | {"measured": "saved"}  # as when it was built
     # The same count and manifest, other vectors: caught by the shards' sha256 as they are re-ranked.
     changed = corpus.copy()
     changed[:700] = unit(rng, 700, 64)
@@ -259,7 +266,122 @@ def test_an_index_built_without_check_queries_is_reused(tmp_path, capsys):
     first, _ = search_cli(argv, capsys)
     second, _ = search_cli(argv, capsys)
     assert first["approximate"]["built"] and first["approximate"]["recall"] is None
-    assert not second["approximate"]["built"]
+    assert not second["approximate"]["built"] and second["approximate"]["recall"] is None
+    assert "no recall was saved with the index" in second["approximate"]["recall_note"]
+
+
+def recall_of_run(run: Path, exact: dict[str, list[str]]) -> float:
+    approx = read_run(run)
+    return float(np.mean([len(set(exact[q]) & set(approx[q])) / len(exact[q]) for q in exact]))
+
+
+def test_a_reused_index_reports_the_recall_of_its_own_pool(tmp_path, capsys):
+    """The recall goes with the pool it was measured at: searched again with a smaller pool, the
+    saved index's recall is measured again (or, without check queries, not reported), and a recall
+    lost to a crash before it was saved is measured by the next search."""
+    rng = np.random.default_rng(12)
+    passages, queries = tmp_path / "p", tmp_path / "q"
+    write_random_folder(passages, unit(rng, 3000, 32), "passage", 700)
+    write_random_folder(queries, unit(rng, 25, 32), "query", 100)
+    exact_run, pq_run = tmp_path / "exact.trec", tmp_path / "pq.trec"
+    search_cli(["--passages", str(passages), "--queries", str(queries), "--out", str(exact_run), "--k", "10"], capsys)
+    exact = read_run(exact_run)
+    base = ["--passages", str(passages), "--queries", str(queries), "--out", str(pq_run), "--k", "10", "--index",
+            "pq", "--pq-m", "8"]
+    built, _ = search_cli([*base, "--rerank", "200", "--check-queries", "25"], capsys)
+    wide = built["approximate"]["recall"]
+    assert wide["pool"] == 200 and wide["value"] == pytest.approx(recall_of_run(pq_run, exact))
+    narrow, err = search_cli([*base, "--rerank", "10", "--check-queries", "25"], capsys)
+    recall = narrow["approximate"]["recall"]
+    assert not narrow["approximate"]["built"] and recall["pool"] == 10 and recall["measured"] == "now"
+    assert recall["value"] == pytest.approx(recall_of_run(pq_run, exact)) and recall["value"] < wide["value"]
+    assert "recall@10" in err and "pool 10" in err
+    saved = json.loads((passages / INDEX_MANIFEST).read_text())
+    assert saved["recall"] == {key: wide[key] for key in saved["recall"]}  # the build's figure is kept
+    unmeasured, err = search_cli([*base, "--rerank", "10", "--check-queries", "0"], capsys)
+    assert unmeasured["approximate"]["recall"] is None
+    note = unmeasured["approximate"]["recall_note"]
+    assert "measured at pool 200, nprobe 1, not at this search's k 10, pool 10, nprobe 1" in note
+    assert "not measured" in err
+    # A crash between writing the index and its recall leaves "recall": null: the next search measures it.
+    saved["recall"] = None
+    (passages / INDEX_MANIFEST).write_text(json.dumps(saved))
+    again, _ = search_cli([*base, "--rerank", "200", "--check-queries", "25"], capsys)
+    assert not again["approximate"]["built"] and again["approximate"]["recall"]["measured"] == "now"
+    assert again["approximate"]["recall"]["value"] == pytest.approx(recall_of_run(pq_run, exact))
+    assert json.loads((passages / INDEX_MANIFEST).read_text())["recall"]["value"] == pytest.approx(wide["value"])
+    reused, _ = search_cli([*base, "--rerank", "200", "--check-queries", "25"], capsys)
+    assert reused["approximate"]["recall"] == again["approximate"]["recall"] | {"measured": "saved"}
+
+
+def test_queries_are_searched_in_blocks_of_bounded_memory(tmp_path):
+    """Blocks of queries x pool give the same result as one block, with a peak of numpy memory
+    (tracemalloc sees numpy's allocations) set by the block, not by the number of queries."""
+    rng = np.random.default_rng(13)
+    write_random_folder(tmp_path / "p", unit(rng, 3000, 16), "passage", 1000)
+    queries = unit(rng, 2000, 16)
+    index = FolderIndex(tmp_path / "p", PQSettings(m=8), log=lambda line: None)
+    index.search(queries[:1], 10, 300, check_queries=0)  # built and saved: what follows only searches
+
+    def peak_of(block_entries: int):
+        tracemalloc.start()
+        try:
+            found = index.search(queries, 10, 300, check_queries=2000, block_entries=block_entries)
+            return found, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    blocked, blocked_peak = peak_of(300 * 64)  # measures the recall missing from the saved index
+    whole, whole_peak = peak_of(BLOCK_ENTRIES)
+    assert whole.report["blocks"] == 1 and blocked.report["blocks"] == len(query_blocks(2000, 300, 300 * 64)) == 32
+    assert np.array_equal(blocked.rows, whole.rows) and np.array_equal(blocked.scores, whole.scores)
+    shards = (v for _, v in embeddings.iter_shards(tmp_path / "p"))
+    truth = exact_search(queries, shards, 10)[1]
+    assert blocked.report["recall"]["value"] == pytest.approx(recall_against_exact(blocked.rows, truth))
+    assert whole.report["recall"] == blocked.report["recall"] | {"measured": "saved"}
+    assert blocked_peak < whole_peak / 4, (blocked_peak, whole_peak)
+    assert all((end - start) * 300 <= 300 * 64 for start, end in query_blocks(2000, 300, 300 * 64))
+
+
+def test_a_damaged_index_file_is_rebuilt(tmp_path, capsys):
+    rng = np.random.default_rng(14)
+    write_random_folder(tmp_path / "p", unit(rng, 500, 16), "passage", 200)
+    write_random_folder(tmp_path / "q", unit(rng, 5, 16), "query", 100)
+    argv = ["--passages", str(tmp_path / "p"), "--queries", str(tmp_path / "q"), "--out", str(tmp_path / "run"),
+            "--k", "5", "--index", "pq", "--rerank", "50", "--pq-m", "8"]
+    first, _ = search_cli(argv, capsys)
+    path = tmp_path / "p" / INDEX_FILE
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    second, err = search_cli(argv, capsys)
+    assert f"{path}: building (unreadable: read error" in err and "Traceback" not in err
+    assert second["approximate"]["built"] and second["approximate"]["recall"] == first["approximate"]["recall"]
+    assert not search_cli(argv, capsys)[0]["approximate"]["built"]  # the rebuilt file is whole
+    assert sorted(p.name for p in (tmp_path / "p").iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "index.faiss"
+    target.write_bytes(b"before")
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        embeddings._write_renamed(target, fail, "index.faiss.1.tmp")
+    assert target.read_bytes() == b"before" and [p.name for p in tmp_path.iterdir()] == ["index.faiss"]
+
+
+def test_product_quantizer_training_is_quiet_unless_verbose(capfd, monkeypatch):
+    """300 training rows for 16-centroid sub-quantizers: FAISS would warn once per sub-quantizer."""
+    rng = np.random.default_rng(15)
+    corpus = unit(rng, 300, 32)
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    build_pq([corpus], 32, PQSettings(m=16))
+    assert "WARNING clustering" not in capfd.readouterr().err
+    monkeypatch.setenv(VERBOSE_ENV, "1")
+    build_pq([corpus], 32, PQSettings(m=16))
+    assert capfd.readouterr().err.count("WARNING clustering 300 points to 16 centroids") == 16
 
 
 def test_pq_search_refusals(tmp_path, capsys):
@@ -268,7 +390,7 @@ def test_pq_search_refusals(tmp_path, capsys):
     write_random_folder(tmp_path / "q", unit(rng, 5, 24), "query", 100)
     base = ["search", "--passages", str(tmp_path / "p"), "--queries", str(tmp_path / "q"), "--out",
             str(tmp_path / "run"), "--index", "pq"]
-    assert "--rerank 50: re-ranks fewer candidates than --k 100" in refused([*base, "--rerank", "50"], capsys)
+    assert "--rerank 50 is below --k 100" in refused([*base, "--rerank", "50"], capsys)
     assert "5 sub-quantizers do not divide the dimension 24" in refused([*base, "--pq-m", "5"], capsys)
     err = refused(["eval", "--model", str(tmp_path), "--beir", str(tmp_path), "--index", "pq"], capsys)
     assert "--index pq searches the shard folders of --emb-dir" in err

@@ -57,13 +57,18 @@ def shard_complete(folder: str | Path, index: int) -> bool:
 
 
 def _write_renamed(path: Path, write, tmp_name: str) -> None:
-    """write(file) into `tmp_name` beside `path`, flushed to disk, then renamed to `path`."""
+    """write(file) into `tmp_name` beside `path`, flushed to disk, then renamed to `path`; a failed
+    write leaves neither `path` changed nor the temporary file behind."""
     tmp = path.with_name(tmp_name)
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_shard(folder: str | Path, index: int, ids: list[str], vectors: np.ndarray) -> None:

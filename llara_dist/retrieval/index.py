@@ -14,7 +14,8 @@ measures its recall@k against the exact top-k on sample queries while the shards
 propose a pool of candidates per query, and their exact scores, computed from the float16 shards
 streamed once more, pick the top-k. `FolderIndex` keeps such an index beside an embedding-shard
 folder (`index.faiss` and its manifest `index.json`, which names the shards' sha256), reuses it
-while the shards are unchanged and rebuilds it when they are not.
+while the shards are unchanged and rebuilds it when they are not. It searches the queries in
+blocks of a bounded queries x pool, so that memory does not grow with the number of queries.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +35,8 @@ import faiss
 import numpy as np
 
 from llara_dist.errors import UserError
+from llara_dist.quiet import verbose
+from llara_dist.retrieval import embeddings
 
 # Scores recomputed at once when a shard's top-k boundary falls inside a run of equal scores
 # (query rows x shard rows, 12 bytes each with the ids): bounds that extra memory to about 50 MiB.
@@ -238,7 +242,7 @@ class PQSettings:
     def factory(self, dim: int) -> str:
         if self.m < 1 or dim % self.m:
             raise UserError(f"{self.m} sub-quantizers do not divide the dimension {dim}: pick a divisor "
-                            f"(default {dim // 2 if dim % 2 == 0 else dim})")
+                            f"(default {default_pq_m(dim)})")
         if self.nlist < 1:
             raise UserError(f"nlist must be at least 1, got {self.nlist}")
         codes = f"PQ{self.m}x4fs"
@@ -273,8 +277,14 @@ def build_pq(shards: Iterable[np.ndarray], dim: int, settings: PQSettings, check
     (held until then), then adds each shard. With `check_queries`, their exact top-`check_k` is kept
     as the shards pass (returned, for `recall_against_exact` once the queries are re-ranked)."""
     index = faiss.index_factory(dim, settings.factory(dim), faiss.METRIC_INNER_PRODUCT)
+    codes = index  # the fast-scan index that holds the product quantizer: itself, or the IVF's
     if settings.nlist > 1:
         faiss.extract_index_ivf(index).cp.seed = settings.seed
+        codes = faiss.downcast_index(faiss.extract_index_ivf(index))  # a view, `index` owns it
+    if not verbose():
+        # FAISS warns on stderr, once per sub-quantizer, when a 16-centroid k-means gets fewer than
+        # 39 points a centroid: a small corpus has no more to give, so a line each is only noise.
+        codes.pq.cp.min_points_per_centroid = 1
     train_rows = settings.rows_to_train()
     exact = ExactTopK(check_queries, check_k) if check_queries is not None else None
 
@@ -342,14 +352,16 @@ def rerank(queries: np.ndarray, candidates: np.ndarray, shards: Iterable[np.ndar
             by_row_scores[rows_of[inside], columns[inside]] = part[inside]
         start = end
         del shard
+    del search, by_row  # the arrays of queries x pool held at once stay few (see BLOCK_ENTRIES)
     if (candidates >= start).any():
         raise UserError(f"candidates name row {int(candidates.max())} of a corpus of {start} rows: the index "
                         "was built over other shards")
     scores = np.empty_like(by_row_scores)
     np.put_along_axis(scores, order, by_row_scores, axis=1)
+    del by_row_scores, order
     rows = np.where(np.isfinite(scores), candidates, -1)
     # -1 rows sort last: score -inf, and a large id so that real rows with -inf come first
-    order = np.lexsort((np.where(rows < 0, np.iinfo(np.int64).max, rows), -scores.astype(np.float64)), axis=1)
+    order = np.lexsort((np.where(rows < 0, np.iinfo(np.int64).max, rows), -scores), axis=1)
     keep = order[:, :min(k, candidates.shape[1])]
     return np.take_along_axis(scores, keep, axis=1), np.take_along_axis(rows, keep, axis=1)
 
@@ -361,7 +373,9 @@ class _RowSearch:
     def __init__(self, sorted_rows: np.ndarray):
         self.span = int(sorted_rows.max(initial=-1)) + 2
         self.offsets = np.arange(len(sorted_rows), dtype=np.int64) * self.span
-        self.keys = (sorted_rows + 1 + self.offsets[:, None]).ravel()
+        self.keys = sorted_rows + 1  # then offset in place: one array of the matrix's size, not three
+        self.keys += self.offsets[:, None]
+        self.keys = self.keys.ravel()
         self.width = sorted_rows.shape[1]
 
     def below(self, value: int) -> np.ndarray:
@@ -385,8 +399,6 @@ class _HashedShards:
         self._digest = hashlib.sha256()
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        from llara_dist.retrieval import embeddings
-
         for ids, vectors in embeddings.iter_shards(self.folder):
             self.ids.extend(ids)
             self._digest.update("".join(f"{i}\n" for i in ids).encode("utf-8"))
@@ -398,10 +410,33 @@ class _HashedShards:
         return self._digest.hexdigest()
 
 
-def _write_renamed(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+def _feeding(shards: Iterable[np.ndarray], exact: ExactTopK | None) -> Iterator[np.ndarray]:
+    """The shards, each also added to `exact` (when not None) as it passes."""
+    n = 0
+    for shard in shards:  # no enumerate(), as in exact_search
+        if exact is not None:
+            exact.add(shard, f"shard {n}")
+        n += 1
+        yield shard
+        del shard
+
+
+# Queries x candidates searched at once: the candidates' search and rerank hold a few arrays of that
+# shape at a time (about 48 bytes an entry at the peak, measured), so 2^25 entries bound them to
+# about 1.6 GB whatever the number of queries.
+BLOCK_ENTRIES = 1 << 25
+
+
+def query_blocks(queries: int, pool: int, entries: int = BLOCK_ENTRIES) -> list[tuple[int, int]]:
+    """[start, end) ranges of the queries, each block's queries x pool within `entries` (one query at least)."""
+    size = max(1, entries // max(1, pool))
+    return [(start, min(start + size, queries)) for start in range(0, queries, size)]
+
+
+def _faiss_error(error: RuntimeError) -> str:
+    """FAISS's reason without the C++ function, source line and failed assertion it prefixes."""
+    text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return re.sub(r"^Error in .*? at \S+: (Error: )?('.*?' failed: )?", "", text)
 
 
 @dataclass
@@ -419,18 +454,20 @@ class FolderIndex:
 
         DIR/index.faiss   the FAISS index (codes of every vector, in corpus order)
         DIR/index.json    its settings, the shards' manifest, the shards' sha256 (ids and vectors,
-                          in order), and the recall@k measured when it was built
+                          in order), and a recall@k measured on check queries with the pool and
+                          nprobe it was measured at (at build, or on a later search if the build's was lost)
 
     `search` reuses the saved index when its settings and the shards' manifest are the same, builds
     (and saves) it otherwise, and checks the shards' sha256 while re-ranking reads them: an index
     over changed shards is rebuilt and the search done again. Building streams the shards once
     (training on a sample of the leading ones, then adding shard by shard) and keeps the exact
-    top-k of a sample of the queries, whose recall@k is measured on the search that follows.
+    top-k of a sample of the queries, whose recall@k is measured on the search that follows. A
+    search of the saved index with other k, pool or nprobe measures the recall again on its own
+    sample, its exact top-k kept while the re-ranking streams the shards (none without check queries:
+    the report then says why, never pairing a figure with settings it was not measured at).
     """
 
     def __init__(self, folder: str | Path, settings: PQSettings, log=None):
-        from llara_dist.retrieval import embeddings
-
         self.folder = Path(folder)
         self.settings = settings
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -458,7 +495,24 @@ class FolderIndex:
 
     def _write_manifest(self, saved: dict) -> None:
         text = json.dumps(saved, indent=2, sort_keys=True) + "\n"
-        _write_renamed(self.manifest_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        embeddings._write_renamed(self.manifest_path, lambda f: f.write(text.encode("utf-8")),
+                                  f"{INDEX_MANIFEST}.{os.getpid()}{embeddings.TMP_SUFFIX}")
+
+    def _write_index(self, index: faiss.Index) -> None:
+        def write(f) -> None:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+
+        embeddings._write_renamed(self.index_path, write, f"{INDEX_FILE}.{os.getpid()}{embeddings.TMP_SUFFIX}")
+
+    def _read_index(self, saved: dict) -> tuple[faiss.Index | None, str | None]:
+        """(the saved index, None), or (None, why it cannot be read)."""
+        try:
+            index = faiss.read_index(str(self.index_path))
+        except RuntimeError as error:  # a truncated or overwritten file
+            return None, f"unreadable: {_faiss_error(error)}"
+        if index.ntotal != saved.get("rows"):
+            return None, f"holds {index.ntotal} rows, its {INDEX_MANIFEST} says {saved.get('rows')}"
+        return index, None
 
     def stale_reason(self, saved: dict | None) -> str | None:
         """Why the saved index cannot serve (None when it can)."""
@@ -471,21 +525,23 @@ class FolderIndex:
         return None
 
     def search(self, queries: np.ndarray, k: int, pool: int, nprobe: int = 16, check_queries: int = 100,
-               rebuild: bool = False) -> FolderSearch:
+               rebuild: bool = False, block_entries: int = BLOCK_ENTRIES) -> FolderSearch:
         if pool < k:
-            raise UserError(f"a candidate pool of {pool} cannot give the top {k}: re-rank at least k candidates")
+            raise UserError(f"a candidate pool of {pool} cannot give the top {k}: re-rank at least k candidates "
+                            f"(--rerank {pool} is below --k {k})")
         queries = _as_float32(queries, "queries", self.shards_manifest["dim"])
         saved = None if rebuild else self.saved()
         reason = "asked to rebuild" if rebuild else self.stale_reason(saved)
         report = {"index": str(self.index_path), "factory": self.settings.factory(self.shards_manifest["dim"])}
-        exact, sample = None, None
+        sample = np.sort(np.random.default_rng(self.settings.seed).choice(
+            len(queries), min(check_queries, len(queries)), replace=False))
+        index = exact = None
         if reason is None:
-            index = faiss.read_index(str(self.index_path))
+            index, reason = self._read_index(saved)
+        if index is not None:
             report |= {"built": False, "build_s": None}
         else:
             self.log(f"{self.index_path}: building ({reason})")
-            sample = np.sort(np.random.default_rng(self.settings.seed).choice(
-                len(queries), min(check_queries, len(queries)), replace=False))
             t0 = time.perf_counter()
             hashed = _HashedShards(self.folder)
             index, exact = build_pq(hashed, self.shards_manifest["dim"], self.settings,
@@ -493,31 +549,68 @@ class FolderIndex:
             saved = {"format": INDEX_FORMAT, "settings": asdict(self.settings), "shards": self.shards_manifest,
                      "shards_sha256": hashed.hexdigest(), "rows": int(index.ntotal), "recall": None}
             self.manifest_path.unlink(missing_ok=True)  # an index file without its manifest is never used
-            _write_renamed(self.index_path, lambda tmp: faiss.write_index(index, tmp))
+            self._write_index(index)
             self._write_manifest(saved)  # usable from now on; the recall is added once measured
             report |= {"built": True, "build_s": round(time.perf_counter() - t0, 3)}
-        t0 = time.perf_counter()
-        candidates = pq_candidates(index, queries, pool, nprobe)
-        index = None  # the codes are not needed while the shards are re-ranked
-        report["candidates_s"] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-        hashed = _HashedShards(self.folder)
-        scores, rows = rerank(queries, candidates, hashed, k)
-        report["rerank_s"] = round(time.perf_counter() - t0, 3)
-        if hashed.hexdigest() != saved["shards_sha256"]:
-            if reason is not None:  # built from the shards moments ago
-                raise UserError(f"{self.folder}: the shards changed while the index was built; search again")
-            self.log(f"{self.index_path}: built over other shards (their sha256 differs); rebuilding")
-            return self.search(queries, k, pool, nprobe, check_queries, rebuild=True)
+        # The recall is a property of (k, pool, nprobe), not of the index alone: what the saved figure
+        # was measured at must be what this search uses, or it is measured again on the check queries,
+        # their exact top-k kept while the first block's re-ranking streams the shards.
+        measured_at = {"k": min(k, pool, saved["rows"]), "pool": min(pool, max(1, saved["rows"])),
+                       "nprobe": min(nprobe, self.settings.nlist)}
+        recorded = saved.get("recall")
+        complete = isinstance(recorded, dict) and all(key in recorded for key in (*measured_at, "value"))
+        reusable = complete and all(recorded[key] == v for key, v in measured_at.items())
+        if exact is None and not reusable and len(sample):
+            exact = ExactTopK(queries[sample], k)
+        report |= {"candidates_s": 0.0, "rerank_s": 0.0}
+        scores, rows, doc_ids = [], [], []
+        # No queries: still one pass over the shards, for their ids and sha256.
+        blocks = query_blocks(len(queries), pool, block_entries) or [(0, 0)]
+        for n, (start, end) in enumerate(blocks):
+            t0 = time.perf_counter()
+            candidates = pq_candidates(index, queries[start:end], pool, nprobe)
+            if n == len(blocks) - 1:
+                index = None  # the codes are not needed while the last block is re-ranked
+            report["candidates_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            hashed = _HashedShards(self.folder)
+            # A build fed the check queries' exact top-k already; otherwise the first pass does.
+            feed = exact if n == 0 and report["built"] is False else None
+            block_scores, block_rows = rerank(queries[start:end], candidates, _feeding(hashed, feed), k)
+            del candidates
+            report["rerank_s"] += time.perf_counter() - t0
+            if hashed.hexdigest() != saved["shards_sha256"]:
+                if report["built"]:  # built from the shards moments ago
+                    raise UserError(f"{self.folder}: the shards changed while the index was built; search again")
+                self.log(f"{self.index_path}: built over other shards (their sha256 differs); rebuilding")
+                return self.search(queries, k, pool, nprobe, check_queries, rebuild=True, block_entries=block_entries)
+            scores.append(block_scores)
+            rows.append(block_rows)
+            doc_ids = hashed.ids
+        report |= {key: round(report[key], 3) for key in ("candidates_s", "rerank_s")}
+        scores, rows = np.concatenate(scores), np.concatenate(rows)
+        report |= {"recall": None, "pool": pool, "nprobe": measured_at["nprobe"], "blocks": len(blocks)}
         if exact is not None:
-            found, truth = rows[sample, :k], exact.result()[1]
-            saved["recall"] = {"k": int(truth.shape[1]), "queries": len(sample),
-                               "value": recall_against_exact(found[:, :truth.shape[1]], truth)}
-            self._write_manifest(saved)
-            self.log(f"{self.index_path}: recall@{saved['recall']['k']} {saved['recall']['value']:.4f} against "
-                     f"exact search on {len(sample)} of the queries (pool {pool}, nprobe {nprobe})")
-        report |= {"recall": saved["recall"], "pool": pool}
-        return FolderSearch(scores, rows, hashed.ids, report)
+            truth = exact.result()[1]
+            recall = {"k": int(truth.shape[1]), "pool": measured_at["pool"], "nprobe": measured_at["nprobe"],
+                      "queries": len(sample), "value": recall_against_exact(rows[sample, :truth.shape[1]], truth)}
+            if report["built"] or not complete:  # the index's first figure (or one lost to a crash)
+                saved["recall"] = recall
+                self._write_manifest(saved)
+            report["recall"] = recall | {"measured": "now"}
+            self.log(f"{self.index_path}: recall@{recall['k']} {recall['value']:.4f} against exact search on "
+                     f"{len(sample)} of the queries (pool {recall['pool']}, nprobe {recall['nprobe']})")
+        elif reusable:
+            report["recall"] = recorded | {"measured": "saved"}
+        else:
+            report["recall_note"] = ("not measured: no check queries, and "
+                                     + ("no recall was saved with the index" if not complete else
+                                        f"the saved recall@{recorded['k']} {recorded['value']} was measured at pool "
+                                        f"{recorded['pool']}, nprobe {recorded['nprobe']}, not at this search's "
+                                        f"k {measured_at['k']}, pool {measured_at['pool']}, nprobe "
+                                        f"{measured_at['nprobe']}"))
+            self.log(f"{self.index_path}: recall {report['recall_note']}")
+        return FolderSearch(scores, rows, doc_ids, report)
 
 
 def _first_difference(a: dict | None, b: dict) -> str:

@@ -20,7 +20,8 @@ held whole. The run lists each query's top k, best first, ties to the earlier pa
 With `--index pq` the search is approximate (index.FolderIndex): 4-bit product-quantization codes of
 every passage, built once and saved beside the shards (`index.faiss`, `index.json`), propose
 `--rerank` candidates per query, which are scored exactly from the shards. The recall@k of the
-result against exact search, on a sample of the queries, is measured when the index is built.
+result against exact search, on a sample of the queries, is measured when the index is built, and
+again when it is searched with another k, --rerank or --nprobe than the saved figure's.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def add_index_arguments(parser) -> None:
                              "and --k)")
     parser.add_argument("--check-queries", type=int, default=100,
                         help="--index pq: queries whose recall@k against exact search is measured when the index "
-                             "is built (default: %(default)s)")
+                             "is built, or searched with another --k, --rerank or --nprobe than its saved recall's "
+                             "(default: %(default)s)")
     parser.add_argument("--rebuild-index", action="store_true", help="--index pq: build the index even if saved")
 
 
@@ -122,8 +124,6 @@ def search_folder(args, passages_dir, queries, k: int) -> tuple:
     if args.nprobe < 1 or args.check_queries < 0:
         raise UserError(f"--nprobe {args.nprobe}, --check-queries {args.check_queries}: need at least 1 and 0")
     pool = args.rerank if args.rerank is not None else max(DEFAULT_POOL, k)
-    if pool < k:
-        raise UserError(f"--rerank {pool}: re-ranks fewer candidates than --k {k}")
     dim = (embeddings.read_manifest(passages_dir) or {}).get("dim", queries.shape[1])
     settings = PQSettings(m=args.pq_m or default_pq_m(dim), nlist=args.nlist)
     found = FolderIndex(passages_dir, settings).search(queries, k, pool, args.nprobe, args.check_queries,
