@@ -78,9 +78,6 @@ def load(spec: str | None) -> tuple[frozenset[str] | None, dict | None]:
             continue
         if len(word.split()) > 1:
             raise UserError(f"{spec}:{n}: {word!r} is not one word (the filter compares single words)")
-        if _NON_WORD.sub(" ", word).split() != [word]:  # the filter splits texts at these before comparing
-            raise UserError(f"{spec}:{n}: {word!r} holds a character other than letters and digits, at which "
-                            f"the filter splits the text, so it could never match: list its parts instead")
         listed.append(word.lower())
     if not listed:
         raise UserError(f"{spec}: holds no stop words (give --stop-words {NONE} to keep every word)")

@@ -151,7 +151,7 @@ def finetune_step(engine, micro_batches: list, preset, world: int, temperature: 
 
     gather = cross_device and world > 1
     rank = dist.get_rank() if gather else 0
-    queries = sum(b.queries.num_docs for b in micro_batches)
+    queries = sum(b.num_queries for b in micro_batches)
     global_queries = queries * world  # every rank has the same micro_batch x grad_accum queries
     step_sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # [loss, hits], read after the step
 
@@ -162,7 +162,7 @@ def finetune_step(engine, micro_batches: list, preset, world: int, temperature: 
         return ce / global_queries, hit
 
     for a, b in enumerate(micro_batches):
-        group = b.passages.num_docs // b.queries.num_docs
+        group = b.num_passages // b.num_queries
         if b.query_chunks:  # finetune.grad_cache_chunk: the loader cut the texts into sub-batches
             chunks = [(kind, c.to(engine.device, non_blocking=True))
                       for kind, part in (("query", b.query_chunks), ("passage", b.passage_chunks)) for c in part]

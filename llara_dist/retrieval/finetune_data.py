@@ -67,16 +67,24 @@ def read_examples(path: str | Path, group_size: int) -> list[Example]:
 class GroupBatch:
     """One micro-batch: M queries and their M x G passages (each group: positive first)."""
 
-    queries: PackedBatch  # M documents, one per row
-    passages: PackedBatch  # M x G documents, one per row, group by group
+    queries: PackedBatch | None  # M documents, one per row (None: in query_chunks instead)
+    passages: PackedBatch | None  # M x G documents, one per row, group by group (None: in passage_chunks)
     keys: list[str]  # the examples' "file:line"
-    # finetune.grad_cache_chunk > 0: the same queries and passages again, in sub-batches of that many texts
+    # finetune.grad_cache_chunk > 0: the queries and passages in sub-batches of that many texts instead
     query_chunks: list[PackedBatch] = field(default_factory=list)
     passage_chunks: list[PackedBatch] = field(default_factory=list)
 
     @property
+    def num_queries(self) -> int:
+        return sum(c.num_docs for c in self.query_chunks) if self.query_chunks else self.queries.num_docs
+
+    @property
+    def num_passages(self) -> int:
+        return sum(c.num_docs for c in self.passage_chunks) if self.passage_chunks else self.passages.num_docs
+
+    @property
     def num_docs(self) -> int:
-        return self.queries.num_docs + self.passages.num_docs
+        return self.num_queries + self.num_passages
 
 
 class GroupLoader:
@@ -123,10 +131,11 @@ class GroupLoader:
         groups = [self.group(n) for n in numbers]
         queries = self._rows([ex.query for ex, _ in groups], self.cfg.query_max_len)
         passages = self._rows([p for _, ps in groups for p in ps], self.cfg.passage_max_len)
-        chunk = self.cfg.grad_cache_chunk
-        return GroupBatch(self._pack(queries), self._pack(passages), [ex.key for ex, _ in groups],
-                          [self._pack(queries[i:i + chunk]) for i in range(0, len(queries), chunk)] if chunk else [],
-                          [self._pack(passages[i:i + chunk]) for i in range(0, len(passages), chunk)] if chunk else [])
+        keys, chunk = [ex.key for ex, _ in groups], self.cfg.grad_cache_chunk
+        if not chunk:
+            return GroupBatch(self._pack(queries), self._pack(passages), keys)
+        return GroupBatch(None, None, keys, [self._pack(queries[i:i + chunk]) for i in range(0, len(queries), chunk)],
+                          [self._pack(passages[i:i + chunk]) for i in range(0, len(passages), chunk)])
 
     def _rows(self, texts: list[str], max_len: int) -> list[list[Doc]]:
         """One text per row (as embed.encode lays them out), cut to max_len tokens."""
