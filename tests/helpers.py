@@ -74,6 +74,26 @@ def allowed_pairs(batch) -> torch.Tensor:
     return allowed & (seg[:, :, None] != SEG_PAD)
 
 
+def matmul_params(hf_config) -> int:
+    """Weights of the decoder layers' linear layers (attention and MLP), the LM head left out, from the
+    config alone: an independent derivation of what metrics.flop_rates finds by walking the modules."""
+    d, layers = hf_config.hidden_size, hf_config.num_hidden_layers
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or d // heads
+    kv = getattr(hf_config, "num_key_value_heads", None) or heads
+    attn = d * heads * head_dim * 2 + d * kv * head_dim * 2  # q, o; k, v
+    mlp = 3 * d * hf_config.intermediate_size  # gate, up, down
+    return layers * (attn + mlp)
+
+
+def full_training_rates(hf_config):
+    """metrics.FlopRates of a model whose every weight trains, from its config: 6 per weight (6N)."""
+    from llara_dist.train.metrics import FlopRates, _pair_flops
+
+    return FlopRates(6 * matmul_params(hf_config), 6 * hf_config.hidden_size * hf_config.vocab_size,
+                     _pair_flops(hf_config))
+
+
 def counted_train_flops(hf_config, tokens: int) -> int:
     """torch's own FLOP count (torch.utils.flop_counter: every matmul run) of a forward and backward of
     a random model of `hf_config` over one sequence of `tokens` tokens. Eager attention multiplies all

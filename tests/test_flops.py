@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import load_tiny, micro_batches
+from helpers import full_training_rates, load_tiny, micro_batches
 from torch.utils.flop_counter import FlopCounterMode
 
 from llara_dist.config import TrainConfig
 from llara_dist.model.objective import batch_counts, combine, loss_sums
 from llara_dist.train.engine import apply_lora
-from llara_dist.train.metrics import flop_rates, full_training_rates, head_positions
+from llara_dist.train.metrics import flop_rates, head_positions
 
 MATMULS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)  # a linear over [rows, L, H] is one of them
 

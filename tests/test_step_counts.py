@@ -1,17 +1,17 @@
 """What a step is counted as: the attention pairs the joint mask allows, the model FLOPs
-(metrics.train_flops, against torch's own count over a real model) and the LM targets a batch carries.
+(metrics.flop_rates, against torch's own count over a real model) and the LM targets a batch carries.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from helpers import allowed_pairs, counted_train_flops
+from helpers import allowed_pairs, counted_train_flops, full_training_rates, matmul_params
 
 from llara_dist.data.batch import build_batch
 from llara_dist.data.shards import Doc
 from llara_dist.prompts import PromptTokens
-from llara_dist.train.metrics import attention_pairs, matmul_params, train_flops
+from llara_dist.train.metrics import attention_pairs, flop_rates
 
 
 def _batch():
@@ -35,19 +35,24 @@ def test_attention_pairs_match_the_mask():
 
 
 def test_train_flops_count_the_models_matmuls():
-    """matmul_params against the model's own linear layers, train_flops against torch's count of the FLOPs
-    of a real forward and backward (a shape with grouped-query attention: 1 key/value head of 2)."""
+    """The config's count of weights against the model's own linear layers, the rates flop_rates finds in
+    the model against the config's and against torch's count of the FLOPs of a real forward and backward
+    (a shape with grouped-query attention: 1 key/value head of 2; a plain causal LM applies its head at
+    every token)."""
     from transformers import AutoModelForCausalLM
 
     from llara_dist.model.tiny import tiny_llama_config
 
     c = tiny_llama_config(vocab_size=100, hidden=8, layers=2, heads=2, kv_heads=1, intermediate=16)
-    linears = [m for m in AutoModelForCausalLM.from_config(c).modules() if isinstance(m, torch.nn.Linear)]
+    model = AutoModelForCausalLM.from_config(c)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer; the LM head
-    assert matmul_params(c) == sum(m.weight.numel() for m in linears)
+    assert matmul_params(c) + c.hidden_size * c.vocab_size == sum(m.weight.numel() for m in linears)
+    rates = flop_rates(model)
+    assert rates == full_training_rates(c)
     # two lengths: a per-token or a per-pair error could not cancel out at both
     for tokens in (5, 10):
-        assert train_flops(c, tokens, tokens * tokens) == counted_train_flops(c, tokens)
+        assert rates.step(tokens, tokens * tokens, tokens) == counted_train_flops(c, tokens)
 
 
 def test_batch_carries_its_lm_targets():

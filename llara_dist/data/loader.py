@@ -341,26 +341,23 @@ class PackedLoader:
             self._load_streams(states)
             return
         state = states[0]
-        saved, now = state["setup"], self._setup()
-        diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
-        if diff:
-            raise UserError(
-                "data cursor: saved under another data setup (" + ", ".join(diff) + "); "
-                "a cursor is not re-split across world sizes, ranks, worker counts, seeds or manifests "
-                "(documents would be lost or repeated). Resume with the saved setup, or set "
-                "data.reset_cursor=true to restart the data order from the beginning")
+        self._check_setup(state["setup"], "a cursor is not re-split across world sizes, ranks, worker counts, seeds "
+                                          "or manifests (documents would be lost or repeated)")
         self._cursors = {r: None if c is None else dict(c) for r, c in zip(self._cursors, state["readers"])}
         self._next = int(state["next"])
 
-    def _load_streams(self, states: list[dict]) -> None:
-        saved, now = states[0]["setup"], self._setup()
+    def _check_setup(self, saved: dict, why: str) -> None:
+        """Refuse a cursor saved under another setup (_setup's keys: what it is tied to), saying `why`."""
+        now = self._setup()
         diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
         if diff:
-            raise UserError(
-                "data cursor: saved under another data setup (" + ", ".join(diff) + "); with logical "
-                "streams the world size, worker count and micro-batch may change, not the streams, the global "
-                "batch, the seed or the manifest. Resume with the saved ones, or set "
-                "data.reset_cursor=true to restart the data order from the beginning")
+            raise UserError(f"data cursor: saved under another data setup ({', '.join(diff)}); {why}. Resume with "
+                            f"the saved setup, or set data.reset_cursor=true to restart the data order from the "
+                            f"beginning")
+
+    def _load_streams(self, states: list[dict]) -> None:
+        self._check_setup(states[0]["setup"], "with logical streams the world size, worker count and micro-batch may "
+                                              "change, not the streams, the global batch, the seed or the manifest")
         cursors = {int(s): c for state in states for s, c in state["streams"].items()}
         missing = [s for s in self._cursors if s not in cursors]
         if missing:

@@ -74,22 +74,6 @@ def attention_pairs(batch) -> int:
     return int((a * (a + 1) // 2 + n * t + n * (n + 1) // 2).sum())
 
 
-def matmul_params(hf_config) -> int:
-    """Weights of the linear layers (attention, MLP, LM head): the N of 6N."""
-    return layer_matmul_params(hf_config) + hf_config.hidden_size * hf_config.vocab_size
-
-
-def layer_matmul_params(hf_config) -> int:
-    """Weights of the decoder layers' linear layers (attention and MLP), the LM head left out."""
-    d, layers = hf_config.hidden_size, hf_config.num_hidden_layers
-    heads = hf_config.num_attention_heads
-    head_dim = _head_dim(hf_config)
-    kv = getattr(hf_config, "num_key_value_heads", None) or heads
-    attn = d * heads * head_dim * 2 + d * kv * head_dim * 2  # q, o; k, v
-    mlp = 3 * d * hf_config.intermediate_size  # gate, up, down
-    return layers * (attn + mlp)
-
-
 def _head_dim(hf_config) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
@@ -111,12 +95,6 @@ class FlopRates:
 
 def _pair_flops(hf_config) -> int:
     return 3 * 4 * hf_config.num_attention_heads * _head_dim(hf_config) * hf_config.num_hidden_layers
-
-
-def full_training_rates(hf_config) -> FlopRates:
-    """Every weight trains (pretraining without LoRA): 6 per weight, from the config alone."""
-    return FlopRates(6 * layer_matmul_params(hf_config), 6 * hf_config.hidden_size * hf_config.vocab_size,
-                     _pair_flops(hf_config))
 
 
 # the linear layers that read a decoder layer's normed input (LLaMA, Mistral, Qwen2)
@@ -172,12 +150,6 @@ def head_positions(batch, preset) -> int:
     positions of every document (EBAE and EBAR alike, a document without a next chunk included), and
     with an LM loss each LM target (its text tokens)."""
     return 2 * batch.self_emb.numel() + (batch.lm_index.numel() if preset.lm_weight else 0)
-
-
-def train_flops(hf_config, real_tokens: int, pairs: int, head_at: int | None = None) -> float:
-    """Model FLOPs of one full-training pass (every weight trains), the LM head at `head_at`
-    positions (None: at every token, as a plain causal LM applies it)."""
-    return full_training_rates(hf_config).step(real_tokens, pairs, real_tokens if head_at is None else head_at)
 
 
 # short names on the progress line; a metric not here shows under its own name
