@@ -34,6 +34,8 @@ COMMANDS = {
     "encode": ("llara_dist.retrieval.encode",
                "embed passages or queries with an exported model: one .npy, or a resumable folder of shards"),
     "search": ("llara_dist.retrieval.search", "search embedding shards with query embeddings (FAISS), into a TREC run"),
+    "mine-negatives": ("llara_dist.retrieval.mine",
+                       "replace fine-tuning lines' negatives with hard negatives the model ranks high"),
     "make-beir": ("llara_dist.retrieval.beir", "turn fine-tuning JSON lines into a small BEIR-layout retrieval set"),
     "eval": ("llara_dist.retrieval.evaluate", "retrieval metrics of an exported model on a BEIR-layout folder"),
     "status": ("llara_dist.tools.status", "a run's step, loss, speed, ETA, last checkpoint, preempted or finished"),

@@ -72,6 +72,23 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return save_tiny_llama(out, vocab_size=len(load_tokenizer(tokenizer_dir)))
 
 
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory, tiny_llama_dir, tokenizer_dir) -> Path:
+    """A model folder as export writes it, for the `released` preset: its tokens in the tokenizer and
+    the embeddings (each process that loaded the bare tiny model would draw its own rows for them),
+    and llara.json. Read-only: every test may load it, none may change it."""
+    import json
+
+    from helpers import load_tiny
+
+    out = tmp_path_factory.mktemp("encoder") / "model"
+    tokenizer, _, model, _ = load_tiny("released", tokenizer_dir, tiny_llama_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "llara.json").write_text(json.dumps({"objective": {"preset": "released"}}))
+    return out
+
+
 # --- shards for the stream / pack / loader tests (written here, not by prep) ---------
 
 

@@ -63,20 +63,6 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_llama_dir, tokenizer_dir) -> Path:
-    """A model folder as export writes it: the preset's tokens in the tokenizer and the embeddings (each
-    process that loaded the bare tiny model would draw its own rows for them), and llara.json."""
-    from helpers import load_tiny
-
-    out = tmp_path_factory.mktemp("encode_shards") / "model"
-    tokenizer, _, model, _ = load_tiny("released", tokenizer_dir, tiny_llama_dir)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "llara.json").write_text(json.dumps({"objective": {"preset": "released"}}))
-    return out
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory, shared_data) -> tuple[Path, list[str]]:
     """A BEIR corpus.jsonl of DOCS short WikiText passages (every third with a title) and its ids."""
     lines = [ln.strip() for ln in (shared_data / "wikitext2_valid.txt").read_text(encoding="utf-8").splitlines()]
@@ -88,20 +74,20 @@ def corpus(tmp_path_factory, shared_data) -> tuple[Path, list[str]]:
     return path, ids
 
 
-def encode_args(model_dir: Path, corpus_path: Path, out_dir: Path, kind: str = "passage") -> list[str]:
-    return ["--model", str(model_dir), "--input", str(corpus_path), "--kind", kind, "--out-dir", str(out_dir),
+def encode_args(encoder_dir: Path, corpus_path: Path, out_dir: Path, kind: str = "passage") -> list[str]:
+    return ["--model", str(encoder_dir), "--input", str(corpus_path), "--kind", kind, "--out-dir", str(out_dir),
             "--shard-docs", str(SHARD_DOCS), "--batch-size", "16"]
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, model_dir, corpus) -> Path:
+def one_process(tmp_path_factory, encoder_dir, corpus) -> Path:
     """The folder of one uninterrupted process: what every other way of encoding must write."""
     out = tmp_path_factory.mktemp("one_process") / "emb"
-    encode_here(*encode_args(model_dir, corpus[0], out))
+    encode_here(*encode_args(encoder_dir, corpus[0], out))
     return out
 
 
-def test_the_folder_holds_the_corpus_in_input_order(one_process, model_dir, corpus, tmp_path):
+def test_the_folder_holds_the_corpus_in_input_order(one_process, encoder_dir, corpus, tmp_path):
     corpus_path, ids = corpus
     manifest = embeddings.read_manifest(one_process)
     assert manifest["count"] == DOCS and manifest["dim"] == 64 and manifest["dtype"] == "float16"
@@ -111,14 +97,14 @@ def test_the_folder_holds_the_corpus_in_input_order(one_process, model_dir, corp
     got_ids, vectors = embeddings.read_all(one_process)
     assert got_ids == ids and vectors.dtype == np.float16
     # the same texts through the one-file mode (all in one batch order): each id's row is its own text's
-    encode_here("--model", str(model_dir), "--input", str(corpus_path), "--kind", "passage",
+    encode_here("--model", str(encoder_dir), "--input", str(corpus_path), "--kind", "passage",
                 "--out", str(tmp_path / "all.npy"))
     np.testing.assert_allclose(vectors.astype(np.float32), np.load(tmp_path / "all.npy"), atol=2e-3)
 
 
-def test_two_ranks_write_the_files_of_one_process(one_process, model_dir, corpus, tmp_path):
+def test_two_ranks_write_the_files_of_one_process(one_process, encoder_dir, corpus, tmp_path):
     out = tmp_path / "emb"
-    ranks = [encode_process(*encode_args(model_dir, corpus[0], out), RANK=str(r), WORLD_SIZE="2") for r in (0, 1)]
+    ranks = [encode_process(*encode_args(encoder_dir, corpus[0], out), RANK=str(r), WORLD_SIZE="2") for r in (0, 1)]
     results = [p.communicate(timeout=300) for p in ranks]
     for p, (stdout, stderr) in zip(ranks, results):
         assert p.returncode == 0, stderr[-3000:]
@@ -128,10 +114,10 @@ def test_two_ranks_write_the_files_of_one_process(one_process, model_dir, corpus
     assert folder_bytes(out) == folder_bytes(one_process)
 
 
-def test_a_stopped_encode_resumes_to_the_files_of_an_uninterrupted_one(one_process, model_dir, corpus, tmp_path,
+def test_a_stopped_encode_resumes_to_the_files_of_an_uninterrupted_one(one_process, encoder_dir, corpus, tmp_path,
                                                                       capsys):
     out = tmp_path / "emb"
-    stopped = encode_process(*encode_args(model_dir, corpus[0], out), **{STOP_AFTER_SHARDS_ENV: "2"})
+    stopped = encode_process(*encode_args(encoder_dir, corpus[0], out), **{STOP_AFTER_SHARDS_ENV: "2"})
     _, stderr = stopped.communicate(timeout=300)
     assert stopped.returncode != 0, stderr[-3000:]
     assert [embeddings.shard_complete(out, i) for i in range(5)] == [True, True, False, False, False]
@@ -142,24 +128,24 @@ def test_a_stopped_encode_resumes_to_the_files_of_an_uninterrupted_one(one_proce
     (out / embeddings.emb_name(2)).write_bytes(b"half a shard")
     (out / (embeddings.ids_name(3) + embeddings.TMP_SUFFIX)).write_text("w9999\n")
     capsys.readouterr()
-    encode_here(*encode_args(model_dir, corpus[0], out))
+    encode_here(*encode_args(encoder_dir, corpus[0], out))
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert (summary["written"], summary["skipped"], summary["complete"]) == (3, 2, True)
     assert folder_bytes(out) == folder_bytes(one_process)
 
 
-def test_a_folder_of_another_encoding_is_refused_unless_overwrite(one_process, model_dir, corpus, tmp_path, capsys):
+def test_a_folder_of_another_encoding_is_refused_unless_overwrite(one_process, encoder_dir, corpus, tmp_path, capsys):
     out = tmp_path / "emb"
     shutil.copytree(one_process, out)
-    err = refused(["encode", *encode_args(model_dir, corpus[0], out, kind="query")], capsys)
+    err = refused(["encode", *encode_args(encoder_dir, corpus[0], out, kind="query")], capsys)
     assert f"{out / 'manifest.json'}: written by another encoding (kind: 'passage' != 'query')" in err
     assert folder_bytes(out) == folder_bytes(one_process)
     other_input = tmp_path / "other.jsonl"
     other_input.write_text(corpus[0].read_text()[:-3] + '!"}\n')  # one character more in the last text
-    err = refused(["encode", *encode_args(model_dir, other_input, out)], capsys)
+    err = refused(["encode", *encode_args(encoder_dir, other_input, out)], capsys)
     assert "(input_sha256: " in err and "kind:" not in err
 
-    encode_here(*encode_args(model_dir, corpus[0], out, kind="query"), "--overwrite")
+    encode_here(*encode_args(encoder_dir, corpus[0], out, kind="query"), "--overwrite")
     assert embeddings.read_manifest(out)["kind"] == "query"
     ids, queries = embeddings.read_all(out)
     assert ids == corpus[1] and not np.array_equal(queries, embeddings.read_all(one_process)[1])
@@ -167,7 +153,7 @@ def test_a_folder_of_another_encoding_is_refused_unless_overwrite(one_process, m
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "notes.txt").write_text("mine\n")
-    err = refused(["encode", *encode_args(model_dir, corpus[0], mixed)], capsys)
+    err = refused(["encode", *encode_args(encoder_dir, corpus[0], mixed)], capsys)
     assert f"{mixed}: holds files (notes.txt) but no manifest.json" in err
 
 
@@ -204,7 +190,7 @@ def test_bad_input_is_refused_with_its_file_and_line_as_it_is_reached(tmp_path):
         assert str(e.value).startswith(str(tmp_path / message)), e.value
 
 
-def test_search_over_the_shards_writes_the_exact_top_k(one_process, model_dir, corpus, tmp_path, capsys):
+def test_search_over_the_shards_writes_the_exact_top_k(one_process, encoder_dir, corpus, tmp_path, capsys):
     """`llara-dist search`: the corpus's shards streamed through FAISS against the query shards give each
     query's exact top k (the in-memory search of the same vectors), as a TREC run; mismatched folders refused."""
     import torch
@@ -216,7 +202,7 @@ def test_search_over_the_shards_writes_the_exact_top_k(one_process, model_dir, c
     queries.write_text("".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n"
                                for i, t in enumerate(["the river and the town", "a song of the war", "football"])))
     q_dir = tmp_path / "q"
-    encode_here(*encode_args(model_dir, queries, q_dir, kind="query"))
+    encode_here(*encode_args(encoder_dir, queries, q_dir, kind="query"))
     run = tmp_path / "run.trec"
     with pytest.raises(SystemExit) as e:
         main(["search", "--passages", str(one_process), "--queries", str(q_dir), "--out", str(run), "--k", "7"])
@@ -238,7 +224,7 @@ def test_search_over_the_shards_writes_the_exact_top_k(one_process, model_dir, c
     assert e.value.code == 2 and f"{q_dir}: embeddings of kind 'query', not 'passage'" in capsys.readouterr().err
 
 
-def test_eval_through_shard_folders_reuses_them(model_dir, shared_data, tmp_path, capsys):
+def test_eval_through_shard_folders_reuses_them(encoder_dir, shared_data, tmp_path, capsys):
     """`eval --emb-dir`: encode -> search -> metrics through shard folders; the metrics are those of the exact
     search of the shards' vectors, and a second run reuses every shard (nothing encoded again)."""
     import torch
@@ -250,7 +236,7 @@ def test_eval_through_shard_folders_reuses_them(model_dir, shared_data, tmp_path
     beir = tmp_path / "beir"
     finetune_to_beir(shared_data / "llara_toy_finetune.jsonl", beir)
     emb = tmp_path / "emb"
-    argv = ["eval", "--model", str(model_dir), "--beir", str(beir), "--emb-dir", str(emb), "--shard-docs", "13",
+    argv = ["eval", "--model", str(encoder_dir), "--beir", str(beir), "--emb-dir", str(emb), "--shard-docs", "13",
             "--k", "20"]
     runs = []
     for _ in range(2):
@@ -294,7 +280,7 @@ def write_prep_folder(folder: Path, records: list[tuple[str, str]]) -> Path:
     return folder
 
 
-def test_prep_shards_as_input_give_their_keys_and_stored_texts(model_dir, shared_data, tmp_path, capsys):
+def test_prep_shards_as_input_give_their_keys_and_stored_texts(encoder_dir, shared_data, tmp_path, capsys):
     """`encode --input PREP_FOLDER`: documents in manifest order, the shard key as id and the stored text
     (both layouts); the folder of vectors is the one the same records give as a .tsv."""
     lines = [ln.strip() for ln in (shared_data / "wikitext2_valid.txt").read_text(encoding="utf-8").splitlines()]
@@ -304,7 +290,7 @@ def test_prep_shards_as_input_give_their_keys_and_stored_texts(model_dir, shared
     assert list(iter_documents(prep_dir)) == records
     tsv = tmp_path / "same.tsv"
     tsv.write_text("".join(f"{key}\t{text}\n" for key, text in records))
-    args = ["--model", str(model_dir), "--kind", "passage", "--shard-docs", "8", "--batch-size", "4"]
+    args = ["--model", str(encoder_dir), "--kind", "passage", "--shard-docs", "8", "--batch-size", "4"]
     encode_here(*args, "--input", str(prep_dir), "--out-dir", str(tmp_path / "from_prep"))
     encode_here(*args, "--input", str(tsv), "--out-dir", str(tmp_path / "from_tsv"))
     ids, vectors = embeddings.read_all(tmp_path / "from_prep")
@@ -322,7 +308,7 @@ def test_prep_shards_as_input_give_their_keys_and_stored_texts(model_dir, shared
     assert f"{tmp_path / 'plain'}: a folder, but no manifest.json" in err
 
 
-def test_eval_with_a_pq_index_re_ranking_every_passage_is_the_exact_eval(model_dir, shared_data, tmp_path, capsys):
+def test_eval_with_a_pq_index_re_ranking_every_passage_is_the_exact_eval(encoder_dir, shared_data, tmp_path, capsys):
     """`eval --emb-dir --index pq`: with a pool as large as the corpus the re-ranking scores every
     passage, so the metrics are the exact search's; the index is saved beside the corpus's shards, its
     recall measured (1.0) when built, and reused by a rerun."""
@@ -331,7 +317,7 @@ def test_eval_with_a_pq_index_re_ranking_every_passage_is_the_exact_eval(model_d
     beir = tmp_path / "beir"
     finetune_to_beir(shared_data / "llara_toy_finetune.jsonl", beir)
     emb = tmp_path / "emb"
-    argv = ["eval", "--model", str(model_dir), "--beir", str(beir), "--emb-dir", str(emb), "--shard-docs", "13",
+    argv = ["eval", "--model", str(encoder_dir), "--beir", str(beir), "--emb-dir", str(emb), "--shard-docs", "13",
             "--k", "20"]
     results = []
     for extra in ([], ["--index", "pq", "--rerank", "100000"], ["--index", "pq", "--rerank", "100000"]):

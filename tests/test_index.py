@@ -368,7 +368,7 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        embeddings._write_renamed(target, fail, "index.faiss.1.tmp")
+        embeddings.write_renamed(target, fail, "index.faiss.1.tmp")
     assert target.read_bytes() == b"before" and [p.name for p in tmp_path.iterdir()] == ["index.faiss"]
 
 

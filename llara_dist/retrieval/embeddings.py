@@ -56,7 +56,7 @@ def shard_complete(folder: str | Path, index: int) -> bool:
     return (Path(folder) / ids_name(index)).is_file()
 
 
-def _write_renamed(path: Path, write, tmp_name: str) -> None:
+def write_renamed(path: Path, write, tmp_name: str) -> None:
     """write(file) into `tmp_name` beside `path`, flushed to disk, then renamed to `path`; a failed
     write leaves neither `path` changed nor the temporary file behind."""
     tmp = path.with_name(tmp_name)
@@ -78,8 +78,8 @@ def write_shard(folder: str | Path, index: int, ids: list[str], vectors: np.ndar
     if len(ids) != len(vectors):
         raise ValueError(f"shard {index}: {len(ids)} ids for {len(vectors)} vectors")
     emb, names = folder / emb_name(index), folder / ids_name(index)
-    _write_renamed(emb, lambda f: np.save(f, np.ascontiguousarray(vectors, dtype=DTYPE)), emb.name + TMP_SUFFIX)
-    _write_renamed(names, lambda f: f.write("".join(f"{i}\n" for i in ids).encode("utf-8")), names.name + TMP_SUFFIX)
+    write_renamed(emb, lambda f: np.save(f, np.ascontiguousarray(vectors, dtype=DTYPE)), emb.name + TMP_SUFFIX)
+    write_renamed(names, lambda f: f.write("".join(f"{i}\n" for i in ids).encode("utf-8")), names.name + TMP_SUFFIX)
 
 
 def read_manifest(folder: str | Path) -> dict | None:
@@ -101,7 +101,7 @@ def write_manifest(folder: str | Path, manifest: dict) -> None:
     to finish may both write the final manifest (the same content) at the same moment."""
     path = Path(folder) / MANIFEST
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    _write_renamed(path, lambda f: f.write(text.encode("utf-8")), f"{MANIFEST}.{os.getpid()}{TMP_SUFFIX}")
+    write_renamed(path, lambda f: f.write(text.encode("utf-8")), f"{MANIFEST}.{os.getpid()}{TMP_SUFFIX}")
 
 
 def identity_differences(manifest: dict, wanted: dict) -> list[str]:

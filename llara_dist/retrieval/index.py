@@ -495,14 +495,14 @@ class FolderIndex:
 
     def _write_manifest(self, saved: dict) -> None:
         text = json.dumps(saved, indent=2, sort_keys=True) + "\n"
-        embeddings._write_renamed(self.manifest_path, lambda f: f.write(text.encode("utf-8")),
+        embeddings.write_renamed(self.manifest_path, lambda f: f.write(text.encode("utf-8")),
                                   f"{INDEX_MANIFEST}.{os.getpid()}{embeddings.TMP_SUFFIX}")
 
     def _write_index(self, index: faiss.Index) -> None:
         def write(f) -> None:
             faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
 
-        embeddings._write_renamed(self.index_path, write, f"{INDEX_FILE}.{os.getpid()}{embeddings.TMP_SUFFIX}")
+        embeddings.write_renamed(self.index_path, write, f"{INDEX_FILE}.{os.getpid()}{embeddings.TMP_SUFFIX}")
 
     def _read_index(self, saved: dict) -> tuple[faiss.Index | None, str | None]:
         """(the saved index, None), or (None, why it cannot be read)."""
