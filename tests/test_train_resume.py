@@ -183,7 +183,7 @@ def test_dead_rank_ends_the_job(train_setup, tmp_path, rendezvous):
     assert time.monotonic() - start < 120
 
 
-def test_sigkill_during_checkpoint_write_keeps_previous(train_setup, tmp_path):
+def test_sigkill_during_checkpoint_write_keeps_previous(train_setup, tmp_path, rendezvous):
     root, _ = train_setup
     run = tmp_path / "crash"
     steps = "train.steps=6"
@@ -197,6 +197,12 @@ def test_sigkill_during_checkpoint_write_keeps_previous(train_setup, tmp_path):
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5, 6]  # steps 4-5 of the crashed run redone once
     assert (folder / "latest").read_text() == "step00000006"
     assert not (folder / "step00000006.partial").exists()
+
+    # a resume on 2 ranks that the data refuses is refused before the checkpoint is converted for them
+    refused = launch(root, run, 2, "train.steps=8", "data.reset_cursor=true", "data.num_workers=64", env=rendezvous())
+    assert wait(refused) == [2, 2]
+    assert "every reader needs at least one shard" in log_text(run)
+    assert not list(folder.glob("*.universal"))
 
 
 def test_lora_trains_only_the_adapters(train_setup, tmp_path, tiny_llama_dir):

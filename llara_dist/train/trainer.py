@@ -61,8 +61,9 @@ def start(args, config_cls, task_cls, command: str) -> int:
     if env.rank == 0:
         for caveat in caveats(cfg):
             print(f"llara-dist {command}: warning: {caveat}", file=sys.stderr)
-    universal_checkpoint(cfg, plan, env.rank, check_resume(cfg, plan))
-    task = task_cls(cfg, plan)  # may read and check its data
+    saved_world = check_resume(cfg, plan)
+    task = task_cls(cfg, plan)  # reads and checks its data: a refusal comes before a long conversion
+    universal_checkpoint(cfg, plan, env.rank, saved_world)
     from llara_dist.train.distributed import init_distributed
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
