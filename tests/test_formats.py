@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -145,6 +146,11 @@ def test_compressed_and_globs(tmp_path):
     write(tmp_path / "c.jsonl", rows)
     paths = expand_inputs([str(tmp_path / "*.jsonl*")])
     assert [p.rsplit("/", 1)[1] for p in paths] == ["a.jsonl.gz", "b.jsonl.zst", "c.jsonl"]
+    # the same file under other names (by name after a glob, a relative path, a link) is read once
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "c.jsonl")
+    relative = os.path.relpath(tmp_path / "c.jsonl")
+    assert expand_inputs([str(tmp_path / "*.jsonl*"), str(tmp_path / "c.jsonl"), relative]) == paths
+    assert expand_inputs([relative, str(tmp_path / "link.jsonl"), str(tmp_path / "c.jsonl")]) == [relative]
     arts, _ = read(paths, "wiki-jsonl")
     assert [a.title for a in arts] == ["T0", "T1", "T2"] * 3
     # compression is recognised by content, not by name

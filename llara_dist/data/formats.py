@@ -98,8 +98,11 @@ class Stats:
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
-    """Globs to a sorted file list per pattern; missing or unreadable inputs raise."""
+    """Globs to a sorted file list per pattern; missing or unreadable inputs raise. A file named more
+    than once (by a glob and by name, relatively and absolutely, through a link) is read once, under
+    its first name."""
     paths: list[str] = []
+    files: set[str] = set()
     for pattern in patterns:
         if glob.has_magic(pattern):
             found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
@@ -114,7 +117,8 @@ def expand_inputs(patterns: list[str]) -> list[str]:
                 raise InputError(f"{p}: is a folder (give files or a glob such as '{p}/*.jsonl')")
             if not os.access(p, os.R_OK):
                 raise InputError(f"{p}: cannot be read (permission denied)")
-            if p not in paths:
+            if os.path.realpath(p) not in files:
+                files.add(os.path.realpath(p))
                 paths.append(p)
     return paths
 
