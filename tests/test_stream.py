@@ -131,6 +131,10 @@ def test_too_few_shards_refused(seven_shards):
         ShardSet.open(str(folder)).check_readers(8, world=4, workers=2)
     msg = str(e.value)
     assert "7 shard(s) for 8 readers" in msg and "world size 4 x 2" in msg and "num_workers" in msg
+    # with one reader a rank, fewer workers is no remedy
+    with pytest.raises(ValueError) as e:
+        ShardSet.open(str(folder)).check_readers(8, world=8, workers=1)
+    assert "7 shard(s) for 8 readers" in str(e.value) and "num_workers" not in str(e.value)
 
 
 def test_malformed_sample_names_shard_and_key(tmp_path, write_test_shards):

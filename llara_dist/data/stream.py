@@ -137,7 +137,7 @@ class ShardSet:
                 f"{self.location}: {len(self)} shard(s) for {num_readers} readers "
                 f"(world size {world} x {workers} DataLoader worker(s) per rank); every reader needs "
                 f"at least one shard: prep again with --shard-docs {max(sum(self.docs) // num_readers, 1)} "
-                f"or fewer ({num_readers} shards or more), or lower data.num_workers")
+                f"or fewer ({num_readers} shards or more)" + (", or lower data.num_workers" if workers > 1 else ""))
 
 
 def shard_order(n_shards: int, seed: int, epoch: int) -> np.ndarray:
