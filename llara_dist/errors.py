@@ -20,3 +20,21 @@ def existing_path(path, what: str):
     if not str(path) or not p.exists():
         raise UserError(f"{path or '(empty)'}: no such {what}")
     return p
+
+
+def integer_at_least(minimum: int):
+    """An argparse `type` for a count option: an integer of at least `minimum`. argparse refuses
+    anything else with the option's name (exit 2, no traceback)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {minimum}")
+        return value
+
+    parse.__name__ = f"integer of at least {minimum}"
+    return parse
