@@ -93,7 +93,7 @@ class Corpus:
 
     def __init__(self, path: Path | None, texts: list[str] | None = None):
         self.path, self._texts = path, texts
-        keys = np.array([text_keys(t) for t in self.texts()], dtype=np.int64).reshape(-1, 2)
+        keys = np.fromiter((key for t in self.texts() for key in text_keys(t)), dtype=np.int64).reshape(-1, 2)
         self.text_key, self.body_key = keys[:, 0], keys[:, 1]
 
     def __len__(self) -> int:
