@@ -136,6 +136,11 @@ def test_export_refuses_a_folder_with_files_and_overwrite_replaces_only_its_own(
     assert f"--out {out}: the folder is not empty" in proc.stderr and "--overwrite" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert [p.name for p in out.iterdir()] == ["corpus.jsonl"]  # nothing written
+    # a shard size that is no size: refused before anything is read or written
+    proc = subprocess.run(cmd + ["--overwrite", "--max-shard-size", "5XB"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "--max-shard-size 5XB: not a size in bytes" in proc.stderr, proc.stderr[-2000:]
+    assert [p.name for p in out.iterdir()] == ["corpus.jsonl"]
 
     # an earlier, sharded export's files: the new one writes a single file and no index
     (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
@@ -192,3 +197,13 @@ def test_export_dtype_follows_the_run_unless_overridden(trained_run, tmp_path):
     text = " ".join(parser.format_help().split())
     for default in ("(default: latest)", "(default: the run's training dtype", "(default: merge)", "(default: 5GB)"):
         assert default in text, text
+
+
+def test_shard_sizes_in_decimal_and_binary_units():
+    from llara_dist.retrieval.export import shard_bytes
+
+    assert [shard_bytes(t) for t in ("5GB", "200KB", "2MiB", " 1.5gib ", "1000", "7B")] == \
+        [5 * 10**9, 200_000, 2 * 2**20, 3 * 2**29, 1000, 7]
+    for bad in ("5XB", "", "GB", "0", "-1MB", "inf", "nan"):
+        with pytest.raises(ValueError, match="not a size in bytes"):
+            shard_bytes(bad)

@@ -174,10 +174,11 @@ def test_refusals(encoder_dir, train_file, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q", "pos": ["p"]}\n{"pos": ["p"]}\n')
     assert f"{bad}:2: 'query' must be a non-empty string" in refused([*base, "--input", str(bad)], capsys)
-    for option, value, reason in (("--range", "40-10", "0 <= A < B"), ("--range", "ten", "0 <= A < B"),
-                                  ("--negatives", "0", "at least 1")):
-        err = refused([*base, "--input", str(train_file), option, value], capsys)
-        assert f"{option} {value}: " in err and reason in err
+    for value in ("40-10", "ten"):
+        err = refused([*base, "--input", str(train_file), "--range", value], capsys)
+        assert f"--range {value}: " in err and "0 <= A < B" in err
+    err = refused([*base, "--input", str(train_file), "--negatives", "0"], capsys)
+    assert "argument --negatives: 0: must be at least 1" in err
     assert "is the input file" in refused([*base[:-2], "--out", str(train_file), "--input", str(train_file)], capsys)
     assert "name the corpus with --corpus" in refused([*base, "--input", str(train_file), "--emb-dir",
                                                        str(tmp_path / "emb")], capsys)

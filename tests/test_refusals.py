@@ -81,6 +81,16 @@ def test_doctor_and_bench_data_refusals(tmp_path, capsys):
     assert f"{tmp_path / 'nope'}: no such tokenizer folder" in err and "manifest" not in err
 
 
+def test_count_options_below_their_minimum_are_refused_by_name(tmp_path, capsys):
+    for argv, option in ((["convert-checkpoint", str(tmp_path), "--to-world", "0"], "--to-world"),
+                         (["convert-checkpoint", str(tmp_path), "--workers", "-1"], "--workers"),
+                         (["mine-negatives", "--model", "m", "--input", "i", "--out", "o", "--negatives", "0"],
+                          "--negatives"),
+                         (["mine-negatives", "--model", "m", "--input", "i", "--out", "o", "--batch-size", "x"],
+                          "--batch-size")):
+        assert f"error: argument {option}: " in refused(argv, capsys)
+
+
 def test_finetune_data_not_utf8(tmp_path, tokenizer_dir, tiny_llama_dir, capsys):
     data = tmp_path / "train.jsonl"
     data.write_bytes(b'{"query": "q", "pos": ["p"], "neg": ["n"]}\n{"query": "' + LATIN1 + b'", "pos": ["p"]}\n')

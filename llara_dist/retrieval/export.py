@@ -165,6 +165,7 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, dty
     from llara_dist.train.checkpoint import CheckpointManager
 
     run_dir, out = Path(run_dir), Path(out)
+    max_bytes = shard_bytes(max_shard_size)
     check_out(out, overwrite)
     cfg = load_run_config(run_dir)
     manager = CheckpointManager(run_dir / "checkpoints", keep=1, rank=0)
@@ -190,7 +191,7 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None, dty
         if getattr(config, "tie_word_embeddings", False):
             names = [n for n in names if n != "lm_head.weight"]  # tied: the embedding carries it
         config.dtype = DTYPES[dtype]
-        write_sharded(((n, state[n]) for n in names), out, DTYPES[dtype], _bytes(max_shard_size))
+        write_sharded(((n, state[n]) for n in names), out, DTYPES[dtype], max_bytes)
         config.save_pretrained(out)
     save_tokenizer(tokenizer, out)
     write_llara_json(out, cfg, f"{run_dir}:{tag}")
@@ -218,12 +219,20 @@ def _export_lora(state, cfg, tokenizer, out: Path, dtype: torch.dtype, mode: str
         model.to(dtype).save_pretrained(out)  # adapter_config.json + adapter weights
 
 
-def _bytes(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, mult in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * mult)
-    return int(text)
+SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+
+
+def shard_bytes(text: str) -> int:
+    """--max-shard-size in bytes: a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB)."""
+    unit = next((u for u in SIZE_UNITS if text.strip().upper().endswith(u)), "")
+    try:
+        size = int(float(text.strip()[:len(text.strip()) - len(unit)]) * SIZE_UNITS.get(unit, 1))
+    except (ValueError, OverflowError):  # not a number; inf
+        size = 0
+    if size < 1:
+        raise UserError(f"--max-shard-size {text}: not a size in bytes (a positive number with an optional "
+                        f"unit: {', '.join(SIZE_UNITS)})")
+    return size
 
 
 def configure(parser) -> None:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llara_dist.errors import UserError, existing_path
+from llara_dist.errors import UserError, existing_path, integer_at_least
 from llara_dist.retrieval import embeddings
 from llara_dist.retrieval.encode import (
     DEFAULT_SHARD_DOCS,
@@ -183,15 +183,15 @@ def configure(parser) -> None:
                                           "(resumable, shared by the ranks of a launch) or reused from it")
     parser.add_argument("--range", default="10-210", help="the slice [A:B] of each query's ranking that negatives "
                                                           "are drawn from (default: %(default)s)")
-    parser.add_argument("--negatives", type=int, default=15, help="negatives per line (default: %(default)s)")
+    parser.add_argument("--negatives", type=integer_at_least(1), default=15, help="negatives per line (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=None,
+    parser.add_argument("--batch-size", type=integer_at_least(1), default=32)
+    parser.add_argument("--max-tokens", type=integer_at_least(1), default=None,
                         help="passage tokens kept (default: those of an --emb-dir begun already, else 512)")
-    parser.add_argument("--shard-docs", type=int, default=None,
+    parser.add_argument("--shard-docs", type=integer_at_least(1), default=None,
                         help=f"with --emb-dir: documents per shard (default: those of a folder begun already, else "
                              f"{DEFAULT_SHARD_DOCS})")
-    parser.add_argument("--query-max-tokens", type=int, default=64, help="query tokens kept (default: %(default)s)")
+    parser.add_argument("--query-max-tokens", type=integer_at_least(1), default=64, help="query tokens kept (default: %(default)s)")
     parser.add_argument("--attn", default="sdpa", help="attention path (see `llara-dist doctor`)")
     parser.add_argument("--preset", default=None, help="only for a model folder without llara.json")
     add_index_arguments(parser)
@@ -199,8 +199,6 @@ def configure(parser) -> None:
 
 def _check_args(args) -> tuple[int, int]:
     lo, hi = parse_range(args.range)
-    if args.negatives < 1:
-        raise UserError(f"--negatives {args.negatives}: at least 1")
     existing_path(args.model, "model folder")
     existing_path(args.input, "fine-tuning data file")
     if Path(args.out).resolve() == Path(args.input).resolve():
@@ -216,8 +214,6 @@ def _check_args(args) -> tuple[int, int]:
     begun = begun_folder(args)  # the defaults of a folder begun already are its own
     args.max_tokens = begun.get("max_tokens", 512) if args.max_tokens is None else args.max_tokens
     args.shard_docs = begun.get("shard_docs", DEFAULT_SHARD_DOCS) if args.shard_docs is None else args.shard_docs
-    if args.shard_docs < 1:
-        raise UserError(f"--shard-docs {args.shard_docs}: a shard holds at least one document")
     return lo, hi
 
 

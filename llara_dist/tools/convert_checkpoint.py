@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llara_dist.errors import UserError
+from llara_dist.errors import UserError, integer_at_least
 
 
 def configure(parser) -> None:
     parser.add_argument("run", metavar="RUN", help="run folder (holds config.yaml and checkpoints/)")
     parser.add_argument("--tag", help="checkpoint to convert (default: the latest)")
-    parser.add_argument("--to-world", type=int, metavar="N", help="check that the global batch splits over N ranks")
-    parser.add_argument("--workers", type=int, default=2, help="conversion processes (default: %(default)s)")
+    parser.add_argument("--to-world", type=integer_at_least(1), metavar="N", help="check that the global batch splits over N ranks")
+    parser.add_argument("--workers", type=integer_at_least(1), default=2, help="conversion processes (default: %(default)s)")
 
 
 def run(args) -> int:
