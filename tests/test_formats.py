@@ -206,5 +206,49 @@ def test_unreadable_inputs_stop_with_the_file(tmp_path):
         expand_inputs([str(tmp_path)])
     rows = jsonl([{"title": f"T{i}", "text": "x " * 50} for i in range(2000)]).encode()
     cut = write(tmp_path / "cut.jsonl.gz", gzip.compress(rows)[:-2000])  # truncated download
-    with pytest.raises(InputError, match=r"cut.jsonl.gz:\d+: cannot read \(EOFError"):
+    with pytest.raises(InputError, match=r"cut.jsonl.gz:\d+: cannot read: truncated or corrupt gzip data "
+                                         r"\(Compressed file ended"):
         read([cut], "wiki-jsonl")
+
+
+def varied_rows(n: int) -> bytes:
+    """n wiki-jsonl lines of seeded random words: text that compresses too little to fit one zstd block."""
+    import random
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
+    return jsonl([{"title": f"T{i}", "text": " ".join(rng.choices(words, k=40)) + "."} for i in range(n)]).encode()
+
+
+def test_zstd_frames_read_whole_and_a_cut_frame_stops(tmp_path):
+    import struct
+
+    import zstandard
+
+    rows = varied_rows(3000)
+    frame = zstandard.ZstdCompressor().compress(rows)
+    # as pzstd writes: each frame after a skippable frame (magic 0x184D2A50) holding its size
+    skippable = struct.pack("<II", 0x184D2A50, 4) + struct.pack("<I", len(frame))
+    whole = write(tmp_path / "frames.jsonl.zst", frame + frame + skippable + frame)
+    assert len(read([whole], "wiki-jsonl")[0]) == 3 * 3000
+    assert len(read([write(tmp_path / "p.jsonl.zst", skippable + frame)], "wiki-jsonl")[0]) == 3000
+    # a download cut in half: its first half decompresses, then the frame stops short
+    cut = write(tmp_path / "half.jsonl.zst", frame[:len(frame) // 2])
+    with pytest.raises(InputError, match=r"half.jsonl.zst:\d+: cannot read: truncated or corrupt zstd data "
+                                         r"\(the file ends inside a zstd frame\)"):
+        read([cut], "wiki-jsonl")
+    cut = write(tmp_path / "cut.jsonl.zst", frame + frame[:-10])  # the second frame cut short
+    with pytest.raises(InputError, match=r"cut.jsonl.zst:\d+: cannot read: truncated or corrupt zstd"):
+        read([cut], "wiki-jsonl")
+
+
+def corrupt_gzip(rows: bytes) -> bytes:
+    """A gzip file of `rows`, then a second member whose deflate data are garbage (invalid block type)."""
+    return gzip.compress(rows, mtime=0) + b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 64
+
+
+def test_corrupt_gzip_stops_with_the_file_and_line(tmp_path):
+    bad = write(tmp_path / "bad.jsonl.gz", corrupt_gzip(varied_rows(50)))
+    with pytest.raises(InputError, match=r"bad.jsonl.gz:51: cannot read: truncated or corrupt gzip data "
+                                         r"\(Error -3 while decompressing data: invalid block type\)"):
+        read([bad], "wiki-jsonl")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import refused
+from test_formats import corrupt_gzip, varied_rows
 
 from llara_dist.data import shards
 from llara_dist.data.chunking import TEXT_ONLY
@@ -262,6 +264,49 @@ def test_cli(tmp_path, tokenizer_dir, shared_data, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "wikitext2_valid.txt:2: not wiki-jsonl input" in err, err
     assert not list((tmp_path / "o").glob("shard-*"))
+
+
+def prep_argv(inputs, out, tokenizer_dir, fmt="wiki-jsonl") -> list[str]:
+    return ["prep", "--input", *map(str, inputs), "--format", fmt, "--tokenizer", str(tokenizer_dir),
+            "--out", str(out)]
+
+
+def test_damaged_compressed_input_is_refused_and_nothing_kept(tmp_path, tokenizer_dir, capsys):
+    import zstandard
+
+    rows = varied_rows(3000)
+    frame = zstandard.ZstdCompressor().compress(rows)
+    half = tmp_path / "half.jsonl.zst"
+    half.write_bytes(frame[:len(frame) // 2])  # a download cut in half
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(corrupt_gzip(rows))
+    for path, damage in ((half, "truncated or corrupt zstd data"), (bad, "truncated or corrupt gzip data")):
+        out = tmp_path / f"out-{path.name}"
+        err = refused(prep_argv([path], out, tokenizer_dir) + ["--shard-docs", "100"], capsys)
+        assert f"{path}:" in err and f": cannot read: {damage}" in err, err
+        # as for any refusal: the shards written before the damage are removed, no manifest written
+        assert not list(out.glob("shard-*")) and not (out / shards.MANIFEST).exists()
+    assert f"{bad}:3001: " in err  # the line after the last whole one
+
+
+def test_out_that_is_a_file_is_refused_and_left_alone(tmp_path, tokenizer_dir, capsys):
+    p = tmp_path / "in.jsonl"
+    p.write_text(json.dumps({"title": "A", "text": "A fine article with words."}) + "\n")
+    before = p.read_bytes()
+    err = refused(prep_argv([p], p, tokenizer_dir), capsys)  # --out the input itself
+    assert f"{p}: is a file, not a folder" in err and p.read_bytes() == before
+    err = refused(prep_argv([p], p / "sub", tokenizer_dir), capsys)
+    assert f"{p / 'sub'}: cannot create the output folder" in err and p.read_bytes() == before
+
+
+def test_empty_input_is_refused_naming_the_files(tmp_path, tokenizer_dir, capsys):
+    empty, blank = tmp_path / "empty.jsonl", tmp_path / "blank.txt"
+    empty.write_text("")
+    blank.write_text("\n  \n\n")
+    err = refused(prep_argv([empty], tmp_path / "o", tokenizer_dir), capsys)
+    assert f"{empty}: no documents: no article found (empty or blank input)" in err, err
+    err = refused(prep_argv([blank, empty], tmp_path / "o", tokenizer_dir, fmt="text"), capsys)
+    assert f"{blank}, {empty}: no documents: no article found" in err, err
 
 
 def test_demo_data_stages(tmp_path):

@@ -27,9 +27,12 @@ import io
 import json
 import os
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
+
+import zstandard
 
 from llara_dist.errors import UserError
 
@@ -51,6 +54,12 @@ WRONG_FORMAT_AFTER = 10
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# A zstd skippable frame (magic 0x184D2A50 to 0x184D2A5F, little-endian): pzstd starts its files with one.
+_ZSTD_SKIPPABLE = re.compile(rb"[\x50-\x5f]\x2a\x4d\x18")
+_ZSTD_READ = 1 << 16  # compressed bytes per step
+# What reading a file can raise: the system's OSError, and a compressed stream's own complaints
+# (EOFError: cut short; zlib.error: corrupt gzip data; ZstdError: corrupt zstd data).
+_READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 _WT_TITLE = re.compile(r"\s*= (?!=)(.*?) =\s*")
 _WT_HEADING = re.compile(r"\s*(?:= )+(?!=)(.*?)(?: =)+\s*")
 
@@ -156,18 +165,16 @@ class Reader:
         """(line number, text) of a file, decompressing by magic bytes; bad UTF-8 is
         replaced (U+FFFD) and counted, read errors raise InputError."""
         n = 0
+        compression = None
         try:
             with open(path, "rb") as raw:
                 self._raw = raw
                 magic = raw.read(4)
                 raw.seek(0)
                 if magic.startswith(_GZIP_MAGIC):
-                    stream = gzip.GzipFile(fileobj=raw)
-                elif magic.startswith(_ZSTD_MAGIC):
-                    import zstandard
-
-                    stream = io.BufferedReader(
-                        zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+                    compression, stream = "gzip", gzip.GzipFile(fileobj=raw)
+                elif magic == _ZSTD_MAGIC or _ZSTD_SKIPPABLE.fullmatch(magic):
+                    compression, stream = "zstd", io.BufferedReader(_ZstdFrames(raw))
                 else:
                     stream = raw
                 for n, line in enumerate(stream, 1):
@@ -180,10 +187,13 @@ class Reader:
                     if n == 1:
                         text = text.lstrip("\ufeff")
                     yield n, text
-        except Exception as e:  # noqa: BLE001 - OSError, EOFError (truncated gzip), zstandard.ZstdError
-            if not isinstance(e, (OSError, EOFError)) and type(e).__name__ != "ZstdError":
-                raise
-            raise InputError(f"{path}:{n + 1}: cannot read ({type(e).__name__}: {e})") from None
+        except _READ_ERRORS as e:
+            # a plain OSError comes from the system (the disk, a permission); the rest from the data itself
+            if compression and (not isinstance(e, OSError) or isinstance(e, gzip.BadGzipFile)):
+                reason = f"truncated or corrupt {compression} data ({e})"
+            else:
+                reason = f"{type(e).__name__}: {e}"
+            raise InputError(f"{path}:{n + 1}: cannot read: {reason}") from None
         finally:
             self._raw = None
 
@@ -335,6 +345,46 @@ class Reader:
         text = "\n".join(body)
         if not self._too_short(text, f"{path}:{line}"):
             yield Article(path, line, title=title, text=text)
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a zstd file of one or more frames (as `zstd` and pzstd write it:
+    concatenated frames, skippable ones among them), that raises EOFError where the file ends inside
+    a frame. zstandard's own stream_reader takes such a cut for the end of the data: a truncated
+    download would lose its second half without a word."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._in_frame = False  # part of the current frame read, its end not yet
+        self._out, self._at = b"", 0  # decompressed bytes not yet handed out
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._at == len(self._out):
+            data = self._raw.read(_ZSTD_READ)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            self._out, self._at = self._decompress(data), 0
+        n = min(len(buffer), len(self._out) - self._at)
+        buffer[:n] = self._out[self._at:self._at + n]
+        self._at += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        parts = []
+        while data:
+            parts.append(self._frame.decompress(data))
+            self._in_frame = not self._frame.eof
+            if self._in_frame:
+                break
+            data = self._frame.unused_data  # the next frame starts here
+            self._frame = zstandard.ZstdDecompressor().decompressobj()
+        return b"".join(parts)
 
 
 def _unquote(s: str) -> str:

@@ -368,7 +368,12 @@ _OURS = re.compile(shards.SHARD_NAME.pattern + "|" + re.escape(shards.MANIFEST))
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise PrepError(f"{out}: is a file, not a folder; --out names the folder for the shards and manifest.json")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission
+        raise PrepError(f"{out}: cannot create the output folder ({e.strerror})") from None
     old = sorted(p for p in out.iterdir() if _OURS.fullmatch(p.name))
     if old and not overwrite:
         raise PrepError(f"{out}: already holds {old[0].name}" + (f" and {len(old) - 1} more" if len(old) > 1 else "")
@@ -445,8 +450,9 @@ def prep(s: PrepSettings, progress: bool | None = None) -> PrepResult:
     bar.close()
     if docs == 0:
         writer.remove()
-        raise PrepError(f"no documents: all {articles} article(s) skipped "
-                        f"({_counts(stats.skipped) or 'no article found'}); nothing written")
+        why = (f"all {articles} article(s) skipped ({_counts(stats.skipped)})" if stats.skipped
+               else "no article found (empty or blank input)")
+        raise PrepError(f"{_file_list(paths)}: no documents: {why}; nothing written")
     manifest = {
         "version": 1,
         "shards": writer.entries,
@@ -482,6 +488,12 @@ def _targets_line(t: dict) -> str:
         ebae += f", first {t['self_tokens']} tokens"
     ebar = f"first {t['next_tokens']} tokens" if t.get("next_tokens") else "all tokens"
     return f"  targets: stop words {stop}; EBAE {ebae}; EBAR {ebar} of the next chunk"
+
+
+def _file_list(paths: list[str], shown: int = 3) -> str:
+    """The input files for a message: the first few by name, and how many more."""
+    more = len(paths) - shown
+    return ", ".join(paths[:shown]) + (f" and {more} more file(s)" if more > 0 else "")
 
 
 def _counts(c: dict) -> str:
