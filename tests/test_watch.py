@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import launch, log_text, metrics, wait
+from helpers import launch, log_text, metrics, refused, wait
 
 from llara_dist.cli import main as cli_main
 from llara_dist.config import ConfigError, RunConfig, load_config
@@ -86,7 +86,7 @@ def test_time_columns_and_elapsed_carried_across_a_resume(tmp_path, capsys):
     log.log(record(3, 9.0))
     log.close()
     after = time.time()
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+    rows, _ = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["loss"] == 9.0  # steps 3-4 redone
     assert all(before <= r["time"] <= after for r in rows)
     assert [r["time"] for r in rows] == sorted(r["time"] for r in rows)
@@ -155,7 +155,7 @@ def test_tensorboard_holds_the_metrics_rows_also_after_a_resume(tmp_path, capsys
     for step in (3, 4):
         log.log(record(step, 7.0 + step / 8, step_s=0.25))
     log.close()
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+    rows, _ = read_metrics(tmp_path / "metrics.jsonl")
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert {"loss", "lr", "tokens_per_s", "fill", "elapsed_s"} <= set(events.Tags()["scalars"])
@@ -211,7 +211,7 @@ def test_wandb_offline_run_holds_our_losses(tmp_path, monkeypatch, capsys):
     history = {r.history.step.num: {item.key or "/".join(item.nested_key): json.loads(item.value_json)
                                     for item in r.history.item}
                for r in records if r.HasField("history")}
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows, _ = read_metrics(run_dir / "metrics.jsonl")
     assert sorted(history) == [r["step"] for r in rows]
     for row in rows:
         assert (history[row["step"]]["loss"], history[row["step"]]["lr"]) == (row["loss"], row["lr"])
@@ -234,7 +234,8 @@ def test_status_refuses_a_folder_that_is_no_run(tmp_path, capsys):
         assert done.value.code == 2
         assert f"llara-dist status: {folder}: not a llara-dist run folder" in capsys.readouterr().err
     (tmp_path / "config.yaml").write_text("train: {steps: 5}\n")
-    (tmp_path / "metrics.jsonl").write_text(json.dumps(record(1, 2.0)) + "\n{oops\n")
+    rows = [json.dumps(record(1, 2.0)), "{oops", json.dumps(record(2, 1.9))]  # a bad line before the last
+    (tmp_path / "metrics.jsonl").write_text("".join(row + "\n" for row in rows))
     with pytest.raises(UserError, match=rf"{re.escape(str(tmp_path / 'metrics.jsonl'))}:2: not valid JSON"):
         run_status(tmp_path)
 
@@ -252,7 +253,7 @@ def test_plot_overlays_runs_at_the_size_asked(tmp_path, capsys):
                           lm=3.0), "time": 1.7e9 + s, "elapsed_s": float(s)} for s in range(1, 41)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         runs.append(run)
-    assert panels({"a": read_metrics(runs[0] / "metrics.jsonl")}) == [
+    assert panels({"a": read_metrics(runs[0] / "metrics.jsonl")[0]}) == [
         "loss", "ebae", "ebar", "lm", "lr", "tokens_per_s", "fill"]
     out = tmp_path / "curves.png"
     with pytest.raises(SystemExit) as done:
@@ -266,6 +267,125 @@ def test_plot_overlays_runs_at_the_size_asked(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         cli_main(["plot", str(tmp_path / "nothing"), "--out", str(out)])
     assert done.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err
+
+
+TORN = '{"step": 3, "loss": 2.'  # what a run killed while appending step 3's row leaves
+
+
+def write_metrics(run_dir: Path, steps: int, tail: str = "") -> Path:
+    """run_dir as a run of 5 steps leaves it: config.yaml, and metrics.jsonl of steps 1 to `steps`, then
+    `tail`; returns the metrics file."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text("train: {steps: 5}\n")
+    path = run_dir / "metrics.jsonl"
+    path.write_text("".join(json.dumps(record(s, 3.0 - s / 10)) + "\n" for s in range(1, steps + 1)) + tail)
+    return path
+
+
+def test_status_and_plot_leave_out_a_torn_last_line_and_say_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    # cut short, with or without a newline after it; or whole but without its newline (still being written)
+    for tail in (TORN, TORN + "\n", json.dumps(record(3, 2.7))):
+        path = write_metrics(run, 2, tail)
+        got = status(run, capsys)
+        assert (got["step"], got["loss"], got["finished"]) == (2, 2.8, False)
+        assert got["left_out"].startswith(f"{path}:3: left out a last line cut short"), got
+        with pytest.raises(SystemExit) as done:
+            cli_main(["status", str(run)])
+        assert done.value.code == 0
+        assert re.search(rf"^note +{re.escape(str(path))}:3: left out ", capsys.readouterr().out, re.M)
+        with pytest.raises(SystemExit) as done:
+            cli_main(["plot", str(run), "--out", str(tmp_path / "curves.png")])
+        assert done.value.code == 0 and (tmp_path / "curves.png").is_file()
+        assert f"plot: {path}:3: left out a last line cut short" in capsys.readouterr().err
+    write_metrics(run, 2)
+    assert status(run, capsys)["left_out"] is None
+
+
+def test_status_and_plot_refuse_a_bad_line_before_the_last(tmp_path, capsys):
+    path = write_metrics(tmp_path / "run", 1, TORN + "\n" + json.dumps(record(3, 2.7)) + "\n")  # damage
+    for argv in (["status", str(tmp_path / "run")], ["plot", str(path), "--out", str(tmp_path / "p.png")]):
+        assert f"{path}:2: not valid JSON" in refused(argv, capsys)
+    assert not (tmp_path / "p.png").exists()
+    path.write_text(json.dumps(record(1, 2.0)) + "\n[1, 2]\n" + json.dumps(record(2, 1.9)) + "\n")
+    assert f"{path}:2: not a row of a step" in refused(["status", str(tmp_path / "run")], capsys)
+
+
+def test_status_refuses_a_config_that_is_not_yaml(tmp_path, capsys):
+    write_metrics(tmp_path, 2)
+    config = tmp_path / "config.yaml"
+    config.write_text("run_dir: runs/a\ntrain:\n  steps: [5\n  lr: 1e-4\n")  # the list is not closed
+    err = refused(["status", str(tmp_path)], capsys)
+    assert f"{config}:4: not valid YAML (expected ',' or ']', but got ':')" in err
+    config.write_bytes(b"train: {steps: 5}\nrun_dir: caf\xe9\n")  # Latin-1, not UTF-8
+    err = refused(["status", str(tmp_path)], capsys)
+    assert f"{config}:2: not valid YAML (unacceptable character #x00e9" in err
+
+
+def test_plot_writes_png_files_only(tmp_path, capsys):
+    run = tmp_path / "run"
+    path = write_metrics(run, 2)
+    before = path.read_bytes()
+    for out in (path, run / "config.yaml", tmp_path / "curves.jpg", tmp_path / "curves"):
+        err = refused(["plot", str(run), "--out", str(out)], capsys)
+        assert f"--out {out}: not a .png file name" in err
+    assert path.read_bytes() == before and not (tmp_path / "curves.jpg").exists()
+    assert (run / "config.yaml").read_text() == "train: {steps: 5}\n"
+    err = refused(["plot", str(run), "--out", str(tmp_path / "p.png"), "--width", "199"], capsys)
+    assert "argument --width: 199: must be at least 200" in err
+    with pytest.raises(SystemExit) as done:
+        cli_main(["plot", str(run), "--out", str(tmp_path / "curves.PNG")])
+    assert done.value.code == 0 and (tmp_path / "curves.PNG").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_resume_drops_a_torn_last_line_and_refuses_a_bad_one_before_it(tmp_path, capsys):
+    log = metrics_log(tmp_path, 4)
+    for step in (1, 2):
+        log.log(record(step, 3.0))
+    log.close()
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "a") as f:
+        f.write(TORN)  # killed while appending step 3; the checkpoint is step 2's
+    capsys.readouterr()
+    log = metrics_log(tmp_path, 4, resume_step=2)
+    log.log(record(3, 2.5))
+    log.close()
+    rows, torn = read_metrics(path)
+    assert ([r["step"] for r in rows], rows[-1]["loss"], torn) == ([1, 2, 3], 2.5, None)
+    said = f"{path}:3: dropped a last line cut short by the crash; its step is redone"
+    assert said in capsys.readouterr().err and said in (tmp_path / "train.log").read_text()
+
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + "{oops\n" + "".join(lines[1:]))  # damage, not a crash: refused
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}:2: not valid JSON"):
+        metrics_log(tmp_path, 4, resume_step=3)
+
+
+@pytest.mark.slow
+def test_a_real_run_resumes_over_a_torn_last_line(train_setup, tmp_path):
+    """A tiny `llara-dist train` (1 rank) killed while appending step 5's row: the resume drops the torn
+    line, says so, redoes the step and logs each step once; a bad line before the last is refused."""
+    root, _ = train_setup
+    run = tmp_path / "run"
+    assert wait(launch(root, run, 1, "--ledger", "train.steps=4", "train.ckpt_every=2")) == [0], log_text(run)
+    path, ledger = run / "metrics.jsonl", run / "ledger-rank00000.jsonl"
+    with open(path, "a") as f:
+        f.write(json.dumps({**metrics(run)[-1], "step": 5})[:40])
+    with open(ledger, "a") as f:
+        f.write('{"step": 5, "keys": ["a')
+    assert wait(launch(root, run, 1, "--ledger", "train.steps=6", "train.ckpt_every=2")) == [0], log_text(run)
+    assert [r["step"] for r in metrics(run)] == list(range(1, 7))
+    log = (run / "train.log").read_text()
+    assert f"{path}:5: dropped a last line cut short by the crash; its step is redone" in log
+    assert log.index("resumed from") < log.index("dropped a last line") < log.index("step 6/6")
+    assert f"{ledger}:5: dropped a last line cut short by the crash" in log_text(run)
+    assert [json.loads(line)["step"] for line in ledger.read_text().splitlines()] == list(range(1, 7))
+
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + "{oops\n" + "".join(lines[2:]))  # damage, not a crash
+    assert wait(launch(root, run, 1, "train.steps=8", "train.ckpt_every=2")) == [2], log_text(run)
+    shown = log_text(run)
+    assert f"llara-dist train: {path}:3: not valid JSON" in shown and "Traceback" not in shown, shown[-3000:]
 
 
 @pytest.mark.slow

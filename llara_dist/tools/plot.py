@@ -6,14 +6,17 @@
 One panel per column against the step: the loss, then the loss's terms (whatever task columns the
 runs' metrics.jsonl hold: ebae, ebar, lm for `train`, accuracy for `finetune`), then lr, tokens/s and
 fill. Several runs are overlaid, each in its colour, with a legend of their folder names. A RUN is
-a run folder or its metrics.jsonl. The image is exactly --width x --height pixels.
+a run folder or its metrics.jsonl. The image is exactly --width x --height pixels; --out must end in .png.
+A torn last line of a metrics.jsonl (a run killed while writing it, or one still writing it) is left
+out, and said so on stderr.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from llara_dist.errors import UserError
+from llara_dist.errors import UserError, integer_at_least
 
 # the trainer's own columns of a metrics.jsonl row (train/trainer.py); any other numeric column is a
 # term of the task's loss or a task metric, and gets a panel after the loss
@@ -22,19 +25,22 @@ LOOP_COLUMNS = {"step", "loss", "lr", "grad_norm", "docs", "real_tokens", "fill"
 AFTER_TERMS = ("lr", "tokens_per_s", "fill")  # panels after the loss and its terms
 TITLES = {"lr": "learning rate", "tokens_per_s": "tokens/s"}
 DPI = 100
+MIN_PIXELS = 200  # the smallest --width and --height: room for the panels' titles and ticks
 COLUMNS = 3  # panels per row
 
 
 def configure(parser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or their metrics.jsonl)")
-    parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--width", type=int, default=1500, help="image width in pixels")
-    parser.add_argument("--height", type=int, default=900, help="image height in pixels")
+    parser.add_argument("--out", required=True, help="PNG file to write (its name ends in .png)")
+    parser.add_argument("--width", type=integer_at_least(MIN_PIXELS), default=1500, help="image width in pixels")
+    parser.add_argument("--height", type=integer_at_least(MIN_PIXELS), default=900, help="image height in pixels")
 
 
 def run(args) -> int:
-    if args.width < 200 or args.height < 200:
-        raise UserError(f"--width {args.width} --height {args.height}: at least 200 x 200 pixels")
+    # PNG only, and by its name: a mistyped --out (a run's metrics.jsonl, its config.yaml) is refused
+    # before anything is read or written, never overwritten with an image
+    if Path(args.out).suffix.lower() != ".png":
+        raise UserError(f"--out {args.out}: not a .png file name (plot writes PNG images only)")
     curves = {label: rows for label, rows in zip(labels(args.runs), map(load_run, args.runs))}
     plot(curves, Path(args.out), args.width, args.height)
     print(f"wrote {args.out}")
@@ -42,13 +48,15 @@ def run(args) -> int:
 
 
 def load_run(run: str) -> list[dict]:
-    from llara_dist.train.metrics import read_metrics
+    from llara_dist.train.metrics import read_metrics, torn_line_note
 
     path = Path(run)
     path = path if path.is_file() else path / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run}: no metrics.jsonl (not a run folder, or a run that has not logged a step yet)")
-    rows = read_metrics(path)
+    rows, torn = read_metrics(path)
+    if torn is not None:
+        print(f"plot: {torn_line_note(path, torn)}", file=sys.stderr)
     if not rows:
         raise UserError(f"{path}: holds no step yet")
     return rows
@@ -100,7 +108,7 @@ def plot(curves: dict[str, list[dict]], out: Path, width: int, height: int) -> N
     axes.flat[0].legend(fontsize="small")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)  # no bbox_inches="tight": the image keeps the size asked for
+    fig.savefig(out, dpi=DPI, format="png")  # no bbox_inches="tight": the image keeps the size asked for
     plt.close(fig)
 
 

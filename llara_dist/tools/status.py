@@ -13,7 +13,8 @@
 
 Read from run_dir: config.yaml (train.steps), metrics.jsonl (the last row; the ETA from the mean
 step time of the last ETA_WINDOW rows), checkpoints/latest and PREEMPTED (see train/preempt.py).
-A run is finished when its last logged step is train.steps.
+A run is finished when its last logged step is train.steps. A torn last line of metrics.jsonl (a run
+killed while writing it, or one still writing it) is left out, and `note` says so.
 Works for `train` and `finetune` runs, while they run or after; nothing is written.
 """
 
@@ -45,19 +46,34 @@ def run(args) -> int:
 def run_status(run_dir: Path) -> dict:
     """Everything `status` shows, as a JSON-ready dict (durations in seconds, None where unknown)."""
     from llara_dist.train.checkpoint import CheckpointManager
-    from llara_dist.train.metrics import read_metrics
+    from llara_dist.train.metrics import read_metrics, torn_line_note
     from llara_dist.train.preempt import PREEMPTED_MARKER
 
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         what = "no such folder" if not run_dir.exists() else "no config.yaml in it, which every run writes at its start"
         raise UserError(f"{run_dir}: not a llara-dist run folder ({what})")
-    config = yaml.safe_load(config_path.read_text()) or {}
+    # A config that cannot be read is refused, not passed over: the run's length is in it alone, and
+    # without it status could not tell a finished run from a stopped one, nor give step/total or an
+    # ETA; export reads the same file, so it is damage the user must fix anyway.
+    data = config_path.read_bytes()  # bytes: yaml refuses text that is not UTF-8 itself, at a position
+    try:
+        config = yaml.safe_load(data) or {}
+    except yaml.YAMLError as e:
+        if getattr(e, "problem_mark", None) is not None:  # a syntax error: where the parser saw it
+            where, reason = f":{e.problem_mark.line + 1}", e.problem
+        elif isinstance(e, yaml.reader.ReaderError):  # a byte that is not UTF-8: its offset, and no mark
+            line = data[:e.position].count(b"\n") + 1
+            where, reason = f":{line}", str(e).split("\n")[0]
+        else:
+            where, reason = "", str(e).split("\n")[0]
+        raise UserError(f"{config_path}{where}: not valid YAML ({reason})") from None
     try:
         steps = int(config["train"]["steps"])
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{config_path}: no train.steps; is {run_dir} a llara-dist run folder?") from None
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    metrics_path = run_dir / "metrics.jsonl"
+    rows, torn = read_metrics(metrics_path)
     last = rows[-1] if rows else {}
     step = int(last.get("step", 0))
     finished = step == steps
@@ -75,6 +91,7 @@ def run_status(run_dir: Path) -> dict:
         "preempted": preempted_at is not None,
         "preempted_step": int(preempted_at) if preempted_at and preempted_at.isdigit() else None,
         "finished": finished, "updated": last.get("time"),
+        "left_out": torn_line_note(metrics_path, torn) if torn is not None else None,
     }
 
 
@@ -110,4 +127,6 @@ def describe(status: dict) -> str:
         ("finished", "yes" if status["finished"] else "no"),
         ("last step", updated),
     ]
+    if status["left_out"]:
+        lines.append(("note", status["left_out"]))
     return "\n".join(f"{name:<10} {value}" for name, value in lines)

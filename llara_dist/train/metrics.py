@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -45,7 +46,6 @@ from pathlib import Path
 import torch
 
 from llara_dist.errors import UserError
-from llara_dist.textfiles import read_json_lines
 
 # dense bf16 peak TFLOP/s by device-name substring; the first match wins
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0),
@@ -216,7 +216,9 @@ class MetricsLog:
         self.step_seconds, self.steps_here = 0.0, 0  # this start's steps, for the ETA
         if not enabled:
             return
-        truncate_after(self.path, resume_step)  # steps logged after the checkpoint will be redone
+        torn = truncate_after(self.path, resume_step)  # steps after the checkpoint are redone
+        if torn is not None:  # the step being written when the run died; the checkpoint is older
+            console.print(f"{self.path}:{torn}: dropped a last line cut short by the crash; its step is redone")
         self.elapsed_before = last_elapsed(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a")
@@ -269,31 +271,69 @@ def progress_line(record: dict, total: int, task_metrics: tuple, eta_s: float) -
 def last_elapsed(path: Path) -> float:
     """`elapsed_s` of the last row of a metrics.jsonl (0 without one: a fresh run, or rows written before
     the column existed)."""
-    rows = read_metrics(path)
+    rows, _ = read_metrics(path)
     return float(rows[-1].get("elapsed_s", 0.0)) if rows else 0.0
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl ([] before the first); a line that is not a metrics row is refused,
-    naming the file and the line."""
+def read_metrics(path: Path) -> tuple[list[dict], int | None]:
+    """The rows of a metrics.jsonl ([] before the first) and the number of a torn last line left out
+    (None without one; see read_step_rows, which refuses any other line that is not a metrics row)."""
+    rows, torn = read_step_rows(path)
+    return [row for _, row in rows], torn
+
+
+def read_step_rows(path: Path) -> tuple[list[tuple[str, dict]], int | None]:
+    """The rows of a JSON lines file a run appends one step at a time (metrics.jsonl, a ledger), each with
+    its line as written, and the number of a torn last line left out (None without one).
+
+    A run killed while appending leaves its last line cut short: without its newline, or not valid JSON.
+    That is what a crash leaves, not damage, and a reader of a running run may catch a line half written:
+    it is left out. Any other line that is not a JSON object with an integer step is damage: refused,
+    naming the file and the line. Blank lines are passed over."""
     if not path.is_file():
-        return []
+        return [], None
+    with open(path, "rb") as f:  # one read: a running trainer may append meanwhile
+        lines = f.read().split(b"\n")
+    # what follows the last newline is b"" for a whole file, else a line the writer did not finish
+    numbered = [(n, raw) for n, raw in enumerate(lines, 1) if raw.strip()]
+    last = numbered[-1][0] if numbered else None
     rows = []
-    for number, row in read_json_lines(path, "metrics file"):
-        if not isinstance(row, dict) or "step" not in row:
-            raise UserError(f"{path}:{number}: not a metrics row (a JSON object with a step)")
-        rows.append(row)
-    return rows
+    for n, raw in numbered:
+        try:
+            text = raw.decode("utf-8").rstrip("\r")
+            row = json.loads(text)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
+            if n == last:
+                return rows, n
+            raise UserError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        if n == len(lines):  # valid, but its newline is missing: the write did not finish
+            return rows, n
+        if not isinstance(row, dict) or not _is_step(row.get("step")):
+            raise UserError(f"{path}:{n}: not a row of a step (a JSON object with an integer step)")
+        rows.append((text, row))
+    return rows, None
 
 
-def truncate_after(path: Path, step: int) -> None:
-    """Drop records of steps after `step` (logged by a run that died before its next checkpoint)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
-    if len(kept) != len(lines):
-        path.write_text("".join(kept))
+def _is_step(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def torn_line_note(path: Path, number: int) -> str:
+    """What a reader says of the torn last line it left out."""
+    return f"{path}:{number}: left out a last line cut short (a run killed while writing it, or still writing it)"
+
+
+def truncate_after(path: Path, step: int) -> int | None:
+    """Drop the rows of steps after `step` (logged by a run that died before its next checkpoint: they
+    are redone) and a torn last line (the step being written when it died: redone too). Returns that
+    line's number (None without one), for the caller to say so. Atomic: a crash meanwhile keeps the file."""
+    rows, torn = read_step_rows(path)
+    kept = "".join(text + "\n" for text, row in rows if row["step"] <= step).encode()
+    if path.is_file() and kept != path.read_bytes():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(kept)
+        os.replace(tmp, path)
+    return torn
 
 
 class StepTimer:

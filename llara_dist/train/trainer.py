@@ -297,7 +297,10 @@ class Trainer:
 
         path = self.run_dir / f"ledger-rank{self.rank:05d}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        truncate_after(path, resume_step)  # steps after the checkpoint are redone
+        torn = truncate_after(path, resume_step)  # steps after the checkpoint are redone
+        if torn is not None:  # every rank keeps its own ledger, so each says so itself
+            print(f"llara-dist: {path}:{torn}: dropped a last line cut short by the crash; its step is redone",
+                  file=sys.stderr, flush=True)
         return open(path, "a")
 
 
