@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from llara_dist.errors import UserError
 
+CUSTOM = "custom"  # the preset of an objective that sets its own fields; the rest are paper's
 EOS = "{eos}"  # placeholder in a template for the tokenizer's own end-of-sequence token
 
 
@@ -65,7 +66,11 @@ PRESETS: dict[str, Preset] = {
 
 
 def resolve_preset(cfg) -> Preset:
-    """An ObjectiveConfig to a Preset: fields left None take the named preset's value."""
+    """An ObjectiveConfig to a Preset: fields left None take the named preset's value (`custom`'s:
+    `paper`'s, docs/objective.md). Any other name is refused: a misspelt preset would otherwise
+    train or encode with prompts nobody chose."""
+    if cfg.preset != CUSTOM and cfg.preset not in PRESETS:
+        raise UserError(f"preset {cfg.preset!r} is not one of {', '.join(PRESETS)}, {CUSTOM}")
     base = PRESETS.get(cfg.preset, PRESETS["paper"])
     values = {}
     for name in Preset.__dataclass_fields__:

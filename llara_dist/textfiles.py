@@ -14,9 +14,12 @@ from typing import Any, Iterator
 
 from llara_dist.errors import UserError
 
+BOM = "\ufeff"
+
 
 def read_lines(path: str | Path, what: str = "file") -> Iterator[tuple[int, str]]:
-    """(line number, text without its newline) of every non-blank line of a UTF-8 file."""
+    """(line number, text without its newline) of every non-blank line of a UTF-8 file. A byte order
+    mark at the start of the file (Windows editors write one) is dropped: it is no part of the text."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such {what}")
@@ -29,6 +32,8 @@ def read_lines(path: str | Path, what: str = "file") -> Iterator[tuple[int, str]
             except UnicodeDecodeError as e:
                 raise UserError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
                                 f"convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+            if n == 1:
+                line = line.removeprefix(BOM)
             if line.strip():
                 yield n, line.rstrip("\r\n")
 

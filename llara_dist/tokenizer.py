@@ -41,7 +41,10 @@ def load_tokenizer(path: str | Path):
     folder = existing_path(path, "tokenizer folder")
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise UserError(f"{path}: holds no tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model)")
-    return AutoTokenizer.from_pretrained(str(folder))
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - any loading problem is the folder's (a broken tokenizer.json, ...)
+        raise UserError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
 
 
 def pad_id(tokenizer) -> int:

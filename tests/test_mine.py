@@ -183,6 +183,9 @@ def test_refusals(encoder_dir, train_file, tmp_path, capsys):
     assert "name the corpus with --corpus" in refused([*base, "--input", str(train_file), "--emb-dir",
                                                        str(tmp_path / "emb")], capsys)
     assert "name one with --emb-dir" in refused([*base, "--input", str(train_file), "--index", "pq"], capsys)
+    inside = ["mine-negatives", "--model", str(encoder_dir), "--input", str(train_file), "--out",
+              str(encoder_dir / "hn.jsonl")]
+    assert f"--out {encoder_dir / 'hn.jsonl'}: lies in the input folder" in refused(inside, capsys)
     assert not (tmp_path / "out.jsonl").exists()
 
     # an embedding folder of another encoding (queries, not passages) is refused, not overwritten

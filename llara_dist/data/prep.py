@@ -414,10 +414,7 @@ def prep(s: PrepSettings, progress: bool | None = None) -> PrepResult:
 
     t0 = time.monotonic()
     paths = expand_inputs(s.inputs)
-    try:
-        tokenizer = load_tokenizer(s.tokenizer)
-    except Exception as e:  # noqa: BLE001 - any loading problem is the user's folder
-        raise PrepError(f"{s.tokenizer}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
+    tokenizer = load_tokenizer(s.tokenizer)  # a folder it cannot load is refused, named
     if not getattr(tokenizer, "is_fast", False):
         raise PrepError(f"{s.tokenizer}: prep needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}")
     chunking = _resolve(s)

@@ -124,10 +124,7 @@ def check_before_training(location: str, tokenizer_dir: str, extra_ok=()) -> int
             f"\n  ... and {len(problems) - _LISTED} more" if len(problems) > _LISTED else "")
         raise UserError(f"{location}: {len(problems)} shard(s) do not match the manifest "
                          f"(`llara-dist verify-shards {location}` checks them in full):\n  {listed}")
-    try:
-        tokenizer = load_tokenizer(tokenizer_dir)
-    except Exception as e:  # noqa: BLE001 - any loading problem is the folder's
-        raise UserError(f"{tokenizer_dir}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
+    tokenizer = load_tokenizer(tokenizer_dir)  # a folder it cannot load is refused, named
     recorded = shards.manifest.get("tokenizer") or {}
     sh.check_tokenizer(location, recorded, tokenizer, tokenizer_dir, extra_ok)
     return sh.text_vocab_size(recorded, tokenizer, extra_ok)

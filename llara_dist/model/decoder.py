@@ -44,20 +44,30 @@ def load_model(model_cfg, tokenizer, preset: Preset, device: torch.device | str 
     """A causal LM from `model_cfg.path` (a model folder, or a config.json for a random init),
     with the preset's tokens added to `tokenizer` and the embeddings resized, attention path set.
     Stays on the CPU; `device` is where it will run (it decides which paths are available)."""
+    from pickle import UnpicklingError
+
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(model_cfg.dtype, device)
     registry.check_path(model_cfg.attn, device, dtype=dtype)
     path = Path(model_cfg.path)
-    if path.is_dir():
-        # use_kernels=False: transformers >= 5.25 otherwise swaps Hub kernels into the layers when the
-        # `kernels` package is installed (a download, and not the code our paths are checked against)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_kernels=False)
-    elif path.is_file() and path.suffix == ".json":
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    else:
+    if not (path.is_dir() or (path.is_file() and path.suffix == ".json")):
         raise UserError(f"model.path {str(path)!r}: neither a model folder nor a config .json file")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(f"{path}: no config.json; not a Hugging Face model folder (export writes one)")
+    try:
+        if path.is_dir():
+            # use_kernels=False: transformers >= 5.25 otherwise swaps Hub kernels into the layers when the
+            # `kernels` package is installed (a download, and not the code our paths are checked against)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_kernels=False)
+        else:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    except (OSError, ValueError, KeyError, EOFError, SafetensorError, UnpicklingError) as e:
+        # what a broken or foreign folder raises (config.json not JSON or of an unknown model type, weights
+        # missing or truncated); errors of the machine (memory, a GPU) pass as they are
+        raise UserError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
     add_special_tokens(tokenizer, preset)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))

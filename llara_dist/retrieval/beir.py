@@ -7,11 +7,14 @@ A BEIR folder holds `corpus.jsonl` ({"_id", "title", "text"}), `queries.jsonl`
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from llara_dist.errors import UserError
 from llara_dist.textfiles import read_json_lines, read_lines
+
+BEIR_FILES = ("corpus.jsonl", "queries.jsonl", "qrels")  # what make-beir writes into its --out
 
 
 @dataclass
@@ -21,12 +24,17 @@ class RetrievalSet:
     qrels: dict[str, dict[str, int]]  # query id -> doc id -> grade
 
 
-def _jsonl(path: Path, required: tuple[str, ...]):
-    for line_no, obj in read_json_lines(path):
-        missing = [k for k in required if not isinstance(obj, dict) or k not in obj]
-        if missing:
-            raise UserError(f"{path}:{line_no}: missing field(s) {', '.join(missing)}")
-        yield line_no, obj
+def read_records(path: Path, what: str) -> dict[str, str]:
+    """id -> text of a corpus.jsonl or queries.jsonl ({"_id", "text", "title"?}), read by the rules of
+    encode's JSON input (ids, field types, a title on a line before the text, an id given twice
+    refused), so that eval in memory and eval --emb-dir (which encodes these files) see the same
+    texts; a file without records is refused."""
+    from llara_dist.retrieval.encode import unique_documents
+
+    records = dict(unique_documents(path))
+    if not records:
+        raise UserError(f"{path}: no {what} (the file is empty or blank)")
+    return records
 
 
 def read_qrels(path: str | Path, corpus=None) -> dict[str, dict[str, int]]:
@@ -36,10 +44,13 @@ def read_qrels(path: str | Path, corpus=None) -> dict[str, dict[str, int]]:
     this with tabs). The number of fields on a line tells which. With `corpus` (its ids), a
     document not in it is refused, naming the line."""
     qrels: dict[str, dict[str, int]] = {}
+    first = True
     for line_no, line in read_lines(path, "qrels file"):
         parts = line.split("\t") if "\t" in line else line.split()
-        if line_no == 1 and not parts[-1].lstrip("-").isdigit():
-            continue  # a header
+        if first and not parts[-1].lstrip("-").isdigit():
+            first = False
+            continue  # a header: the first non-blank line
+        first = False
         if len(parts) == 4:
             parts = [parts[0], parts[2], parts[3]]  # TREC: the iteration field is unused
         if len(parts) != 3 or not parts[2].lstrip("-").isdigit():
@@ -58,37 +69,67 @@ def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
         if not (folder / name).is_file():
             raise UserError(f"{folder / name}: missing (a BEIR folder needs corpus.jsonl, "
                                     f"queries.jsonl and qrels/{split}.tsv)")
-    corpus = {}
-    for _, d in _jsonl(folder / "corpus.jsonl", ("_id", "text")):
-        title = (d.get("title") or "").strip()
-        corpus[str(d["_id"])] = f"{title}\n{d['text']}" if title else d["text"]
-    queries = {str(q["_id"]): q["text"] for _, q in _jsonl(folder / "queries.jsonl", ("_id", "text"))}
+    corpus = read_records(folder / "corpus.jsonl", "documents")
+    queries = read_records(folder / "queries.jsonl", "queries")
     qrels_path = folder / "qrels" / f"{split}.tsv"
     qrels = read_qrels(qrels_path, corpus)
     unknown = sorted(set(qrels) - set(queries))
     if unknown:
         raise UserError(f"{qrels_path}: query ids not in queries.jsonl: {unknown[:5]}")
+    if not any(grade > 0 for docs in qrels.values() for grade in docs.values()):
+        # every metric would be a mean over no query: 0.0, which reads as a result
+        raise UserError(f"{qrels_path}: no query with a relevant document (a score above 0) in it")
     return RetrievalSet(corpus, queries, qrels)
 
 
-def finetune_to_beir(jsonl: str | Path, out: str | Path, split: str = "test") -> RetrievalSet:
+def _check_out(jsonl: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an --out that would overwrite the input, or a BEIR set already there without --overwrite
+    (a stale qrels/<other split>.tsv would stay mixed in with the new set)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    source = jsonl.resolve()
+    for name in BEIR_FILES:
+        target = (out / name).resolve()
+        if source == target or target in source.parents:
+            raise UserError(f"--out {out}: would overwrite the input {jsonl} (its {name}); write the BEIR "
+                            "folder elsewhere")
+    present = [name for name in BEIR_FILES if (out / name).exists()]
+    if present and not overwrite:
+        raise UserError(f"--out {out}: already holds {', '.join(present)}; pass --overwrite to replace "
+                        "them, or write elsewhere")
+
+
+def finetune_to_beir(jsonl: str | Path, out: str | Path, split: str = "test",
+                     overwrite: bool = False) -> RetrievalSet:
     """{"query", "pos": [...], "neg": [...]} lines to a BEIR folder.
 
-    Passages are deduplicated by text; positives get grade 1, hard negatives stay in
-    the corpus as distractors.
+    Lines are checked as finetune checks them (finetune_data.read_examples), all before anything is
+    written. Passages are deduplicated by text; positives get grade 1, hard negatives stay in
+    the corpus as distractors. Query ids are `q<line number>`.
     """
-    out = Path(out)
-    (out / "qrels").mkdir(parents=True, exist_ok=True)
+    from llara_dist.retrieval.finetune_data import read_examples
+
+    jsonl, out = Path(jsonl), Path(out)
+    _check_out(jsonl, out, overwrite)
+    examples = read_examples(jsonl, group_size=1)
+    line_numbers = [line_no for line_no, _ in read_json_lines(jsonl)]  # read_examples took one per line
     doc_ids: dict[str, str] = {}
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = {}
-    for line_no, row in _jsonl(Path(jsonl), ("query", "pos")):
+    for line_no, example in zip(line_numbers, examples):
         qid = f"q{line_no}"
-        queries[qid] = row["query"]
-        for passage in list(row["pos"]) + list(row.get("neg", [])):
+        queries[qid] = example.query
+        for passage in example.pos + example.neg:
             doc_ids.setdefault(passage, f"d{len(doc_ids)}")
-        qrels[qid] = {doc_ids[p]: 1 for p in row["pos"]}
+        qrels[qid] = {doc_ids[p]: 1 for p in example.pos}
     corpus = {i: t for t, i in doc_ids.items()}
+    for name in BEIR_FILES:  # --overwrite: the earlier set goes whole, no split of it left behind
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    (out / "qrels").mkdir(parents=True)
     with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
         for did, text in corpus.items():
             f.write(json.dumps({"_id": did, "title": "", "text": text}, ensure_ascii=False) + "\n")
@@ -107,10 +148,12 @@ def configure(parser) -> None:
     parser.add_argument("--finetune", required=True, help='JSON lines {"query", "pos": [...], "neg": [...]}')
     parser.add_argument("--out", required=True, help="BEIR folder to write")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the corpus.jsonl, queries.jsonl and qrels/ already in --out")
 
 
 def run(args) -> int:
-    data = finetune_to_beir(args.finetune, args.out, args.split)
+    data = finetune_to_beir(args.finetune, args.out, args.split, args.overwrite)
     print(json.dumps({"out": args.out, "queries": len(data.queries), "corpus": len(data.corpus),
                       "qrels": sum(len(d) for d in data.qrels.values())}))
     return 0

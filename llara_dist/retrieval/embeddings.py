@@ -130,7 +130,22 @@ def missing_shards(folder: str | Path, manifest: dict, docs: int) -> list[int]:
 
 def _read_ids(path: Path) -> list[str]:
     # split on newlines only: str.splitlines would also cut an id at a form feed or U+2028
-    return path.read_text(encoding="utf-8").split("\n")[:-1]
+    try:
+        return path.read_text(encoding="utf-8").split("\n")[:-1]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: damaged ids file, not UTF-8 ({e}); {_REENCODE.format(ids=path.name)}") from None
+
+
+_REENCODE = "remove {ids} and run the same `llara-dist encode --out-dir` again to encode this shard again"
+
+
+def _read_vectors(emb: Path, ids: Path) -> np.ndarray:
+    """A shard's vectors; a damaged file is refused with its name. No pickles: a shard holds numbers
+    only, and unpickling a file is running it."""
+    try:
+        return np.load(emb, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{emb}: damaged, not a .npy array ({e}); {_REENCODE.format(ids=ids.name)}") from None
 
 
 def iter_shards(folder: str | Path) -> Iterator[tuple[list[str], np.ndarray]]:
@@ -149,7 +164,7 @@ def iter_shards(folder: str | Path) -> Iterator[tuple[list[str], np.ndarray]]:
         if not names.is_file() or not emb.is_file():
             raise UserError(f"{folder}: shard {i} is missing ({emb.name}, {names.name}) although {MANIFEST} "
                             f"counts {count} documents")
-        vectors, ids = np.load(emb), _read_ids(names)
+        vectors, ids = _read_vectors(emb, names), _read_ids(names)
         expected = min(shard_docs, count - i * shard_docs)
         if vectors.shape != (expected, dim) or vectors.dtype != np.dtype(manifest["dtype"]) or len(ids) != expected:
             raise UserError(f"{emb}: {len(ids)} ids and vectors {vectors.dtype} {list(vectors.shape)}, expected "

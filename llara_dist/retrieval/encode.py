@@ -7,9 +7,10 @@
 Passages get the SELF (summarize) prompt, queries the NEXT (predict) prompt, with the
 pooling of the preset recorded in the model folder's `llara.json` (written by export).
 Input, read as a stream: JSON lines with "text" (optional "title", id in "_id" or "id": BEIR's
-corpus.jsonl and queries.jsonl), a .tsv of `id<TAB>text` lines (MS MARCO's collection.tsv), a
-folder of `prep` shards (each document's stored text, its id the shard key), or plain text, one
-per line (its id: the line number).
+corpus.jsonl and queries.jsonl; an id is a string or an integer), a .tsv of `id<TAB>text` lines
+(MS MARCO's collection.tsv; a first line that names the columns, as `id<TAB>text`, is a header and
+skipped), a folder of `prep` shards (each document's stored text, its id the shard key), or plain
+text, one per line (its id: the line number). Ids must be unique within the input.
 
 `--out` writes one float32 .npy, the whole input in memory. `--out-dir` writes a folder of
 float16 shards with their ids (retrieval/embeddings.py), for corpora of any size: each rank of a
@@ -35,7 +36,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from llara_dist.errors import UserError, existing_path
+from llara_dist.errors import UserError, existing_path, integer_at_least
+from llara_dist.prompts import PRESETS
 from llara_dist.retrieval import embeddings
 from llara_dist.textfiles import read_json_lines, read_lines
 
@@ -49,19 +51,31 @@ STOP_AFTER_SHARDS_ENV = "LLARA_DIST_TEST_STOP_AFTER_SHARDS"
 
 
 def saved_objective(model_dir: str | Path):
-    """The ObjectiveConfig recorded in a model folder's llara.json (by export), or None."""
+    """The ObjectiveConfig recorded in a model folder's llara.json (by export), or None. One that is
+    not JSON, has no "objective", or names a preset that does not exist is refused with the file."""
     from llara_dist.config import ObjectiveConfig
 
     path = Path(model_dir) / LLARA_JSON
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())["objective"]
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); `llara-dist export` writes this file") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("objective"), dict):
+        raise UserError(f"{path}: no \"objective\" object (the preset and prompts); `llara-dist export` writes "
+                        "this file")
     known = {f.name for f in fields(ObjectiveConfig)}
-    return ObjectiveConfig(**{k: v for k, v in saved.items() if k in known})
+    objective = ObjectiveConfig(**{k: v for k, v in saved["objective"].items() if k in known})
+    problems = objective.check()  # the config's own check: an unknown preset is refused, not taken for paper
+    if problems:
+        raise UserError(f"{path}: objective {'; '.join(problems)}")
+    return objective
 
 
-def encoder_objective(model_dir: str | Path, preset: str | None = None):
-    """The model folder's ObjectiveConfig (llara.json), or the --preset named for a folder without one."""
+def encoder_objective(model_dir: str | Path, preset: str | None = None, preset_option: bool = False):
+    """The model folder's ObjectiveConfig (llara.json), or the --preset named for a folder without one.
+    preset_option: whether the caller's command has a --preset option (the refusal suggests it then)."""
     from llara_dist.config import ObjectiveConfig
 
     meta_path = Path(model_dir) / LLARA_JSON
@@ -69,22 +83,24 @@ def encoder_objective(model_dir: str | Path, preset: str | None = None):
     if objective is None and preset is not None:
         objective = ObjectiveConfig(preset=preset)
     elif objective is None:
-        raise UserError(f"{meta_path}: missing; export the model with `llara-dist export` "
-                        "or name the preset with --preset")
+        raise UserError(f"{meta_path}: missing; export the model with `llara-dist export`"
+                        + (" or name the preset with --preset" if preset_option else ""))
     if preset is not None and preset != objective.preset:
         raise UserError(f"--preset {preset} contradicts {meta_path} (preset {objective.preset})")
     return objective
 
 
-def load_encoder(model_dir: str | Path, attn: str = "sdpa", dtype: str = "auto", preset: str | None = None):
-    """(model, tokenizer, Preset) from a model folder; the preset comes from its llara.json."""
+def load_encoder(model_dir: str | Path, attn: str = "sdpa", dtype: str = "auto", preset: str | None = None,
+                 preset_option: bool = False):
+    """(model, tokenizer, Preset) from a model folder; the preset comes from its llara.json
+    (preset_option: as for encoder_objective)."""
     from llara_dist.config import ModelConfig
     from llara_dist.model.decoder import default_device, load_model
     from llara_dist.prompts import resolve_preset
     from llara_dist.tokenizer import load_tokenizer
 
     model_dir = existing_path(model_dir, "model folder")
-    p = resolve_preset(encoder_objective(model_dir, preset))
+    p = resolve_preset(encoder_objective(model_dir, preset, preset_option))
     tokenizer = load_tokenizer(model_dir)
     device = default_device()
     # no fused ops: batches of changing shapes would compile again and again
@@ -125,21 +141,42 @@ def encode_texts(model, tokenizer, preset, texts: list[str], kind: str, batch_si
     return vecs
 
 
-def _json_document(path: Path, line_no: int, obj) -> tuple[object, str]:
-    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+ID_FIELDS = ("_id", "id")  # a JSON record's id, the first one present (BEIR: "_id")
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    names = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number with a fraction",
+             str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _json_document(path: Path, line_no: int, obj) -> tuple[str | int, str]:
+    """(id, title and text) of one JSON record. An id is a string or an integer: anything else would
+    be stored as its Python spelling ("None", "1.0"), which no qrels or run file names."""
+    if not isinstance(obj, dict) or "text" not in obj:
         raise UserError(f"{path}:{line_no}: no \"text\" field (a string)")
-    title = obj.get("title") or ""
-    title = title.strip() if isinstance(title, str) else ""
-    doc_id = obj.get("_id", obj.get("id", line_no))
+    if not isinstance(obj["text"], str):
+        raise UserError(f"{path}:{line_no}: field \"text\" is {_json_type(obj['text'])}, not a string")
+    if obj.get("title") is not None and not isinstance(obj["title"], str):  # null: no title, as ""
+        raise UserError(f"{path}:{line_no}: field \"title\" is {_json_type(obj['title'])}, not a string (or null)")
+    id_field = next((name for name in ID_FIELDS if name in obj), None)
+    doc_id = line_no if id_field is None else obj[id_field]
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+        raise UserError(f"{path}:{line_no}: field \"{id_field}\" is {_json_type(doc_id)}; a document id is a "
+                        "string or an integer")
+    title = (obj.get("title") or "").strip()
     return doc_id, f"{title}\n{obj['text']}" if title else obj["text"]
 
 
-def _prep_manifest(folder: Path) -> dict:
+def _prep_shards(folder: Path):
+    """The ShardSet of a `prep` folder: its manifest checked as verify-shards and training check it."""
     from llara_dist.data import shards as sh
+    from llara_dist.data.stream import ShardSet
 
     if not (folder / sh.MANIFEST).is_file():
         raise UserError(f"{folder}: a folder, but no {sh.MANIFEST}; an input folder is one `llara-dist prep` wrote")
-    return sh.read_manifest(str(folder))
+    return ShardSet.open(str(folder))
 
 
 def _prep_records(folder: Path) -> Iterator[tuple[str, object, str]]:
@@ -148,9 +185,10 @@ def _prep_records(folder: Path) -> Iterator[tuple[str, object, str]]:
     from llara_dist.data import shards as sh
     from llara_dist.data.stream import shard_members
 
-    for entry in _prep_manifest(folder)["shards"]:
-        url = sh.shard_url(str(folder), entry["name"])
-        for sample in sh.samples_in(shard_members(url, entry.get("bytes"), entry.get("sha256")), url, ("txt",)):
+    shards = _prep_shards(folder)
+    for i in range(len(shards)):
+        url = shards.url(i)
+        for sample in sh.samples_in(shard_members(url, shards.sizes[i], shards.digests[i]), url, ("txt",)):
             where = f"{url}: document {sample['__key__']!r}"
             if "txt" not in sample:
                 raise UserError(f"{where}: no stored text (.txt), which encode reads")
@@ -158,6 +196,16 @@ def _prep_records(folder: Path) -> Iterator[tuple[str, object, str]]:
                 yield where, sample["__key__"], sample["txt"].decode("utf-8")
             except UnicodeDecodeError as e:
                 raise UserError(f"{where}: its text is not UTF-8 ({e})") from None
+
+
+TSV_ID_COLUMNS = ("id", "_id", "docid", "pid")
+TSV_TEXT_COLUMNS = ("text", "passage", "query")
+
+
+def _is_tsv_header(line: str) -> bool:
+    """A .tsv's first line that names its two columns (`id<TAB>text`, any case): no document."""
+    columns = [c.strip().lower() for c in line.split("\t")]
+    return len(columns) == 2 and columns[0] in TSV_ID_COLUMNS and columns[1] in TSV_TEXT_COLUMNS
 
 
 def _records(path: Path) -> Iterator[tuple[int, object, str]]:
@@ -168,6 +216,8 @@ def _records(path: Path) -> Iterator[tuple[int, object, str]]:
         return
     if path.suffix.lower() == ".tsv":
         for line_no, line in read_lines(path, "input file"):
+            if line_no == 1 and _is_tsv_header(line):
+                continue
             doc_id, tab, text = line.partition("\t")
             if not tab:
                 raise UserError(f"{path}:{line_no}: no tab; a .tsv input holds `id<TAB>text` lines "
@@ -186,26 +236,49 @@ def _records(path: Path) -> Iterator[tuple[int, object, str]]:
             yield line_no, line_no, line
 
 
-def iter_documents(path: str | Path) -> Iterator[tuple[str, str]]:
-    """(document id, text) of every record, streamed: never the whole file in memory.
-
-    JSON lines: {"text", "title"?, "_id" or "id"?} (BEIR corpus.jsonl, queries.jsonl; a title goes
-    before the text on its own line); .tsv: `id<TAB>text` (MS MARCO collection.tsv, queries.*.tsv);
-    a folder of `prep` shards (block or sample layout): each document's key and stored text; else
-    plain lines. A record without an id is named by its line number. Bad input is refused with the
-    file, the line (or shard and key) and the reason."""
-    path = Path(path)
+def _documents(path: Path) -> Iterator[tuple[object, str, str]]:
+    """(line number or place, document id, text) of every record (iter_documents)."""
     for line_no, doc_id, text in _records(path):
         doc_id = str(doc_id)
         if not doc_id or "\n" in doc_id or "\r" in doc_id:
             raise UserError(f"{path}:{line_no}: document id {doc_id!r} is empty or holds a line break "
                             "(ids are stored one a line)")
+        yield line_no, doc_id, text
+
+
+def iter_documents(path: str | Path) -> Iterator[tuple[str, str]]:
+    """(document id, text) of every record, streamed: never the whole file in memory.
+
+    JSON lines: {"text", "title"?, "_id" or "id"?} (BEIR corpus.jsonl, queries.jsonl; a title goes
+    before the text on its own line; an id is a string or an integer); .tsv: `id<TAB>text` (MS MARCO
+    collection.tsv, queries.*.tsv; a first line that only names the columns, as `id<TAB>text`, is a
+    header and skipped); a folder of `prep` shards (block or sample layout): each document's key and
+    stored text; else plain lines. A record without an id is named by its line number. Bad input is
+    refused with the file, the line (or shard and key) and the reason. Duplicate ids are
+    unique_documents' to refuse."""
+    for _, doc_id, text in _documents(Path(path)):
+        yield doc_id, text
+
+
+def unique_documents(path: str | Path) -> Iterator[tuple[str, str]]:
+    """iter_documents, refusing an id met before: its vectors could not be told apart from the first
+    one's. Costs a set of every id, about 100 bytes an id (~1 GB for MS MARCO's 8.8M passages), so it
+    runs in the one pass before the model loads, not as the shards are encoded. A `prep` folder's
+    keys are unique as prep makes them (source, article, chunk); its count comes from the manifest."""
+    path = Path(path)
+    seen = set()
+    for line_no, doc_id, text in _documents(path):
+        if doc_id in seen:  # read again to name the first line: a set of ids costs less than a dict of lines
+            first = next(n for n, other, _ in _documents(path) if other == doc_id)
+            raise UserError(f"{path}:{line_no}: document id {doc_id!r} again (first at line {first}); "
+                            "ids must be unique")
+        seen.add(doc_id)
         yield doc_id, text
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """Every text of an input file (iter_documents), in memory; an input without any is refused."""
-    texts = [text for _, text in iter_documents(path)]
+    """Every text of an input file (unique_documents), in memory; an input without any is refused."""
+    texts = [text for _, text in unique_documents(path)]
     if not texts:
         raise UserError(f"{path}: no texts to encode (the file is empty or blank)")
     return texts
@@ -223,13 +296,13 @@ def file_sha256(path: str | Path) -> str:
 
 
 def count_documents(path: str | Path) -> int:
-    """Read the whole input once before any model loads: bad input is refused at start, not hours
-    into the run, and the count fixes the shards. A `prep` folder's manifest has the count already
-    (its shards are checked against their sha256 as the encode reads them)."""
+    """Read the whole input once before any model loads: bad input (a duplicate id too) is refused at
+    start, not hours into the run, and the count fixes the shards. A `prep` folder's manifest has the
+    count already (its shards are checked against their sha256 as the encode reads them)."""
     if Path(path).is_dir():
-        count = sum(int(entry["docs"]) for entry in _prep_manifest(Path(path))["shards"])
+        count = sum(_prep_shards(Path(path)).docs)
     else:
-        count = sum(1 for _ in iter_documents(path))
+        count = sum(1 for _ in unique_documents(path))
     if not count:
         raise UserError(f"{path}: no texts to encode (the file is empty or blank)")
     return count
@@ -387,34 +460,46 @@ def configure(parser) -> None:
     out.add_argument("--out", help="output .npy file, [N, hidden] float32 (the whole input in memory)")
     out.add_argument("--out-dir", help="output folder of float16 shards with their ids, resumable, one shard per rank "
                                        "at a time (docs/retrieval.md)")
-    parser.add_argument("--shard-docs", type=int, default=None,
+    parser.add_argument("--shard-docs", type=integer_at_least(1), default=None,
                         help=f"documents per shard, with --out-dir (default {DEFAULT_SHARD_DOCS})")
     parser.add_argument("--overwrite", action="store_true",
                         help="with --out-dir: replace the shards of a folder encoded with other settings")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=512, help="text tokens kept per input")
+    parser.add_argument("--batch-size", type=integer_at_least(1), default=32)
+    parser.add_argument("--max-tokens", type=integer_at_least(1), default=512, help="text tokens kept per input")
     parser.add_argument("--packed", action="store_true",
                         help="several texts a row, --batch-size rows a pass (the same vectors; pays off where the "
                              "attention skips what the mask hides: varlen on a GPU; on CPU with sdpa it is slower, "
                              "docs/retrieval.md)")
     parser.add_argument("--attn", default="sdpa", help="attention path (see `llara-dist doctor`)")
-    parser.add_argument("--preset", default=None, help="only for a folder without llara.json")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None, help="only for a folder without llara.json")
+
+
+def save_vectors(out: Path, vecs: np.ndarray) -> None:
+    """The .npy at exactly `out`, whatever its suffix: np.save given a name adds ".npy" to one without
+    it, so `--out q` wrote q.npy, and np.load("q") with the path given found nothing. Writing where
+    told surprises no one; refusing a name without .npy would refuse a file name that works."""
+    with open(out, "wb") as f:
+        np.save(f, vecs)
 
 
 def run(args) -> int:
     existing_path(args.model, "model folder")
+    # a folder without llara.json, and no --preset, is refused before the input is read
+    encoder_objective(args.model, args.preset, preset_option=True)
     if args.out_dir is None:
         if args.shard_docs is not None or args.overwrite:
             raise UserError("--shard-docs and --overwrite go with --out-dir; --out writes one .npy file")
+        out = Path(args.out)
+        if out.is_dir():
+            raise UserError(f"--out {out}: a folder; --out names the .npy file to write (--out-dir a folder of shards)")
         texts = read_texts(args.input)  # bad input is refused before the model loads
+        out.parent.mkdir(parents=True, exist_ok=True)  # as --out-dir's folder is made
         model, tokenizer, preset = load_encoder(args.model, attn=args.attn, preset=args.preset)
         vecs = encode_texts(model, tokenizer, preset, texts, args.kind, args.batch_size, args.max_tokens,
                             progress=sys.stderr.isatty(), packed=args.packed)
-        np.save(args.out, vecs)
-        print(json.dumps({"out": args.out, "count": len(texts), "dim": int(vecs.shape[1]) if vecs.size else 0}))
+        save_vectors(out, vecs)
+        print(json.dumps({"out": str(out), "count": len(texts), "dim": int(vecs.shape[1]) if vecs.size else 0}))
         return 0
     args.shard_docs = DEFAULT_SHARD_DOCS if args.shard_docs is None else args.shard_docs
-    if args.shard_docs < 1:
-        raise UserError(f"--shard-docs {args.shard_docs}: a shard holds at least one document")
     print(json.dumps(encode_to_folder(args)))
     return 0

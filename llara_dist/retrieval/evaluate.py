@@ -23,15 +23,17 @@ from pathlib import Path
 
 import torch
 
-from llara_dist.errors import UserError
-from llara_dist.retrieval.beir import load_beir
+from llara_dist.errors import UserError, existing_path, integer_at_least
+from llara_dist.retrieval.beir import RetrievalSet, load_beir
 from llara_dist.retrieval.encode import encode_texts, load_encoder
-from llara_dist.retrieval.search import add_index_arguments, evaluate_run, search, search_folder, write_trec_run
+from llara_dist.retrieval.search import (add_index_arguments, evaluate_run, refuse_outputs_over_inputs, search,
+                                         search_folder, write_trec_run)
 
 
 def evaluate_model(model, tokenizer, preset, beir_dir, split: str = "test", k: int = 1000,
                    batch_size: int = 32, max_tokens: int = 512, trec: str | None = None) -> dict:
-    data = load_beir(beir_dir, split)
+    """The metrics of `beir_dir` (a BEIR folder, or the RetrievalSet read from one) under the model."""
+    data = beir_dir if isinstance(beir_dir, RetrievalSet) else load_beir(beir_dir, split)
     doc_ids, qids = list(data.corpus), [q for q in data.queries if q in data.qrels]
     progress = sys.stderr.isatty()
     p = encode_texts(model, tokenizer, preset, [data.corpus[d] for d in doc_ids], "passage",
@@ -88,20 +90,25 @@ def configure(parser) -> None:
     parser.add_argument("--model", required=True, help="exported model folder (with llara.json)")
     parser.add_argument("--beir", required=True, help="folder with corpus.jsonl, queries.jsonl, qrels/")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--k", type=int, default=1000, help="documents retrieved per query")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--k", type=integer_at_least(1), default=1000, help="documents retrieved per query")
+    parser.add_argument("--batch-size", type=integer_at_least(1), default=32)
+    parser.add_argument("--max-tokens", type=integer_at_least(1), default=512)
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--out", help="write the metrics JSON here too")
     parser.add_argument("--trec", help="write the ranking in TREC run format")
     parser.add_argument("--emb-dir", metavar="DIR",
                         help="encode into shard folders DIR/corpus and DIR/queries, resumable and shared by the "
                              "ranks of a launcher, and search them shard by shard (default: all in memory)")
-    parser.add_argument("--shard-docs", type=int, default=10000, help="documents per shard with --emb-dir")
+    parser.add_argument("--shard-docs", type=integer_at_least(1), default=10000,
+                        help="documents per shard with --emb-dir")
     add_index_arguments(parser)
 
 
 def run(args) -> int:
+    existing_path(args.model, "model folder")  # a mistyped model folder is named first, as encode names it
+    # before any work: an output written over an input would be found only after hours of encoding, the input lost
+    emb_folders = [Path(args.emb_dir) / name for name in ("corpus", "queries")] if args.emb_dir else []
+    refuse_outputs_over_inputs({"--out": args.out, "--trec": args.trec}, [args.beir, args.model, *emb_folders])
     if args.emb_dir:
         metrics = evaluate_folders(args)
         if metrics is None:  # not rank 0: its shards are written, rank 0 reports
@@ -110,8 +117,9 @@ def run(args) -> int:
         if args.index != "exact":
             raise UserError(f"--index {args.index} searches the shard folders of --emb-dir; the in-memory "
                             "evaluation searches exactly")
+        data = load_beir(args.beir, args.split)  # a bad folder is refused before the model loads
         model, tokenizer, preset = load_encoder(args.model, attn=args.attn)
-        metrics = evaluate_model(model, tokenizer, preset, args.beir, args.split, args.k, args.batch_size,
+        metrics = evaluate_model(model, tokenizer, preset, data, args.split, args.k, args.batch_size,
                                  args.max_tokens, args.trec)
     text = json.dumps(metrics, indent=1)
     print(text)

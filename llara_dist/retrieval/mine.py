@@ -44,19 +44,21 @@ from pathlib import Path
 import numpy as np
 
 from llara_dist.errors import UserError, existing_path, integer_at_least
+from llara_dist.prompts import PRESETS
 from llara_dist.retrieval import embeddings
 from llara_dist.retrieval.encode import (
     DEFAULT_SHARD_DOCS,
     MANIFEST_WAIT_S,
     encode_texts,
     encode_to_folder,
+    encoder_objective,
     folder_identity,
     iter_documents,
     load_encoder,
 )
 from llara_dist.retrieval.finetune_data import read_examples
 from llara_dist.retrieval.index import exact_search
-from llara_dist.retrieval.search import add_index_arguments, search_folder
+from llara_dist.retrieval.search import add_index_arguments, refuse_outputs_over_inputs, search_folder
 from llara_dist.textfiles import read_json_lines
 
 STALE_FIELDS = ("neg_scores",)  # fields of a line that describe its negatives, which mining replaces
@@ -193,18 +195,19 @@ def configure(parser) -> None:
                              f"{DEFAULT_SHARD_DOCS})")
     parser.add_argument("--query-max-tokens", type=integer_at_least(1), default=64, help="query tokens kept (default: %(default)s)")
     parser.add_argument("--attn", default="sdpa", help="attention path (see `llara-dist doctor`)")
-    parser.add_argument("--preset", default=None, help="only for a model folder without llara.json")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                        help="only for a model folder without llara.json")
     add_index_arguments(parser)
 
 
 def _check_args(args) -> tuple[int, int]:
     lo, hi = parse_range(args.range)
     existing_path(args.model, "model folder")
+    encoder_objective(args.model, args.preset, preset_option=True)  # its prompts known before any input is read
     existing_path(args.input, "fine-tuning data file")
     if Path(args.out).resolve() == Path(args.input).resolve():
         raise UserError(f"--out {args.out} is the input file; write the mined lines to another file")
-    if not Path(args.out).resolve().parent.is_dir():
-        raise UserError(f"--out {args.out}: its folder does not exist")
+    refuse_outputs_over_inputs({"--out": args.out}, [p for p in (args.model, args.corpus, args.emb_dir) if p])
     if args.emb_dir and not args.corpus:
         raise UserError("--emb-dir holds a corpus's embeddings: name the corpus with --corpus")
     if args.index != "exact" and not args.emb_dir:
@@ -234,7 +237,7 @@ def run(args) -> int:
         if not len(corpus):
             raise UserError(f"{args.corpus}: no candidate passages")
 
-    encoder = load_encoder(args.model, attn=args.attn, preset=args.preset)
+    encoder = load_encoder(args.model, attn=args.attn, preset=args.preset, preset_option=True)
     if args.emb_dir:
         done = encode_to_folder(folder_args(args), encoder)
         if env.rank:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from llara_dist.errors import UserError
+from llara_dist.errors import UserError, integer_at_least
 from llara_dist.retrieval.index import exact_search
 
 DEFAULT_POOL = 5000  # candidates re-ranked per query with --index pq (at least k)
@@ -79,6 +79,28 @@ def write_trec_run(path: str | Path, run_scores: dict[str, list[tuple[str, float
                 f.write(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n")
 
 
+def refuse_outputs_over_inputs(outputs: dict[str, str | None], input_folders: list) -> None:
+    """Refuse an output file (option -> path; None: not asked for) that lies in one of the command's input
+    folders (where it could replace an input file, or be mixed in with them), that two options share,
+    or that could not be written (a folder, or in a folder that does not exist): called before any
+    work, so that neither an input nor hours of encoding are lost to it."""
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if not path:
+            continue
+        target = Path(path).resolve()
+        for folder in input_folders:
+            if Path(folder).resolve() in (target, *target.parents):
+                raise UserError(f"{option} {path}: lies in the input folder {folder}; write it elsewhere")
+        if target in seen:
+            raise UserError(f"{option} {path}: is also {seen[target]}'s file; give them different files")
+        if target.is_dir():
+            raise UserError(f"{option} {path}: is a folder, not a file")
+        if not target.parent.is_dir():
+            raise UserError(f"{option} {path}: its folder does not exist")
+        seen[target] = option
+
+
 # -- `llara-dist search` ---------------------------------------------------------------------
 
 def add_index_arguments(parser) -> None:
@@ -87,16 +109,16 @@ def add_index_arguments(parser) -> None:
                         help="exact: every passage scored (default); pq: an approximate index of 4-bit product-"
                              "quantization codes, saved beside the passage shards and reused, proposes --rerank "
                              "candidates per query, scored exactly from the shards")
-    parser.add_argument("--pq-m", type=int, metavar="M",
+    parser.add_argument("--pq-m", type=integer_at_least(1), metavar="M",
                         help="--index pq: sub-quantizers, M/2 bytes a vector (default: dimension / 2)")
-    parser.add_argument("--nlist", type=int, default=1,
+    parser.add_argument("--nlist", type=integer_at_least(1), default=1,
                         help="--index pq: IVF lists over the codes (default: %(default)s, every code scanned; "
                              "random-like data gains nothing from lists)")
-    parser.add_argument("--nprobe", type=int, default=16, help="--index pq: lists scanned per query")
-    parser.add_argument("--rerank", type=int, metavar="POOL",
+    parser.add_argument("--nprobe", type=integer_at_least(1), default=16, help="--index pq: lists scanned per query")
+    parser.add_argument("--rerank", type=integer_at_least(1), metavar="POOL",
                         help=f"--index pq: candidates re-ranked per query (default: the larger of {DEFAULT_POOL} "
                              "and --k)")
-    parser.add_argument("--check-queries", type=int, default=100,
+    parser.add_argument("--check-queries", type=integer_at_least(0), default=100,
                         help="--index pq: queries whose recall@k against exact search is measured when the index "
                              "is built, or searched with another --k, --rerank or --nprobe than its saved recall's "
                              "(default: %(default)s)")
@@ -121,8 +143,6 @@ def search_folder(args, passages_dir, queries, k: int) -> tuple:
 
         scores, rows = exact_search(np.asarray(queries, np.float32), shards(), k)
         return scores, rows, doc_ids, None
-    if args.nprobe < 1 or args.check_queries < 0:
-        raise UserError(f"--nprobe {args.nprobe}, --check-queries {args.check_queries}: need at least 1 and 0")
     pool = args.rerank if args.rerank is not None else max(DEFAULT_POOL, k)
     dim = (embeddings.read_manifest(passages_dir) or {}).get("dim", queries.shape[1])
     settings = PQSettings(m=args.pq_m or default_pq_m(dim), nlist=args.nlist)
@@ -135,7 +155,7 @@ def configure(parser) -> None:
     parser.add_argument("--passages", required=True, metavar="DIR", help="embedding shards of the corpus")
     parser.add_argument("--queries", required=True, metavar="DIR", help="embedding shards of the queries")
     parser.add_argument("--out", required=True, help="TREC run file to write")
-    parser.add_argument("--k", type=int, default=100, help="passages per query (default: %(default)s)")
+    parser.add_argument("--k", type=integer_at_least(1), default=100, help="passages per query (default: %(default)s)")
     add_index_arguments(parser)
 
 
@@ -144,8 +164,7 @@ def run(args) -> int:
 
     from llara_dist.retrieval import embeddings
 
-    if args.k < 1:
-        raise UserError(f"--k {args.k}: must be at least 1")
+    refuse_outputs_over_inputs({"--out": args.out}, [args.passages, args.queries])  # before any work
     passages, queries = (embeddings.read_manifest(p) for p in (args.passages, args.queries))
     for folder, manifest, kind in ((args.passages, passages, "passage"), (args.queries, queries, "query")):
         if manifest is None:
