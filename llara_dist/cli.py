@@ -47,7 +47,7 @@ INTERRUPTED_EXIT = 130  # the shell's status for a process ended by SIGINT
 BROKEN_PIPE_EXIT = 141  # ... and by SIGPIPE
 DEBUG_ENV = "LLARA_DEBUG"
 # Errors of the operating system that are the user's to fix; their message names the path.
-USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def _global_flags(argv: list[str]) -> list[str]:

@@ -186,11 +186,12 @@ def test_outputs_that_would_replace_inputs_are_refused(encoder_dir, tmp_path, ca
              (["--emb-dir", str(tmp_path / "emb"), "--out", str(tmp_path / "emb" / "corpus" / "m.json")], "--out")]
     for extra, option in cases:
         err = refused(eval_argv(encoder_dir, beir, *extra), capsys)
-        assert f"{option} {extra[-1]}: lies in the input folder " in err
+        assert f"{option} {extra[-1]}: is or lies in the input " in err
     err = refused(eval_argv(encoder_dir, beir, "--out", str(tmp_path / "m"), "--trec", str(tmp_path / "m")), capsys)
     assert f"--trec {tmp_path / 'm'}: is also --out's file" in err
-    err = refused(eval_argv(encoder_dir, beir, "--out", str(tmp_path / "nowhere" / "m.json")), capsys)
-    assert "its folder does not exist" in err
+    (tmp_path / "a_file").write_text("x")
+    err = refused(eval_argv(encoder_dir, beir, "--out", str(tmp_path / "a_file" / "m.json")), capsys)
+    assert "its folder cannot be made (a file is in the way)" in err
     assert before == {p: p.read_bytes() for p in beir.rglob("*") if p.is_file()}
     assert not (tmp_path / "emb").exists()
 
@@ -200,7 +201,7 @@ def test_outputs_that_would_replace_inputs_are_refused(encoder_dir, tmp_path, ca
         (folder / "manifest.json").write_text("{}\n")
     for out in (passages / "manifest.json", queries / "run.trec"):
         err = refused(["search", "--passages", str(passages), "--queries", str(queries), "--out", str(out)], capsys)
-        assert f"--out {out}: lies in the input folder " in err
+        assert f"--out {out}: is or lies in the input " in err
     assert (passages / "manifest.json").read_text() == "{}\n" and not (queries / "run.trec").exists()
 
 

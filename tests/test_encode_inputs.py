@@ -79,15 +79,17 @@ def test_integer_ids_are_kept_and_a_duplicate_id_is_refused_with_both_lines(enco
         path = tmp_path / name
         path.write_text("\n".join(lines) + "\n")
         doc_id = "1" if name == "a.jsonl" else "d1"
-        for out in (["--out", str(tmp_path / "v.npy")], ["--out-dir", str(tmp_path / "emb")]):
-            argv = ["encode", "--model", str(encoder_dir), "--input", str(path), "--kind", "passage", *out]
-            err = refused(argv, capsys)
-            assert f"{path}:3: document id {doc_id!r} again (first at line 1)" in err, err
-    assert not (tmp_path / "emb").exists()  # refused before the folder is made
+        argv = ["encode", "--model", str(encoder_dir), "--input", str(path), "--kind", "passage"]
+        err = refused([*argv, "--out-dir", str(tmp_path / "emb")], capsys)  # its ids files name the vectors
+        assert f"{path}:3: document id {doc_id!r} again (first at line 1)" in err, err
+        assert not (tmp_path / "emb").exists()  # refused before the folder is made
+        encode_here(*argv[1:], "--out", str(tmp_path / f"{name}.npy"))  # a .npy keeps no ids: the input's order
+        assert np.load(tmp_path / f"{name}.npy").shape[0] == 3
 
 
 def test_a_tsv_header_line_is_skipped_and_no_document(tmp_path):
-    for header in ("id\ttext", "ID\tPassage", "_id\tquery", "docid\ttext", "pid\tpassage"):
+    for header in ("id\ttext", "ID\tPassage", "_id\tquery", "docid\ttext", "pid\tpassage", "qid\tquery",
+                   "query_id\ttext", "id\ttext\ttitle"):
         path = tmp_path / "collection.tsv"
         path.write_text(f"{header}\n1\tone\n2\ttwo\n")
         assert list(iter_documents(path)) == [("1", "one"), ("2", "two")], header
@@ -211,3 +213,9 @@ def test_out_writes_the_file_it_names(encoder_dir, tmp_path, capsys):
     assert report["out"] == str(out) and report["count"] == 2
     assert sorted(p.name for p in out.parent.iterdir()) == ["qvecs"]
     assert np.load(out).shape == (2, report["dim"])
+    # a file where a folder is needed, or the input itself as --out: refused, the file left as it is
+    argv = ["encode", "--model", str(encoder_dir), "--input", str(path), "--kind", "query"]
+    assert "its folder cannot be made (a file is in the way)" in refused([*argv, "--out", str(out / "v.npy")], capsys)
+    assert f"{out}: is a file; the embedding shards need a folder" in refused([*argv, "--out-dir", str(out)], capsys)
+    assert f"--out {path}: is or lies in the input {path}" in refused([*argv, "--out", str(path)], capsys)
+    assert path.read_text() == "one\ntwo\n" and np.load(out).shape == (2, report["dim"])

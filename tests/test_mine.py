@@ -179,14 +179,17 @@ def test_refusals(encoder_dir, train_file, tmp_path, capsys):
         assert f"--range {value}: " in err and "0 <= A < B" in err
     err = refused([*base, "--input", str(train_file), "--negatives", "0"], capsys)
     assert "argument --negatives: 0: must be at least 1" in err
-    assert "is the input file" in refused([*base[:-2], "--out", str(train_file), "--input", str(train_file)], capsys)
+    err = refused([*base[:-2], "--out", str(train_file), "--input", str(train_file)], capsys)
+    assert f"--out {train_file}: is or lies in the input {train_file}" in err
     assert "name the corpus with --corpus" in refused([*base, "--input", str(train_file), "--emb-dir",
                                                        str(tmp_path / "emb")], capsys)
     assert "name one with --emb-dir" in refused([*base, "--input", str(train_file), "--index", "pq"], capsys)
     inside = ["mine-negatives", "--model", str(encoder_dir), "--input", str(train_file), "--out",
               str(encoder_dir / "hn.jsonl")]
-    assert f"--out {encoder_dir / 'hn.jsonl'}: lies in the input folder" in refused(inside, capsys)
+    assert f"--out {encoder_dir / 'hn.jsonl'}: is or lies in the input {encoder_dir}" in refused(inside, capsys)
     assert not (tmp_path / "out.jsonl").exists()
+    assert "argument --seed: -1: must be at least 0" in refused([*base, "--input", str(train_file), "--seed", "-1"],
+                                                                 capsys)
 
     # an embedding folder of another encoding (queries, not passages) is refused, not overwritten
     corpus = tmp_path / "corpus.txt"

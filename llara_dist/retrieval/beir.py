@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llara_dist.errors import UserError
-from llara_dist.textfiles import read_json_lines, read_lines
+from llara_dist.textfiles import read_lines
 
 BEIR_FILES = ("corpus.jsonl", "queries.jsonl", "qrels")  # what make-beir writes into its --out
 
@@ -112,12 +112,11 @@ def finetune_to_beir(jsonl: str | Path, out: str | Path, split: str = "test",
     jsonl, out = Path(jsonl), Path(out)
     _check_out(jsonl, out, overwrite)
     examples = read_examples(jsonl, group_size=1)
-    line_numbers = [line_no for line_no, _ in read_json_lines(jsonl)]  # read_examples took one per line
     doc_ids: dict[str, str] = {}
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = {}
-    for line_no, example in zip(line_numbers, examples):
-        qid = f"q{line_no}"
+    for example in examples:
+        qid = f"q{example.line}"
         queries[qid] = example.query
         for passage in example.pos + example.neg:
             doc_ids.setdefault(passage, f"d{len(doc_ids)}")

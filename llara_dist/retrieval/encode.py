@@ -198,14 +198,14 @@ def _prep_records(folder: Path) -> Iterator[tuple[str, object, str]]:
                 raise UserError(f"{where}: its text is not UTF-8 ({e})") from None
 
 
-TSV_ID_COLUMNS = ("id", "_id", "docid", "pid")
-TSV_TEXT_COLUMNS = ("text", "passage", "query")
+TSV_ID_COLUMNS = ("id", "_id", "docid", "doc_id", "pid", "qid", "query_id", "query-id", "corpus-id")
+TSV_TEXT_COLUMNS = ("text", "passage", "query", "contents", "title")
 
 
 def _is_tsv_header(line: str) -> bool:
-    """A .tsv's first line that names its two columns (`id<TAB>text`, any case): no document."""
+    """A .tsv's first line that names its columns (`id<TAB>text`, `qid<TAB>query`, any case): no document."""
     columns = [c.strip().lower() for c in line.split("\t")]
-    return len(columns) == 2 and columns[0] in TSV_ID_COLUMNS and columns[1] in TSV_TEXT_COLUMNS
+    return len(columns) >= 2 and columns[0] in TSV_ID_COLUMNS and all(c in TSV_TEXT_COLUMNS for c in columns[1:])
 
 
 def _records(path: Path) -> Iterator[tuple[int, object, str]]:
@@ -277,8 +277,9 @@ def unique_documents(path: str | Path) -> Iterator[tuple[str, str]]:
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """Every text of an input file (unique_documents), in memory; an input without any is refused."""
-    texts = [text for _, text in unique_documents(path)]
+    """Every text of an input file, in memory; an input without any is refused. Ids may repeat: the
+    .npy of `--out` keeps no ids, only the input's order."""
+    texts = [text for _, text in iter_documents(path)]
     if not texts:
         raise UserError(f"{path}: no texts to encode (the file is empty or blank)")
     return texts
@@ -354,6 +355,8 @@ def folder_identity(args, input_path: Path) -> dict:
 
 def check_folder(out_dir: Path, wanted: dict, overwrite: bool) -> dict | None:
     """The folder's manifest when it is this encoding's; else a refusal unless --overwrite (then None)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: is a file; the embedding shards need a folder")
     manifest = embeddings.read_manifest(out_dir) if out_dir.is_dir() else None
     if manifest is not None:
         differences = embeddings.identity_differences(manifest, wanted)
@@ -489,11 +492,11 @@ def run(args) -> int:
     if args.out_dir is None:
         if args.shard_docs is not None or args.overwrite:
             raise UserError("--shard-docs and --overwrite go with --out-dir; --out writes one .npy file")
+        from llara_dist.retrieval.search import prepare_outputs
+
         out = Path(args.out)
-        if out.is_dir():
-            raise UserError(f"--out {out}: a folder; --out names the .npy file to write (--out-dir a folder of shards)")
+        prepare_outputs({"--out": args.out}, [args.input, args.model])
         texts = read_texts(args.input)  # bad input is refused before the model loads
-        out.parent.mkdir(parents=True, exist_ok=True)  # as --out-dir's folder is made
         model, tokenizer, preset = load_encoder(args.model, attn=args.attn, preset=args.preset)
         vecs = encode_texts(model, tokenizer, preset, texts, args.kind, args.batch_size, args.max_tokens,
                             progress=sys.stderr.isatty(), packed=args.packed)

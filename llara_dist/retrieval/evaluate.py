@@ -26,8 +26,14 @@ import torch
 from llara_dist.errors import UserError, existing_path, integer_at_least
 from llara_dist.retrieval.beir import RetrievalSet, load_beir
 from llara_dist.retrieval.encode import encode_texts, load_encoder
-from llara_dist.retrieval.search import (add_index_arguments, evaluate_run, refuse_outputs_over_inputs, search,
-                                         search_folder, write_trec_run)
+from llara_dist.retrieval.search import (
+    add_index_arguments,
+    evaluate_run,
+    prepare_outputs,
+    search,
+    search_folder,
+    write_trec_run,
+)
 
 
 def evaluate_model(model, tokenizer, preset, beir_dir, split: str = "test", k: int = 1000,
@@ -108,7 +114,7 @@ def run(args) -> int:
     existing_path(args.model, "model folder")  # a mistyped model folder is named first, as encode names it
     # before any work: an output written over an input would be found only after hours of encoding, the input lost
     emb_folders = [Path(args.emb_dir) / name for name in ("corpus", "queries")] if args.emb_dir else []
-    refuse_outputs_over_inputs({"--out": args.out, "--trec": args.trec}, [args.beir, args.model, *emb_folders])
+    prepare_outputs({"--out": args.out, "--trec": args.trec}, [args.beir, args.model, *emb_folders])
     if args.emb_dir:
         metrics = evaluate_folders(args)
         if metrics is None:  # not rank 0: its shards are written, rank 0 reports

@@ -37,6 +37,7 @@ class Example:
     pos: tuple[str, ...]
     neg: tuple[str, ...]
     key: str  # "file:line", for the ledger and error messages
+    line: int  # its line in the file
 
 
 def read_examples(path: str | Path, group_size: int) -> list[Example]:
@@ -57,7 +58,7 @@ def read_examples(path: str | Path, group_size: int) -> list[Example]:
             raise UserError(f"{where}: 'pos' is empty (a query needs a positive passage)")
         if group_size > 1 and not neg:
             raise UserError(f"{where}: 'neg' is empty but group_size {group_size} needs hard negatives")
-        out.append(Example(query, tuple(pos), tuple(neg), f"{path.name}:{n}"))
+        out.append(Example(query, tuple(pos), tuple(neg), f"{path.name}:{n}", n))
     if not out:
         raise UserError(f"{path}: no examples")
     return out

@@ -22,7 +22,8 @@ learns from. As FlagEmbedding's `hn_mine.py`:
   the corpus (never one ranked above A, a positive, the query, or a repeat), and is counted.
 
 Every draw comes from a generator seeded with (--seed, line number): the output does not depend on
-the corpus encoding's shards, the ranks, or the other lines. Other fields of a line are kept, but
+the corpus encoding's shards or the ranks, and a line's draws not on other lines' (without --corpus,
+though, other lines' texts are candidates). Other fields of a line are kept, but
 FlagEmbedding's `neg_scores`, which would describe the replaced negatives, is dropped.
 
 With `--emb-dir` the corpus is encoded into (or read from) a resumable folder of embedding shards,
@@ -52,13 +53,14 @@ from llara_dist.retrieval.encode import (
     encode_texts,
     encode_to_folder,
     encoder_objective,
+    finish_if_complete,
     folder_identity,
     iter_documents,
     load_encoder,
 )
 from llara_dist.retrieval.finetune_data import read_examples
 from llara_dist.retrieval.index import exact_search
-from llara_dist.retrieval.search import add_index_arguments, refuse_outputs_over_inputs, search_folder
+from llara_dist.retrieval.search import add_index_arguments, prepare_outputs, search_folder
 from llara_dist.textfiles import read_json_lines
 
 STALE_FIELDS = ("neg_scores",)  # fields of a line that describe its negatives, which mining replaces
@@ -159,7 +161,8 @@ def folder_args(args) -> argparse.Namespace:
 
 
 def wait_for_folder(folder: Path, count: int) -> None:
-    """Rank 0, its own shards written: wait for the other ranks' while shards keep coming in."""
+    """Rank 0, its own shards written: wait for the other ranks' while shards keep coming in, then
+    finish the folder (its count), which the rank that wrote the last shard may not have done yet."""
     manifest = embeddings.read_manifest(folder)
     missing = embeddings.missing_shards(folder, manifest, count)
     progress_at = time.monotonic()
@@ -173,6 +176,7 @@ def wait_for_folder(folder: Path, count: int) -> None:
         if len(still) < len(missing):
             progress_at = time.monotonic()
         missing = still
+    finish_if_complete(folder, count)
 
 
 def configure(parser) -> None:
@@ -185,15 +189,17 @@ def configure(parser) -> None:
                                           "(resumable, shared by the ranks of a launch) or reused from it")
     parser.add_argument("--range", default="10-210", help="the slice [A:B] of each query's ranking that negatives "
                                                           "are drawn from (default: %(default)s)")
-    parser.add_argument("--negatives", type=integer_at_least(1), default=15, help="negatives per line (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default: %(default)s)")
+    parser.add_argument("--negatives", type=integer_at_least(1), default=15,
+                        help="negatives per line (default: %(default)s)")
+    parser.add_argument("--seed", type=integer_at_least(0), default=0, help="seed of the draws (default: %(default)s)")
     parser.add_argument("--batch-size", type=integer_at_least(1), default=32)
     parser.add_argument("--max-tokens", type=integer_at_least(1), default=None,
                         help="passage tokens kept (default: those of an --emb-dir begun already, else 512)")
     parser.add_argument("--shard-docs", type=integer_at_least(1), default=None,
                         help=f"with --emb-dir: documents per shard (default: those of a folder begun already, else "
                              f"{DEFAULT_SHARD_DOCS})")
-    parser.add_argument("--query-max-tokens", type=integer_at_least(1), default=64, help="query tokens kept (default: %(default)s)")
+    parser.add_argument("--query-max-tokens", type=integer_at_least(1), default=64,
+                        help="query tokens kept (default: %(default)s)")
     parser.add_argument("--attn", default="sdpa", help="attention path (see `llara-dist doctor`)")
     parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
                         help="only for a model folder without llara.json")
@@ -205,9 +211,7 @@ def _check_args(args) -> tuple[int, int]:
     existing_path(args.model, "model folder")
     encoder_objective(args.model, args.preset, preset_option=True)  # its prompts known before any input is read
     existing_path(args.input, "fine-tuning data file")
-    if Path(args.out).resolve() == Path(args.input).resolve():
-        raise UserError(f"--out {args.out} is the input file; write the mined lines to another file")
-    refuse_outputs_over_inputs({"--out": args.out}, [p for p in (args.model, args.corpus, args.emb_dir) if p])
+    prepare_outputs({"--out": args.out}, [p for p in (args.input, args.model, args.corpus, args.emb_dir) if p])
     if args.emb_dir and not args.corpus:
         raise UserError("--emb-dir holds a corpus's embeddings: name the corpus with --corpus")
     if args.index != "exact" and not args.emb_dir:

@@ -79,25 +79,27 @@ def write_trec_run(path: str | Path, run_scores: dict[str, list[tuple[str, float
                 f.write(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n")
 
 
-def refuse_outputs_over_inputs(outputs: dict[str, str | None], input_folders: list) -> None:
-    """Refuse an output file (option -> path; None: not asked for) that lies in one of the command's input
-    folders (where it could replace an input file, or be mixed in with them), that two options share,
-    or that could not be written (a folder, or in a folder that does not exist): called before any
-    work, so that neither an input nor hours of encoding are lost to it."""
+def prepare_outputs(outputs: dict[str, str | None], inputs: list) -> None:
+    """Before any work, so that neither an input nor hours of encoding are lost to an output file
+    (option -> path; None: not asked for): refuse one that is an input or lies in an input folder
+    (where it could replace an input file, or be mixed in with them), that two options share, or that
+    is a folder; make the folder it goes in, as `--out-dir` folders are made."""
     seen: dict[Path, str] = {}
     for option, path in outputs.items():
         if not path:
             continue
         target = Path(path).resolve()
-        for folder in input_folders:
-            if Path(folder).resolve() in (target, *target.parents):
-                raise UserError(f"{option} {path}: lies in the input folder {folder}; write it elsewhere")
+        for given in inputs:
+            if Path(given).resolve() in (target, *target.parents):
+                raise UserError(f"{option} {path}: is or lies in the input {given}; write it elsewhere")
         if target in seen:
             raise UserError(f"{option} {path}: is also {seen[target]}'s file; give them different files")
         if target.is_dir():
             raise UserError(f"{option} {path}: is a folder, not a file")
-        if not target.parent.is_dir():
-            raise UserError(f"{option} {path}: its folder does not exist")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UserError(f"{option} {path}: its folder cannot be made (a file is in the way)") from None
         seen[target] = option
 
 
@@ -164,7 +166,7 @@ def run(args) -> int:
 
     from llara_dist.retrieval import embeddings
 
-    refuse_outputs_over_inputs({"--out": args.out}, [args.passages, args.queries])  # before any work
+    prepare_outputs({"--out": args.out}, [args.passages, args.queries])
     passages, queries = (embeddings.read_manifest(p) for p in (args.passages, args.queries))
     for folder, manifest, kind in ((args.passages, passages, "passage"), (args.queries, queries, "query")):
         if manifest is None:

@@ -218,7 +218,7 @@ class MetricsLog:
             return
         torn = truncate_after(self.path, resume_step)  # steps after the checkpoint are redone
         if torn is not None:  # the step being written when the run died; the checkpoint is older
-            console.print(f"{self.path}:{torn}: dropped a last line cut short by the crash; its step is redone")
+            console.print(torn_line_dropped(self.path, torn))
         self.elapsed_before = last_elapsed(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a")
@@ -316,6 +316,11 @@ def read_step_rows(path: Path) -> tuple[list[tuple[str, dict]], int | None]:
 
 def _is_step(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def torn_line_dropped(path: Path, number: int) -> str:
+    """What a resume says of the torn last line it dropped (truncate_after)."""
+    return f"{path}:{number}: dropped a last line cut short by the crash; its step is redone"
 
 
 def torn_line_note(path: Path, number: int) -> str:

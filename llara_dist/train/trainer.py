@@ -293,14 +293,13 @@ class Trainer:
         (self.run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
 
     def _open_ledger(self, resume_step: int):
-        from llara_dist.train.metrics import truncate_after
+        from llara_dist.train.metrics import torn_line_dropped, truncate_after
 
         path = self.run_dir / f"ledger-rank{self.rank:05d}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         torn = truncate_after(path, resume_step)  # steps after the checkpoint are redone
         if torn is not None:  # every rank keeps its own ledger, so each says so itself
-            print(f"llara-dist: {path}:{torn}: dropped a last line cut short by the crash; its step is redone",
-                  file=sys.stderr, flush=True)
+            print(f"llara-dist: {torn_line_dropped(path, torn)}", file=sys.stderr, flush=True)
         return open(path, "a")
 
 
