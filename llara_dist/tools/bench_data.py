@@ -115,7 +115,8 @@ def run(args) -> int:
 
 
 def _cpu_seconds() -> float:
-    """CPU seconds of this process and its children, DataLoader workers included (Linux /proc).
+    """CPU seconds of this process and all its descendants, DataLoader workers included (Linux /proc):
+    the workers are children of a forkserver, itself a child of this process.
 
     On a shared machine wall-clock rates move with everyone else's load; tokens per CPU
     second of everything a loader ran do not, and are reported beside them.
@@ -123,13 +124,19 @@ def _cpu_seconds() -> float:
     t = os.times()
     total = t.user + t.system + t.children_user + t.children_system  # children: those already reaped
     tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[tuple[int, int]]] = {}  # parent -> (pid, CPU ticks) of each live process
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             f = stat.read_text().rsplit(")", 1)[1].split()  # fields after the command name
         except (OSError, IndexError):
             continue  # gone meanwhile
-        if int(f[1]) == os.getpid():  # a live child: utime + stime
-            total += (int(f[11]) + int(f[12])) / tick
+        # utime + stime, and cutime + cstime: its own children that ended (and were reaped by it)
+        children.setdefault(int(f[1]), []).append((int(stat.parent.name), sum(int(x) for x in f[11:15])))
+    todo = [os.getpid()]
+    while todo:
+        for pid, ticks in children.get(todo.pop(), []):
+            total += ticks / tick
+            todo.append(pid)
     return total
 
 
