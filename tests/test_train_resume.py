@@ -183,11 +183,30 @@ def test_dead_rank_ends_the_job(train_setup, tmp_path, rendezvous):
     assert time.monotonic() - start < 120
 
 
+def processes_with(variable: str) -> list[int]:
+    """The live processes whose environment holds `variable` (NAME=value)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if variable.encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
 def test_sigkill_during_checkpoint_write_keeps_previous(train_setup, tmp_path, rendezvous):
     root, _ = train_setup
     run = tmp_path / "crash"
     steps = "train.steps=6"
-    assert wait(launch(root, run, 1, steps, env={KILL_DURING_SAVE_ENV: "6"})) == [-signal.SIGKILL]
+    tag = f"LLARA_TEST_RUN={run}"  # in the environment of the trainer and of what it starts
+    assert wait(launch(root, run, 1, steps, env={KILL_DURING_SAVE_ENV: "6", "LLARA_TEST_RUN": str(run)})) == \
+        [-signal.SIGKILL]
+    # its DataLoader worker ends with it (torch's worker watches its parent every 5 s), not later, not never
+    deadline = time.monotonic() + 30
+    while processes_with(tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_with(tag)
     folder = run / "checkpoints"
     assert (folder / "latest").read_text() == "step00000003"
     assert (folder / "step00000006.partial").is_dir()  # the interrupted save

@@ -115,8 +115,7 @@ def run(args) -> int:
 
 
 def _cpu_seconds() -> float:
-    """CPU seconds of this process and all its descendants, DataLoader workers included (Linux /proc):
-    the workers are children of a forkserver, itself a child of this process.
+    """CPU seconds of this process and all its descendants, DataLoader workers included (Linux /proc).
 
     On a shared machine wall-clock rates move with everyone else's load; tokens per CPU
     second of everything a loader ran do not, and are reported beside them.
