@@ -304,14 +304,8 @@ class PackedLoader:
         else:
             slots = _Slots.for_workers(self.workers, self._slot_bytes())
             readers = _WorkerReaders(self._group_batches, self._next, self.workers, slots)
-            # Workers are spawned (a fork that execs at once), never forks of this process: the trainer
-            # has threads by now (the process group's, autograd's), and a fork while one of them held the
-            # interpreter's thread-state lock left the worker waiting on it forever (CPython 3.11), its
-            # rank with it. Not a forkserver either: a worker there outlives a trainer killed with -9,
-            # since torch's worker watches its parent, which would be the forkserver.
             loader = torch.utils.data.DataLoader(readers, batch_size=None, num_workers=self.workers,
-                                                 collate_fn=_as_is, prefetch_factor=_PREFETCH,
-                                                 multiprocessing_context="spawn")
+                                                 collate_fn=_as_is, prefetch_factor=_PREFETCH)
             source = (slots[self._worker_of[b.reader]].take(b) for b in loader)
         if self.pin_memory:
             source = (_convert(b, torch.Tensor.pin_memory) for b in source)
